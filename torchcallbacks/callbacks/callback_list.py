@@ -1,0 +1,251 @@
+"""`CallbackList`: one object that dispatches every hook to a list of callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from torchcallbacks.callbacks.callback import HOOKS, Callback, LoopState, Logs, overrides
+from torchcallbacks.callbacks.history import History
+from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
+from torchcallbacks.distributed import unwrap_model
+
+
+def _flatten(callbacks: Any) -> Iterator[Any]:
+    for item in callbacks:
+        if isinstance(item, (list, tuple)):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+class CallbackList(Callback):
+    """Container that dispatches each hook to its callbacks, in order.
+
+    It is what `fit` uses, and what a hand-written loop uses to drive the same callbacks. Hooks that
+    no callback overrides are skipped at dispatch, so they cost nothing. The list keeps the loop
+    counters in `self.loop` (epoch, batch, global step) up to date from the hooks it dispatches.
+
+    Args:
+        callbacks: callbacks, possibly in nested lists (they are flattened).
+        add_history: append a `History` unless one is already in the list.
+        add_progbar: append a `ProgbarLogger` unless one is already in the list.
+        model: the model the callbacks act on (a DDP-wrapped model is unwrapped for them).
+        optimizer: the optimizer the callbacks may read or adjust (e.g. its learning rate).
+        **params: the run's parameters, e.g. `epochs`, `steps`, `verbose`.
+
+    Example:
+
+    ```python
+    callbacks = CallbackList([EarlyStopping(patience=3)], model=model, optimizer=optimizer,
+                             epochs=20, steps=len(loader))
+    callbacks.on_train_begin()
+    for epoch in range(20):
+        callbacks.on_epoch_begin(epoch)
+        for i, (x, y) in enumerate(loader):
+            callbacks.on_train_batch_begin(i)
+            loss = train_step(x, y)
+            callbacks.on_train_batch_end(i, {"loss": loss})
+        callbacks.on_epoch_end(epoch, {"loss": epoch_loss})
+        if callbacks.stop_training:
+            break
+    callbacks.on_train_end()
+    ```
+    """
+
+    def __init__(
+        self,
+        callbacks: Iterable[Callback] | None = None,
+        add_history: bool = False,
+        add_progbar: bool = False,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        self.callbacks: list[Callback] = []
+        self.loop = LoopState(callbacks=self)
+        self._stop_training = False
+        self._dispatch: dict[str, list[Any]] = {}
+        self._history: History | None = None
+        self._progbar: ProgbarLogger | None = None
+        self.params = dict(params)
+        self._model = unwrap_model(model) if model is not None else None
+        self.optimizer = optimizer
+        for callback in _flatten(callbacks or []):
+            self._add(callback)
+        if add_history:
+            self._history = next((c for c in self.callbacks if isinstance(c, History)), None)
+            if self._history is None:
+                self._history = History()
+                self._add(self._history)
+        if add_progbar:
+            self._progbar = next((c for c in self.callbacks if isinstance(c, ProgbarLogger)), None)
+            if self._progbar is None:
+                self._progbar = ProgbarLogger()
+                self._add(self._progbar)
+        self._rebuild_dispatch()
+
+    # -- membership -----------------------------------------------------------------------------
+    def _add(self, callback: Any) -> None:
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"callbacks: expected torchcallbacks.Callback instances, received {type(callback).__name__} "
+                f"({callback!r})"
+            )
+        callback.set_loop(self.loop)
+        callback.set_params(self.params)
+        callback.set_model(self._model)
+        callback.set_optimizer(self.optimizer)
+        self.callbacks.append(callback)
+
+    def _rebuild_dispatch(self) -> None:
+        self._dispatch = {
+            hook: [getattr(c, hook) for c in self.callbacks if overrides(c, hook)] for hook in HOOKS
+        }
+
+    def append(self, callback: Callback) -> None:
+        """Add a callback at the end of the list."""
+        self._add(callback)
+        self._rebuild_dispatch()
+
+    def __iter__(self) -> Iterator[Callback]:
+        return iter(self.callbacks)
+
+    def __len__(self) -> int:
+        return len(self.callbacks)
+
+    @property
+    def history(self) -> History | None:
+        """The `History` in the list, if one was requested with `add_history`."""
+        return self._history
+
+    # -- wiring forwarded to every callback -------------------------------------------------------
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+        for callback in self.callbacks:
+            callback.set_params(params)
+
+    def set_model(self, model: torch.nn.Module | None) -> None:
+        super().set_model(model)
+        for callback in self.callbacks:
+            callback.set_model(model)
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.optimizer = optimizer
+        for callback in self.callbacks:
+            callback.set_optimizer(optimizer)
+
+    def set_loop(self, loop: LoopState) -> None:
+        loop.callbacks = self
+        self.loop = loop
+        for callback in self.callbacks:
+            callback.set_loop(loop)
+
+    # -- stopping -------------------------------------------------------------------------------
+    @property
+    def stop_training(self) -> bool:
+        """True once a callback asked to stop (`model.stop_training = True`) or it was set here."""
+        model = self._model
+        return self._stop_training or bool(model is not None and getattr(model, "stop_training", False))
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        self._stop_training = bool(value)
+        if self._model is not None:
+            self._model.stop_training = bool(value)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """State of every callback that has some, keyed by position and class name."""
+        states = {}
+        for i, callback in enumerate(self.callbacks):
+            state = callback.state_dict()
+            if state:
+                states[f"{i}:{type(callback).__name__}"] = state
+        return states
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for i, callback in enumerate(self.callbacks):
+            key = f"{i}:{type(callback).__name__}"
+            if key in state_dict:
+                callback.load_state_dict(state_dict[key])
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self.loop.exception = None
+        for hook in self._dispatch["on_train_begin"]:
+            hook(logs)
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        """Calls every callback's `on_train_end`, even when one of them raises; re-raises the first
+        error after all have run, so that every callback gets the chance to close its files."""
+        error: BaseException | None = None
+        for hook in self._dispatch["on_train_end"]:
+            try:
+                hook(logs)
+            except BaseException as exc:
+                if error is None:
+                    error = exc
+        if error is not None:
+            raise error
+
+    def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        self.loop.epoch = epoch
+        self.loop.batch = -1
+        for hook in self._dispatch["on_epoch_begin"]:
+            hook(epoch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_epoch_end"]:
+            hook(epoch, logs)
+
+    def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        self.loop.batch = batch
+        for hook in self._dispatch["on_train_batch_begin"]:
+            hook(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        self.loop.global_step += 1
+        for hook in self._dispatch["on_train_batch_end"]:
+            hook(batch, logs)
+
+    def on_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        self.on_train_batch_begin(batch, logs)
+
+    def on_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        self.on_train_batch_end(batch, logs)
+
+    def on_test_begin(self, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_test_begin"]:
+            hook(logs)
+
+    def on_test_end(self, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_test_end"]:
+            hook(logs)
+
+    def on_test_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_test_batch_begin"]:
+            hook(batch, logs)
+
+    def on_test_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_test_batch_end"]:
+            hook(batch, logs)
+
+    def on_predict_begin(self, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_predict_begin"]:
+            hook(logs)
+
+    def on_predict_end(self, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_predict_end"]:
+            hook(logs)
+
+    def on_predict_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_predict_batch_begin"]:
+            hook(batch, logs)
+
+    def on_predict_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        for hook in self._dispatch["on_predict_batch_end"]:
+            hook(batch, logs)

@@ -1,0 +1,80 @@
+"""What a batch is: `(x, y)` or `(x, y, sample_weight)`, moved to the device, and how to call the model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def describe(value: Any) -> str:
+    """A short description of a (nested) batch for error messages: `tuple(Tensor[32, 10], Tensor[32])`."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor[{', '.join(map(str, value.shape))}]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(describe(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        return f"{type(value).__name__} of {len(value)} ({inner})"
+    return type(value).__name__
+
+
+def unpack(batch: Any, where: str) -> tuple[Any, Any, Any]:
+    """Split a training or evaluation batch into `(x, y, sample_weight)`."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
+    raise ValueError(
+        f"{where}: each batch must be (x, y) or (x, y, sample_weight); received {describe(batch)}. "
+        "Wrap the data so the loader yields pairs, e.g. TensorDataset(x, y)."
+    )
+
+
+def unpack_x(batch: Any) -> Any:
+    """The model input of a predict batch: the batch itself, or the first element of (x,), (x, y),
+    (x, y, sample_weight), as Keras does."""
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
+        return batch[0]
+    return batch
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`; tensors already there are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def batch_size(value: Any) -> int:
+    """The length of the first tensor found in a (nested) batch, 1 when there is none."""
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.ndim else 1
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            size = batch_size(item)
+            if size:
+                return size
+        return 1
+    if isinstance(value, Mapping):
+        return batch_size(list(value.values()))
+    return 1
+
+
+def call_model(model: torch.nn.Module, x: Any) -> Any:
+    """`model(x)`; a tuple `x` is passed as positional arguments and a dict as keyword arguments."""
+    if isinstance(x, torch.Tensor):
+        return model(x)
+    if isinstance(x, tuple):
+        return model(*x)
+    if isinstance(x, Mapping):
+        return model(**x)
+    return model(x)

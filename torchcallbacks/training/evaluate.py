@@ -1,0 +1,120 @@
+"""`evaluate`: loss and metrics of a model over a loader, with test hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torchcallbacks.callbacks.callback import Callback
+from torchcallbacks.callbacks.callback_list import CallbackList
+from torchcallbacks.logs import to_floats
+from torchcallbacks.training.arguments import (
+    check_callable,
+    check_model,
+    check_verbose,
+    make_callback_list,
+    resolve_device,
+)
+from torchcallbacks.training.data import EpochIterator, check_steps, known_length
+from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
+from torchcallbacks.training.steps import Stepper, StepFunction
+
+
+def run_evaluation(
+    stepper: Stepper,
+    data: Iterable[Any],
+    steps: int | None,
+    callbacks: CallbackList,
+    name: str,
+) -> dict[str, float]:
+    """One pass of evaluation with the test hooks; returns the results as floats (one sync)."""
+    model, tracker = stepper.model, stepper.tracker
+    assert tracker is not None
+    was_training = model.training
+    model.eval()
+    tracker.reset()
+    callbacks.model.stop_evaluating = False
+    callbacks.on_test_begin()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for index, batch in EpochIterator(data, steps, name).epoch():
+                callbacks.on_test_batch_begin(index)
+                stepper.test(batch, name)
+                seen += 1
+                callbacks.on_test_batch_end(index, tracker.batch_logs())
+                if getattr(callbacks.model, "stop_evaluating", False):
+                    break
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError(f"{name}: the data yielded no batches; evaluation needs at least one")
+    logs = to_floats(tracker.result())
+    callbacks.on_test_end(logs)
+    return logs
+
+
+def evaluate(
+    model: torch.nn.Module,
+    x: Iterable[Any],
+    *,
+    loss: Callable[..., Any] | None = None,
+    metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None = None,
+    steps: int | None = None,
+    callbacks: Sequence[Callback] | CallbackList | None = None,
+    verbose: int | str = "auto",
+    return_dict: bool = False,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    test_step: StepFunction | None = None,
+) -> float | list[float] | dict[str, float]:
+    """Computes the loss and metrics of `model` over the batches of `x`.
+
+    Args:
+        model: a `torch.nn.Module` (DistributedDataParallel-wrapped models work too).
+        x: an iterable of `(x, y)` or `(x, y, sample_weight)` batches, e.g. a DataLoader.
+        loss: `loss(y_pred, y) -> scalar tensor`.
+        metrics: a dict name -> metric, or a list of metrics; a metric is a callable
+            `(y_pred, y) -> tensor` or an object with `update/compute/reset`.
+        steps: number of batches to evaluate; None for one full pass.
+        callbacks: callbacks receiving the test hooks.
+        verbose: "auto" or 1 for a progress bar, 2 for one line, 0 for silence.
+        return_dict: return `{"loss": ..., name: ...}` instead of a list.
+        device: where to run (the model is moved there); default: where the model's weights are.
+        amp_dtype: run the forward pass under `torch.autocast` with this dtype (e.g. `torch.bfloat16`).
+        test_step: `test_step(batch) -> loss tensor or dict of scalars`, replacing the default
+            `loss(model(x), y)`; the batch is already on the device.
+
+    Returns:
+        The loss as a float when there are no metrics, else a list `[loss, *metrics]`; a dict with
+        `return_dict=True`.
+
+    Example:
+
+    ```python
+    results = torchcallbacks.evaluate(model, test_loader, loss=F.cross_entropy,
+                                      metrics={"accuracy": accuracy}, return_dict=True)
+    results["accuracy"]
+    ```
+    """
+    check_model(model, "evaluate")
+    check_callable(test_step, "test_step")
+    if check_callable(loss, "loss") is None and test_step is None:
+        raise TypeError("evaluate: loss is required (loss(y_pred, y) -> scalar tensor), or pass a test_step")
+    verbose = check_verbose(verbose)
+    steps = check_steps(steps, "steps")
+    device = resolve_device(model, device)
+    named_metrics = normalize_metrics(metrics)
+    stepper = Stepper(model, device, MetricTracker(named_metrics), loss=loss, amp_dtype=amp_dtype, test_step=test_step)
+    callback_list = make_callback_list(
+        callbacks, model, None, add_history=False, add_progbar=verbose != 0,
+        params={"verbose": verbose, "epochs": 1, "steps": steps if steps is not None else known_length(x)},
+    )
+    logs = run_evaluation(stepper, x, steps, callback_list, "x")
+    if return_dict:
+        return logs
+    values = list(logs.values())
+    return values[0] if len(values) == 1 else values
+

@@ -1,0 +1,211 @@
+"""`fit`: Keras' training loop for a plain `torch.nn.Module`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torchcallbacks.callbacks.callback import Callback
+from torchcallbacks.callbacks.callback_list import CallbackList
+from torchcallbacks.callbacks.history import History
+from torchcallbacks.logs import to_floats
+from torchcallbacks.training.arguments import (
+    check_callable,
+    check_model,
+    check_optimizers,
+    check_verbose,
+    make_callback_list,
+    resolve_device,
+)
+from torchcallbacks.training.data import EpochIterator, check_steps, known_length
+from torchcallbacks.training.evaluate import run_evaluation
+from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_direction, normalize_metrics
+from torchcallbacks.training.steps import Stepper, StepFunction
+
+
+def _validation_due(epoch: int, validation_freq: int | Sequence[int]) -> bool:
+    if isinstance(validation_freq, int):
+        return (epoch + 1) % validation_freq == 0
+    return epoch + 1 in validation_freq
+
+
+def _check_validation_freq(validation_freq: Any) -> int | Sequence[int]:
+    if isinstance(validation_freq, bool):
+        raise ValueError(f"validation_freq: expected an integer >= 1 or a list of epochs, received {validation_freq!r}")
+    if isinstance(validation_freq, int) and validation_freq >= 1:
+        return validation_freq
+    if isinstance(validation_freq, (list, tuple, set, frozenset, range)) and all(
+        isinstance(e, int) and e >= 1 for e in validation_freq
+    ):
+        return validation_freq
+    raise ValueError(
+        f"validation_freq: expected an integer >= 1 or a list of 1-based epochs, received {validation_freq!r}"
+    )
+
+
+def fit(
+    model: torch.nn.Module,
+    x: Iterable[Any],
+    *,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    loss: Callable[..., Any] | None = None,
+    metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None = None,
+    epochs: int = 1,
+    verbose: int | str = "auto",
+    callbacks: Sequence[Callback] | CallbackList | None = None,
+    validation_data: Iterable[Any] | None = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    validation_freq: int | Sequence[int] = 1,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
+    train_step: StepFunction | None = None,
+    test_step: StepFunction | None = None,
+) -> History:
+    """Trains `model` on the batches of `x` for a number of epochs, calling the callbacks' hooks.
+
+    The call order, the `val_` prefix, stopping (`model.stop_training = True` in a callback, checked
+    after every batch and every epoch) and `validation_freq` follow Keras' `Model.fit`. Batch logs are
+    running means over the epoch kept on the device; nothing forces a host-device synchronisation per
+    batch unless a callback reads a value.
+
+    Args:
+        model: a `torch.nn.Module` (DistributedDataParallel-wrapped models work too).
+        x: an iterable of batches, e.g. a DataLoader. A batch is `(x, y)` or `(x, y, sample_weight)`;
+            `x` is a tensor, a tuple (positional arguments of the model) or a dict (keyword arguments).
+        optimizer: a `torch.optim.Optimizer`, or a list of them (all are stepped).
+        loss: `loss(y_pred, y) -> scalar tensor`, any callable (e.g. `torch.nn.functional.mse_loss`).
+            With sample weights in the batch it must return per-sample values (`reduction="none"`).
+        metrics: a dict name -> metric, or a list of metrics (named after the function or class). A
+            metric is a callable `(y_pred, y) -> tensor`, averaged over the epoch weighted by batch
+            size, or an object with `update/compute/reset` (torchmetrics style). Give a metric the
+            attribute `mode = "max"` (or torchmetrics' `higher_is_better`) to tell monitors its direction.
+        epochs: the epoch to stop at (training runs epochs `initial_epoch` .. `epochs - 1`).
+        verbose: "auto" or 1 for a progress bar, 2 for one line per epoch, 0 for silence.
+        callbacks: callbacks (or a `CallbackList`). A `History` is added, and a `ProgbarLogger` unless
+            `verbose=0`, when the list has none.
+        validation_data: an iterable of batches evaluated at the end of epochs; results are logged
+            with a `val_` prefix.
+        initial_epoch: epoch to start at (to continue an earlier run).
+        steps_per_epoch: batches per epoch. With it, one iterator carries over between epochs (so an
+            endless iterable works); without it, an epoch is one pass over `x`.
+        validation_steps: batches per validation; None for one pass.
+        validation_freq: validate every this many epochs, or at the listed (1-based) epochs.
+        device: where to train (the model and each batch are moved there); default: where the model's
+            weights are.
+        amp_dtype: mixed precision: forward and loss under `torch.autocast(dtype=amp_dtype)`. With
+            `torch.float16` a `GradScaler` is created unless `grad_scaler` is given.
+        grad_scaler: a `torch.amp.GradScaler` to scale the loss.
+        clip_grad_norm: clip the gradients' total norm to this value before each optimizer step.
+        train_step: `train_step(batch) -> loss tensor or dict of scalars`, replacing the whole default
+            step (forward, backward and optimizer step are then yours); the batch is already on the
+            device. Returned values are logged as running means.
+        test_step: the same for validation: `test_step(batch) -> loss tensor or dict of scalars`.
+
+    Returns:
+        The `History` of the run.
+
+    Example:
+
+    ```python
+    history = torchcallbacks.fit(
+        model, train_loader, optimizer=torch.optim.Adam(model.parameters()),
+        loss=torch.nn.functional.cross_entropy, metrics={"accuracy": accuracy},
+        validation_data=val_loader, epochs=10,
+        callbacks=[torchcallbacks.EarlyStopping(patience=2)])
+    history.history["val_accuracy"]
+    ```
+    """
+    check_model(model, "fit")
+    optimizers = check_optimizers(optimizer)
+    check_callable(train_step, "train_step")
+    check_callable(test_step, "test_step")
+    if check_callable(loss, "loss") is None and train_step is None:
+        raise TypeError("fit: loss is required (loss(y_pred, y) -> scalar tensor), or pass a train_step")
+    if validation_data is not None and loss is None and test_step is None:
+        raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs: expected an integer >= 1, received {epochs!r}")
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
+        raise ValueError(f"initial_epoch: expected an integer >= 0, received {initial_epoch!r}")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
+    verbose = check_verbose(verbose)
+    steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
+    validation_steps = check_steps(validation_steps, "validation_steps")
+    validation_freq = _check_validation_freq(validation_freq)
+    named_metrics = normalize_metrics(metrics)
+    if train_step is not None and named_metrics:
+        raise ValueError("metrics: not computed with a custom train_step; return them from the step instead")
+    device = resolve_device(model, device)
+    if grad_scaler is None and amp_dtype == torch.float16:
+        grad_scaler = torch.amp.GradScaler(device.type)
+    train_data = EpochIterator(x, steps_per_epoch, "x")
+
+    stepper = Stepper(
+        model, device, MetricTracker(named_metrics), loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
+        scaler=grad_scaler, clip_grad_norm=clip_grad_norm, train_step=train_step, test_step=test_step,
+    )
+    params = {
+        "verbose": verbose,
+        "epochs": epochs,
+        "steps": steps_per_epoch if steps_per_epoch is not None else known_length(x),
+        "metric_directions": {name: metric_direction(m) for name, m in named_metrics.items()},
+    }
+    callback_list = make_callback_list(callbacks, model, optimizers[0], True, verbose != 0, params)
+    loop = callback_list.loop
+    loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
+    loop.scaler = grad_scaler
+    callback_list.stop_training = False
+    tracker = stepper.tracker
+    assert tracker is not None
+
+    was_training = model.training
+    epoch_logs: dict[str, Any] = {}
+    try:
+        callback_list.on_train_begin()
+        skip = loop.initial_batch
+        for epoch in range(loop.initial_epoch, epochs):
+            tracker.reset()
+            model.train()
+            callback_list.on_epoch_begin(epoch)
+            seen = 0
+            for index, batch in train_data.epoch(skip):
+                callback_list.on_train_batch_begin(index)
+                stepper.train(batch)
+                seen += 1
+                callback_list.on_train_batch_end(index, tracker.batch_logs())
+                if callback_list.stop_training:
+                    break
+            if seen == 0 and not skip:
+                if train_data.exhausted:
+                    break
+                raise ValueError("x: the data yielded no batches; fit needs at least one batch per epoch")
+            skip = 0
+            epoch_logs = to_floats(tracker.result())
+            if validation_data is not None and _validation_due(epoch, validation_freq):
+                val_logs = run_evaluation(stepper, validation_data, validation_steps, callback_list, "validation_data")
+                epoch_logs.update({"val_" + name: value for name, value in val_logs.items()})
+            callback_list.on_epoch_end(epoch, epoch_logs)
+            if callback_list.stop_training or train_data.exhausted:
+                break
+    except BaseException as exc:
+        loop.exception = exc
+        try:
+            callback_list.on_train_end(epoch_logs)
+        except BaseException as end_exc:
+            warnings.warn(f"on_train_end raised {end_exc!r} while training was ending by {exc!r}", stacklevel=2)
+        raise
+    else:
+        callback_list.on_train_end(epoch_logs)
+    finally:
+        model.train(was_training)
+    history = callback_list.history
+    assert history is not None
+    return history

@@ -1,0 +1,191 @@
+"""Running means of the loss and the metrics, kept on the device without synchronising per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torchcallbacks.logs import LazyLogs
+
+MetricLike = Any  # a callable (y_pred, y) -> tensor, or an object with update/compute/reset
+
+_FOLD_EVERY = 256
+
+
+def is_stateful_metric(metric: Any) -> bool:
+    """Objects with `update` / `compute` / `reset` (torchmetrics style) keep their own state."""
+    return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
+
+
+def metric_name(metric: Any) -> str:
+    """A function's `__name__`, else the lower-cased class name."""
+    name = getattr(metric, "__name__", None)
+    return str(name) if name else type(metric).__name__.lower()
+
+
+def normalize_metrics(metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None) -> dict[str, MetricLike]:
+    """Metrics as a name -> metric dict; a list is named after each function (or class)."""
+    if metrics is None:
+        return {}
+    if isinstance(metrics, Mapping):
+        named = dict(metrics)
+    elif isinstance(metrics, (list, tuple)):
+        named = {}
+        for metric in metrics:
+            name = metric_name(metric)
+            if name in named:
+                raise ValueError(f"metrics: two metrics are named {name!r}; pass a dict to name them")
+            named[name] = metric
+    else:
+        raise TypeError(
+            f"metrics: expected a dict or a list of metrics, received {type(metrics).__name__}"
+        )
+    for name, metric in named.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metrics: names must be strings, received {name!r}")
+        if name == "loss":
+            raise ValueError("metrics: 'loss' is reserved for the loss; give the metric another name")
+        if not (callable(metric) or is_stateful_metric(metric)):
+            raise TypeError(
+                f"metrics[{name!r}]: expected a callable (y_pred, y) -> tensor or an object with "
+                f"update/compute/reset, received {type(metric).__name__}"
+            )
+    return named
+
+
+def metric_direction(metric: Any) -> str | None:
+    """'max' or 'min' when a metric declares its direction (`mode = "max"` or torchmetrics'
+    `higher_is_better`), else None."""
+    mode = getattr(metric, "mode", None)
+    if mode in ("min", "max"):
+        return str(mode)
+    higher = getattr(metric, "higher_is_better", None)
+    if isinstance(higher, bool):
+        return "max" if higher else "min"
+    return None
+
+
+class RunningMean:
+    """A weighted mean of 0-d tensors that stays on the device.
+
+    `add` only appends to Python lists; the device work (a stack and a sum) happens when the mean is
+    read, and every `_FOLD_EVERY` values to bound memory. A `snapshot()` taken after a batch gives
+    that batch's running mean later, even after more values were added.
+    """
+
+    __slots__ = ("_sum", "_values", "_weight", "_weights")
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._weight = 0.0
+        self._values: list[torch.Tensor] = []
+        self._weights: list[float] = []
+
+    def add(self, value: torch.Tensor, weight: float) -> None:
+        self._values.append(value)
+        self._weights.append(weight)
+        if len(self._values) >= _FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        # New lists instead of clearing: snapshots keep referring to the old ones.
+        self._sum, self._weight = self._total(self._sum, self._weight, self._values, self._weights, len(self._values))
+        self._values, self._weights = [], []
+
+    @staticmethod
+    def _total(
+        base: torch.Tensor | None, base_weight: float, values: list[torch.Tensor], weights: list[float], n: int
+    ) -> tuple[torch.Tensor | None, float]:
+        if n == 0:
+            return base, base_weight
+        first = values[0]
+        dtype = torch.float32 if first.device.type == "mps" else torch.float64
+        stacked = torch.stack([v.reshape(()) for v in values[:n]]).to(dtype)
+        ws = weights[:n]
+        if all(w == ws[0] for w in ws):
+            total = stacked.sum() * ws[0]
+        else:
+            total = (stacked * torch.tensor(ws, dtype=dtype).to(first.device, non_blocking=True)).sum()
+        return (total if base is None else base + total), base_weight + sum(ws)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return (self._sum, self._weight, self._values, self._weights, len(self._values))
+
+    @classmethod
+    def mean_of(cls, snapshot: tuple[Any, ...]) -> torch.Tensor | None:
+        total, weight = cls._total(*snapshot)
+        return None if total is None or weight == 0 else total / weight
+
+    def sum_and_weight(self) -> tuple[torch.Tensor | None, float]:
+        """The weighted sum (a device tensor) and the total weight, e.g. for a cross-process reduction."""
+        self._fold()
+        return self._sum, self._weight
+
+    def result(self) -> torch.Tensor | None:
+        return self.mean_of(self.snapshot())
+
+
+class MetricTracker:
+    """Running means of the loss and every metric over one epoch (or one evaluation).
+
+    Callable metrics are evaluated per batch on detached outputs and averaged weighted by batch size;
+    stateful metrics (update/compute/reset) keep their own state. Extra values returned by a custom
+    step are averaged like callable metrics.
+    """
+
+    def __init__(self, metrics: Mapping[str, MetricLike]) -> None:
+        self.metrics = dict(metrics)
+        self._stateful = {n: m for n, m in self.metrics.items() if is_stateful_metric(m)}
+        self._functions: dict[str, Callable[..., Any]] = {
+            n: m for n, m in self.metrics.items() if n not in self._stateful
+        }
+        self._means: dict[str, RunningMean] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._means = {}
+        for metric in self._stateful.values():
+            metric.reset()
+
+    def _add(self, name: str, value: Any, weight: float) -> None:
+        mean = self._means.get(name)
+        if mean is None:
+            mean = self._means[name] = RunningMean()
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(float(value))
+        elif value.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        mean.add(value.detach(), weight)
+
+    def update(self, values: Mapping[str, Any], y_pred: Any, y: Any, weight: float) -> None:
+        """Add one batch: `values` (the loss or a custom step's results) and the metrics on (y_pred, y)."""
+        for name, value in values.items():
+            self._add(name, value, weight)
+        if self.metrics and y_pred is not None:
+            with torch.no_grad():
+                y_pred = y_pred.detach() if isinstance(y_pred, torch.Tensor) else y_pred
+                for name, function in self._functions.items():
+                    self._add(name, function(y_pred, y), weight)
+                for metric in self._stateful.values():
+                    metric.update(y_pred, y)
+
+    def _compute(self, snapshots: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, snapshot in snapshots.items():
+            mean = RunningMean.mean_of(snapshot)
+            if mean is not None:
+                out[name] = mean
+        for name, metric in self._stateful.items():
+            out[name] = metric.compute()
+        return out
+
+    def batch_logs(self) -> LazyLogs:
+        """The running means as of now, computed only if a callback reads them."""
+        snapshots = {name: mean.snapshot() for name, mean in self._means.items()}
+        return LazyLogs(lambda: self._compute(snapshots))
+
+    def result(self) -> dict[str, Any]:
+        """The current means as 0-d tensors (no synchronisation)."""
+        return self._compute({name: mean.snapshot() for name, mean in self._means.items()})
