@@ -10,6 +10,7 @@ from torchcallbacks.callbacks import (
     History,
     LambdaCallback,
     LoopState,
+    MonitorCallback,
     ProgbarLogger,
 )
 from torchcallbacks.training import evaluate, fit, predict
@@ -22,6 +23,7 @@ __all__ = [
     "History",
     "LambdaCallback",
     "LoopState",
+    "MonitorCallback",
     "ProgbarLogger",
     "__version__",
     "evaluate",

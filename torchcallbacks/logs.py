@@ -75,7 +75,7 @@ def to_floats(logs: Mapping[str, Any] | None) -> dict[str, Any]:
     for device, keys in by_device.items():
         dtype = _float_dtype(device)
         stacked = torch.stack([out[k].detach().reshape(()).to(dtype) for k in keys])
-        for key, number in zip(keys, stacked.tolist()):
+        for key, number in zip(keys, stacked.tolist(), strict=True):
             out[key] = number
     return out
 

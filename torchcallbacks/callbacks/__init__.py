@@ -4,6 +4,7 @@ from torchcallbacks.callbacks.callback import Callback, LoopState
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.history import History
 from torchcallbacks.callbacks.lambda_callback import LambdaCallback
+from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
 
-__all__ = ["Callback", "CallbackList", "History", "LambdaCallback", "LoopState", "ProgbarLogger"]
+__all__ = ["Callback", "CallbackList", "History", "LambdaCallback", "LoopState", "MonitorCallback", "ProgbarLogger"]

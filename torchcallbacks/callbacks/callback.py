@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from torchcallbacks.distributed import unwrap_model
 if TYPE_CHECKING:
     from torchcallbacks.callbacks.callback_list import CallbackList
 
-Logs = dict[str, Any]
+Logs = MutableMapping[str, Any]
 
 #: Every hook a callback may override, in the order a `fit` run can call them.
 HOOKS = (

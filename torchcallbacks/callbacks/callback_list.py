@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from torchcallbacks.callbacks.callback import HOOKS, Callback, LoopState, Logs, overrides
+from torchcallbacks.callbacks.callback import HOOKS, Callback, Logs, LoopState, overrides
 from torchcallbacks.callbacks.history import History
 from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
 from torchcallbacks.distributed import unwrap_model
@@ -155,7 +155,7 @@ class CallbackList(Callback):
     def stop_training(self, value: bool) -> None:
         self._stop_training = bool(value)
         if self._model is not None:
-            self._model.stop_training = bool(value)
+            setattr(self._model, "stop_training", bool(value))  # noqa: B010
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

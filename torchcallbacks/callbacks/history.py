@@ -37,4 +37,4 @@ class History(Callback):
         for key, value in to_floats(logs).items():
             self.history.setdefault(key, []).append(value)
         if self._model is not None:
-            self._model.history = self
+            setattr(self._model, "history", self)  # noqa: B010 (nn.Module typing)

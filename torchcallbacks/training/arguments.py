@@ -49,9 +49,7 @@ def resolve_device(model: torch.nn.Module, device: torch.device | str | None) ->
         target = torch.device(device)
         model.to(target)
         return target
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
+    for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
 

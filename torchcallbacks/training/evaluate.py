@@ -19,7 +19,7 @@ from torchcallbacks.training.arguments import (
 )
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
-from torchcallbacks.training.steps import Stepper, StepFunction
+from torchcallbacks.training.steps import StepFunction, Stepper
 
 
 def run_evaluation(
@@ -35,7 +35,7 @@ def run_evaluation(
     was_training = model.training
     model.eval()
     tracker.reset()
-    callbacks.model.stop_evaluating = False
+    setattr(callbacks.model, "stop_evaluating", False)  # noqa: B010
     callbacks.on_test_begin()
     seen = 0
     try:

@@ -23,7 +23,7 @@ from torchcallbacks.training.arguments import (
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_direction, normalize_metrics
-from torchcallbacks.training.steps import Stepper, StepFunction
+from torchcallbacks.training.steps import StepFunction, Stepper
 
 
 def _validation_due(epoch: int, validation_freq: int | Sequence[int]) -> bool:
@@ -40,7 +40,7 @@ def _check_validation_freq(validation_freq: Any) -> int | Sequence[int]:
     if isinstance(validation_freq, (list, tuple, set, frozenset, range)) and all(
         isinstance(e, int) and e >= 1 for e in validation_freq
     ):
-        return validation_freq
+        return list(validation_freq)
     raise ValueError(
         f"validation_freq: expected an integer >= 1 or a list of 1-based epochs, received {validation_freq!r}"
     )

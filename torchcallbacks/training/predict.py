@@ -17,7 +17,7 @@ from torchcallbacks.training.arguments import (
     resolve_device,
 )
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
-from torchcallbacks.training.steps import Stepper, StepFunction
+from torchcallbacks.training.steps import StepFunction, Stepper
 
 
 def concatenate(outputs: list[Any]) -> Any:
@@ -81,7 +81,7 @@ def predict(
         params={"verbose": verbose, "epochs": 1, "steps": steps if steps is not None else known_length(x)},
     )
     unwrapped = callback_list.model
-    unwrapped.stop_predicting = False
+    setattr(unwrapped, "stop_predicting", False)  # noqa: B010
     outputs: list[Any] = []
     was_training = model.training
     model.eval()

@@ -1,0 +1,142 @@
+"""`MonitorCallback`: the one place that knows monitor, mode, min_delta and "is this better".
+
+ModelCheckpoint, EarlyStopping and ReduceLROnPlateau derive from it, so they read the monitored value,
+resolve `mode="auto"` and compare values by the same rules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+
+from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.logs import to_float
+
+#: Metric names (after removing a `val_` prefix) whose better values are higher. A name also matches
+#: when it ends with one of them after an underscore, e.g. `top5_accuracy`, `macro_f1`.
+HIGHER_IS_BETTER = ("accuracy", "acc", "auc", "f1", "precision", "recall", "iou", "dice", "r2")
+#: Metric names whose better values are lower; `loss` and anything ending in `_loss` too.
+LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "msle", "mape", "error", "perplexity")
+
+MODES = ("auto", "min", "max")
+
+
+def _matches(name: str, names: tuple[str, ...]) -> bool:
+    return any(name == n or name.endswith("_" + n) for n in names)
+
+
+def infer_mode(monitor: str, metric_directions: Mapping[str, str | None] | None = None) -> str:
+    """'min' or 'max' for a monitored name under `mode="auto"`.
+
+    A direction declared by the metric (see `fit`'s `metrics`) wins; then `loss`-like names mean
+    min and accuracy-like names mean max. Anything else is a ValueError naming the monitor.
+    """
+    name = monitor[4:] if monitor.startswith("val_") else monitor
+    declared = (metric_directions or {}).get(name)
+    if declared in ("min", "max"):
+        return str(declared)
+    if _matches(name, LOWER_IS_BETTER):
+        return "min"
+    if _matches(name, HIGHER_IS_BETTER):
+        return "max"
+    raise ValueError(
+        f"monitor={monitor!r}: cannot tell whether higher or lower is better. Pass mode='min' or "
+        f"mode='max', or declare it on the metric (e.g. `metric.mode = 'max'`)."
+    )
+
+
+class MonitorCallback(Callback):
+    """Base class for callbacks that watch one logged value.
+
+    Args:
+        monitor: the logged name to watch, e.g. "val_loss".
+        mode: "min", "max" or "auto" (inferred from the name or the metric's declared direction).
+            An unknown mode warns and becomes "auto", as in Keras.
+        baseline: the starting value of `best`, if any.
+        min_delta: the smallest change that counts as an improvement.
+
+    Attributes:
+        best: the best value seen so far (or the baseline).
+        monitor_op: `monitor_op(a, b)` is True when `a` is strictly better than `b`.
+
+    Example:
+
+    ```python
+    class SaveWhenBetter(MonitorCallback):
+        def on_epoch_end(self, epoch, logs=None):
+            current = self.get_monitor_value(logs)
+            if current is not None and self._is_improvement(current, self.best):
+                self.best = current
+                torchcallbacks.save_weights(self.model, "best.safetensors")
+    ```
+    """
+
+    def __init__(
+        self, monitor: str = "val_loss", mode: str = "auto", baseline: float | None = None, min_delta: float = 0.0
+    ) -> None:
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"monitor: expected the name of a logged value, received {monitor!r}")
+        if mode not in MODES:
+            warnings.warn(
+                f"{type(self).__name__} mode {mode!r} is unknown, falling back to 'auto'", stacklevel=2
+            )
+            mode = "auto"
+        self.monitor = monitor
+        self.mode = mode
+        self.baseline = baseline
+        self.best: float | None = baseline
+        self.min_delta = abs(float(min_delta))
+        self.monitor_op: Callable[[float, float], bool] | None = None
+        self._resolved_mode = mode
+        self._warned_missing = False
+
+    def _set_monitor_op(self) -> None:
+        mode = self.mode
+        if mode == "auto":
+            mode = infer_mode(self.monitor, self.params.get("metric_directions"))
+        self._resolved_mode = mode
+        self.monitor_op = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+
+    @property
+    def resolved_mode(self) -> str:
+        """'min' or 'max', resolving 'auto' (raises ValueError when it cannot be resolved)."""
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        return self._resolved_mode
+
+    def _is_improvement(self, monitor_value: float, reference_value: float | None) -> bool:
+        """`monitor_value` beats `reference_value` by more than `min_delta` (min: `value + min_delta <
+        reference`, max: `value - min_delta > reference`); anything beats None."""
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        assert self.monitor_op is not None
+        if reference_value is None:
+            return True
+        delta = self.min_delta if self._resolved_mode == "min" else -self.min_delta
+        return self.monitor_op(monitor_value + delta, reference_value)
+
+    def reset_monitor(self) -> None:
+        """Forget the warning state of an earlier run; call from `on_train_begin`."""
+        self._warned_missing = False
+
+    def get_monitor_value(self, logs: Logs | None) -> float | None:
+        """The monitored value as a float, or None (with one warning per run listing the available
+        keys) when the logs do not have it."""
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        if value is None:
+            if not self._warned_missing:
+                self._warned_missing = True
+                warnings.warn(
+                    f"{type(self).__name__}: the monitored value {self.monitor!r} is not in the logs; "
+                    f"available keys: {', '.join(sorted(logs)) or '(none)'}",
+                    stacklevel=3,
+                )
+            return None
+        return to_float(value)
+
+    # The "warned once" flag is per run.
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self.reset_monitor()
+
