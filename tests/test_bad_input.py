@@ -1,0 +1,102 @@
+"""Bad input gets a clear error that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, make_regression
+
+import torchcallbacks as tc
+
+
+def _fit(**overrides):
+    model = overrides.pop("model", None) or make_model()
+    kwargs = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=F.mse_loss, verbose=0)
+    kwargs.update(overrides)
+    x = kwargs.pop("x", make_regression())
+    return tc.fit(model, x, **kwargs)
+
+
+def test_model_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match=r"fit: model must be a torch.nn.Module, received function"):
+        tc.fit(lambda x: x, make_regression(), optimizer=torch.optim.SGD(make_model().parameters()), loss=F.mse_loss)
+    with pytest.raises(TypeError, match=r"evaluate: model must be a torch.nn.Module, received str"):
+        tc.evaluate("model", make_regression(), loss=F.mse_loss)
+    with pytest.raises(TypeError, match=r"predict: model must be a torch.nn.Module"):
+        tc.predict(None, make_regression())
+
+
+def test_optimizer_is_required() -> None:
+    with pytest.raises(TypeError, match="fit: optimizer is required"):
+        _fit(optimizer=None)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer.*received str"):
+        _fit(optimizer="adam")
+
+
+def test_loss_is_required_and_must_be_scalar() -> None:
+    with pytest.raises(TypeError, match="fit: loss is required"):
+        _fit(loss=None)
+    with pytest.raises(TypeError, match="loss: expected a callable, received str"):
+        _fit(loss="mse")
+    with pytest.raises(ValueError, match=r"loss: expected loss\(y_pred, y\) to return a scalar \(0-d\) tensor, "
+                                         r"received shape \(16, 1\)"):
+        _fit(loss=lambda p, y: (p - y) ** 2)
+    with pytest.raises(TypeError, match="loss: expected loss.* to return a tensor, received float"):
+        _fit(loss=lambda p, y: 1.0)
+
+
+def test_empty_loader() -> None:
+    with pytest.raises(ValueError, match="x: the data yielded no batches"):
+        _fit(x=[])
+    with pytest.raises(ValueError, match="validation_data: the data yielded no batches"):
+        _fit(validation_data=[])
+    with pytest.raises(ValueError, match="x: the data yielded no batches"):
+        tc.predict(make_model(), [], verbose=0)
+
+
+def test_batch_of_an_unexpected_shape_says_what_was_received() -> None:
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"fit: each batch must be \(x, y\) or \(x, y, sample_weight\); "
+                                         r"received Tensor\[8, 4\]"):
+        _fit(x=[x])
+    with pytest.raises(ValueError, match=r"received tuple of 4 \(Tensor\[8, 4\], Tensor\[8, 4\], Tensor\[8, 4\], "
+                                         r"Tensor\[8, 4\]\)"):
+        _fit(x=[(x, x, x, x)])
+
+
+def test_unknown_keyword_arguments() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        _fit(epoch=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_size'"):
+        tc.evaluate(make_model(), make_regression(), loss=F.mse_loss, batch_size=3)
+
+
+def test_callbacks_must_be_callbacks() -> None:
+    with pytest.raises(TypeError, match="callbacks: expected torchcallbacks.Callback instances, received str"):
+        _fit(callbacks=["early_stopping"])
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 1.5, True, "3"])
+def test_epochs_must_be_a_positive_integer(epochs) -> None:
+    with pytest.raises(ValueError, match=f"epochs: expected an integer >= 1, received {epochs!r}"):
+        _fit(epochs=epochs)
+
+
+def test_other_arguments() -> None:
+    with pytest.raises(ValueError, match="steps_per_epoch: expected None or an integer >= 1, received 0"):
+        _fit(steps_per_epoch=0)
+    with pytest.raises(ValueError, match="verbose: expected 'auto', 0, 1 or 2, received 3"):
+        _fit(verbose=3)
+    with pytest.raises(ValueError, match="initial_epoch: expected an integer >= 0"):
+        _fit(initial_epoch=-1)
+    with pytest.raises(ValueError, match="clip_grad_norm: expected a positive number"):
+        _fit(clip_grad_norm=0)
+    with pytest.raises(TypeError, match="x: expected an iterable of batches"):
+        _fit(x=42)
+    with pytest.raises(TypeError, match="metrics: expected a dict or a list of metrics, received str"):
+        _fit(metrics="accuracy")
+    with pytest.raises(ValueError, match="metrics: 'loss' is reserved"):
+        _fit(metrics={"loss": F.l1_loss})
+    with pytest.raises(TypeError, match=r"metrics\['mae'\]: expected a callable"):
+        _fit(metrics={"mae": 3})

@@ -1,0 +1,157 @@
+"""CallbackList: construction, defaults, dispatch, stopping, state, hand-written loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, make_regression
+
+from torchcallbacks import Callback, CallbackList, History, LambdaCallback, ProgbarLogger
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(f"epoch_end {epoch}")
+
+
+def test_nested_lists_are_flattened_and_defaults_appended_once() -> None:
+    a, b, c = Recorder(), Recorder(), Recorder()
+    callbacks = CallbackList([a, [b, [c]]], add_history=True, add_progbar=True)
+    assert callbacks.callbacks[:3] == [a, b, c]
+    assert isinstance(callbacks.callbacks[3], History) and isinstance(callbacks.callbacks[4], ProgbarLogger)
+    assert callbacks.history is callbacks.callbacks[3]
+
+    history, progbar = History(), ProgbarLogger()
+    callbacks = CallbackList([progbar, a, history], add_history=True, add_progbar=True)
+    assert callbacks.callbacks == [progbar, a, history]
+    assert callbacks.history is history
+
+
+def test_append_adds_and_wires_a_callback() -> None:
+    model = make_model()
+    callbacks = CallbackList(model=model, epochs=3)
+    recorder = Recorder()
+    callbacks.append(recorder)
+    assert len(callbacks) == 1 and list(callbacks) == [recorder]
+    assert recorder.model is model and recorder.params == {"epochs": 3}
+    callbacks.on_epoch_end(0)
+    assert recorder.calls == ["epoch_end 0"]
+
+
+def test_non_callbacks_are_rejected_with_their_type() -> None:
+    with pytest.raises(TypeError, match=r"callbacks: expected torchcallbacks.Callback instances, received function"):
+        CallbackList([lambda: None])
+    with pytest.raises(TypeError, match="received str"):
+        CallbackList().append("early_stopping")  # type: ignore[arg-type]
+
+
+def test_hooks_nobody_overrides_are_skipped_at_dispatch() -> None:
+    recorder = Recorder()
+    lam = LambdaCallback(on_batch_end=lambda batch, logs: None)
+    callbacks = CallbackList([recorder, lam, Callback()])
+    assert callbacks._dispatch["on_epoch_end"] == [recorder.on_epoch_end]
+    assert callbacks._dispatch["on_train_batch_end"] == [lam.on_train_batch_end]
+    assert callbacks._dispatch["on_train_batch_begin"] == []
+    assert callbacks._dispatch["on_test_batch_end"] == []
+
+
+def test_stop_training_through_the_model_or_the_list() -> None:
+    model = make_model()
+    callbacks = CallbackList(model=model)
+    assert not callbacks.stop_training
+    model.stop_training = True
+    assert callbacks.stop_training
+    callbacks.stop_training = False
+    assert not callbacks.stop_training and model.stop_training is False
+    callbacks.stop_training = True
+    assert model.stop_training is True
+    without_model = CallbackList()
+    without_model.stop_training = True
+    assert without_model.stop_training
+
+
+def test_on_train_end_runs_every_callback_and_reraises_the_first_error() -> None:
+    closed = []
+
+    def fail(logs):
+        raise RuntimeError("first")
+
+    callbacks = CallbackList([
+        LambdaCallback(on_train_end=fail),
+        LambdaCallback(on_train_end=lambda logs: closed.append("second")),
+    ])
+    with pytest.raises(RuntimeError, match="first"):
+        callbacks.on_train_end()
+    assert closed == ["second"]
+
+
+def test_state_dict_collects_stateful_callbacks() -> None:
+    class Counter(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.count += 1
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, state_dict):
+            self.count = state_dict["count"]
+
+    callbacks = CallbackList([Recorder(), Counter()])
+    callbacks.on_epoch_end(0)
+    callbacks.on_epoch_end(1)
+    state = callbacks.state_dict()
+    assert state == {"1:Counter": {"count": 2}}
+    fresh = CallbackList([Recorder(), Counter()])
+    fresh.load_state_dict(state)
+    assert fresh.callbacks[1].count == 2
+
+
+def test_hand_written_loop_with_the_same_callbacks() -> None:
+    """The loop of DESIGN.md: tensors in batch logs, Keras stop idiom, History."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = make_regression()
+
+    class StopAfterTwoEpochs(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    batch_losses = []
+    history = History()
+    callbacks = CallbackList(
+        [StopAfterTwoEpochs(), LambdaCallback(on_train_batch_end=lambda b, logs: batch_losses.append(logs["loss"]))],
+        model=model, optimizer=optimizer, epochs=5, steps=len(loader),
+    )
+    callbacks.append(history)
+    callbacks.on_train_begin()
+    epochs_run = 0
+    for epoch in range(5):
+        callbacks.on_epoch_begin(epoch)
+        total = torch.zeros(())
+        for i, (x, y) in enumerate(loader):
+            callbacks.on_train_batch_begin(i)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            callbacks.on_train_batch_end(i, {"loss": loss.detach()})
+        callbacks.on_epoch_end(epoch, {"loss": total / len(loader)})
+        epochs_run += 1
+        if callbacks.stop_training:
+            break
+    callbacks.on_train_end()
+    assert epochs_run == 2
+    assert history.epoch == [0, 1]
+    assert len(history.history["loss"]) == 2 and all(isinstance(v, float) for v in history.history["loss"])
+    assert len(batch_losses) == 2 * len(loader) and isinstance(batch_losses[0], torch.Tensor)
+    assert callbacks.loop.global_step == 2 * len(loader)

@@ -1,0 +1,90 @@
+"""evaluate and predict: results, hooks, stopping, nested outputs."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, make_regression
+
+import torchcallbacks as tc
+
+
+def test_evaluate_returns_keras_shapes() -> None:
+    model = make_model()
+    loader = make_regression(n=40, batch_size=16)
+    x, y = loader.dataset.tensors
+    with torch.no_grad():
+        mse, mae = F.mse_loss(model(x), y).item(), F.l1_loss(model(x), y).item()
+    assert tc.evaluate(model, loader, loss=F.mse_loss, verbose=0) == pytest.approx(mse, rel=1e-6)
+    assert tc.evaluate(model, loader, loss=F.mse_loss, metrics=[F.l1_loss], verbose=0) == pytest.approx([mse, mae])
+    result = tc.evaluate(model, loader, loss=F.mse_loss, metrics={"mae": F.l1_loss}, return_dict=True, verbose=0)
+    assert result == pytest.approx({"loss": mse, "mae": mae})
+
+
+def test_evaluate_hooks_params_and_stop_evaluating() -> None:
+    calls = []
+
+    class Probe(tc.Callback):
+        def on_test_begin(self, logs=None):
+            calls.append(("begin", dict(self.params)))
+
+        def on_test_batch_end(self, batch, logs=None):
+            calls.append(("batch", batch, float(logs["loss"])))
+            if batch == 1:
+                self.model.stop_evaluating = True
+
+        def on_test_end(self, logs=None):
+            calls.append(("end", sorted(logs)))
+
+    model = make_model()
+    tc.evaluate(model, make_regression(n=64, batch_size=16), loss=F.mse_loss, callbacks=[Probe()], verbose=0)
+    assert calls[0] == ("begin", {"verbose": 0, "epochs": 1, "steps": 4})
+    assert [c[0] for c in calls] == ["begin", "batch", "batch", "end"]
+    assert calls[-1] == ("end", ["loss"])
+
+
+def test_predict_concatenates_and_keeps_structure() -> None:
+    model = make_model()
+    loader = make_regression(n=40, batch_size=16)
+    x, _ = loader.dataset.tensors
+    out = tc.predict(model, loader, verbose=0)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x))
+
+    Pair = collections.namedtuple("Pair", "double half")
+
+    class Nested(torch.nn.Module):
+        def forward(self, x):
+            return {"sum": x.sum(1), "pair": Pair(x * 2, x / 2), "list": [x]}
+
+    out = tc.predict(Nested(), [x[:16], (x[16:],)], verbose=0)
+    assert torch.equal(out["sum"], x.sum(1))
+    assert isinstance(out["pair"], Pair) and torch.equal(out["pair"].double, x * 2)
+    assert isinstance(out["list"], list) and torch.equal(out["list"][0], x)
+
+
+def test_predict_hooks_outputs_steps_and_stop_predicting() -> None:
+    outputs = []
+
+    class Probe(tc.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            outputs.append(logs["outputs"])
+            if batch == 2:
+                self.model.stop_predicting = True
+
+    model = make_model()
+    result = tc.predict(model, make_regression(n=96, batch_size=16), callbacks=[Probe()], verbose=0)
+    assert len(outputs) == 3 and result.shape == (48, 1)
+    result = tc.predict(model, make_regression(n=96, batch_size=16), steps=2, verbose=0)
+    assert result.shape == (32, 1)
+    assert model.training  # the mode it had before predict
+
+
+def test_custom_predict_step() -> None:
+    model = make_model()
+    out = tc.predict(model, make_regression(n=32, batch_size=16), predict_step=lambda batch: model(batch[0]).sigmoid(),
+                     verbose=0)
+    assert out.shape == (32, 1) and bool(((out > 0) & (out < 1)).all())
