@@ -11,7 +11,9 @@ from torchcallbacks.logs import LazyLogs
 
 MetricLike = Any  # a callable (y_pred, y) -> tensor, or an object with update/compute/reset
 
-_FOLD_EVERY = 256
+# Values are folded into one sum every _FOLD_EVERY values: often enough to bound memory, rarely enough
+# to cost next to nothing per step.
+_FOLD_EVERY = 32
 
 
 def is_stateful_metric(metric: Any) -> bool:
@@ -70,8 +72,8 @@ def metric_direction(metric: Any) -> str | None:
 class RunningMean:
     """A weighted mean of 0-d tensors that stays on the device.
 
-    `add` only appends to Python lists; the device work (a stack and a sum) happens when the mean is
-    read, and every `_FOLD_EVERY` values to bound memory. A `snapshot()` taken after a batch gives
+    `add` only appends to Python lists; the device work (a stack and a sum, without autograd) happens
+    when the mean is read, and every `_FOLD_EVERY` values to bound memory. A `snapshot()` taken after a batch gives
     that batch's running mean later, even after more values were added.
     """
 
@@ -102,13 +104,16 @@ class RunningMean:
             return base, base_weight
         first = values[0]
         dtype = torch.float32 if first.device.type == "mps" else torch.float64
-        stacked = torch.stack([v.reshape(()) for v in values[:n]]).to(dtype)
         ws = weights[:n]
-        if all(w == ws[0] for w in ws):
-            total = stacked.sum() * ws[0]
-        else:
-            total = (stacked * torch.tensor(ws, dtype=dtype).to(first.device, non_blocking=True)).sum()
-        return (total if base is None else base + total), base_weight + sum(ws)
+        with torch.no_grad():
+            stacked = torch.stack([v.reshape(()) for v in values[:n]]).to(dtype)
+            if all(w == ws[0] for w in ws):
+                total = stacked.sum() * ws[0]
+            else:
+                total = (stacked * torch.tensor(ws, dtype=dtype).to(first.device, non_blocking=True)).sum()
+            if base is not None:
+                total = base + total
+        return total, base_weight + sum(ws)
 
     def snapshot(self) -> tuple[Any, ...]:
         return (self._sum, self._weight, self._values, self._weights, len(self._values))
@@ -159,10 +164,21 @@ class MetricTracker:
             raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
         mean.add(value.detach(), weight)
 
+    def update_loss(self, loss: torch.Tensor, weight: float) -> None:
+        """The fast path of the default step: one scalar loss, already checked."""
+        mean = self._means.get("loss")
+        if mean is None:
+            mean = self._means["loss"] = RunningMean()
+        mean.add(loss.detach(), weight)
+
     def update(self, values: Mapping[str, Any], y_pred: Any, y: Any, weight: float) -> None:
         """Add one batch: `values` (the loss or a custom step's results) and the metrics on (y_pred, y)."""
         for name, value in values.items():
             self._add(name, value, weight)
+        self.update_metrics(y_pred, y, weight)
+
+    def update_metrics(self, y_pred: Any, y: Any, weight: float) -> None:
+        """Evaluate the metrics on one batch's outputs."""
         if self.metrics and y_pred is not None:
             with torch.no_grad():
                 y_pred = y_pred.detach() if isinstance(y_pred, torch.Tensor) else y_pred

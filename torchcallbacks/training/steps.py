@@ -89,7 +89,9 @@ class Stepper:
 
     def _forward(self, batch: Any, where: str) -> tuple[torch.Tensor, Any, Any, int]:
         x, y, sample_weight = unpack(batch, where)
-        x, y, sample_weight = to_device((x, y, sample_weight), self.device)
+        x, y = to_device(x, self.device), to_device(y, self.device)
+        if sample_weight is not None:
+            sample_weight = to_device(sample_weight, self.device)
         assert self.loss is not None
         if self.amp_dtype is None:
             y_pred = call_model(self.model, x)
@@ -107,9 +109,9 @@ class Stepper:
             batch = to_device(batch, self.device)
             tracker.update(_as_values(self.custom_train(batch), "train_step"), None, None, batch_size(batch))
             return
-        loss, y_pred, y, size = self._forward(batch, "fit")
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
+        loss, y_pred, y, size = self._forward(batch, "fit")
         scaler = self.scaler
         if scaler is None:
             loss.backward()
@@ -126,7 +128,8 @@ class Stepper:
             for optimizer in self.optimizers:
                 scaler.step(optimizer)
             scaler.update()
-        tracker.update({"loss": loss}, y_pred, y, size)
+        tracker.update_loss(loss, size)
+        tracker.update_metrics(y_pred, y, size)
 
     def test(self, batch: Any, where: str) -> None:
         tracker = self.tracker
@@ -138,7 +141,8 @@ class Stepper:
             tracker.update(_as_values(result, "test_step"), None, None, batch_size(batch))
             return
         loss, y_pred, y, size = self._forward(batch, where)
-        tracker.update({"loss": loss}, y_pred, y, size)
+        tracker.update_loss(loss, size)
+        tracker.update_metrics(y_pred, y, size)
 
     def predict(self, batch: Any) -> Any:
         if self.custom_predict is not None:

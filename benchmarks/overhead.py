@@ -1,0 +1,153 @@
+"""Per-step overhead of `torchcallbacks.fit` against a plain PyTorch loop (and peers, when installed).
+
+The workload is deliberately tiny (an MLP 32 -> 64 -> 1, batch 32, SGD, one thread), so that the loop's
+own cost is as visible as it can be. Every contender trains the same model on the same pre-made batches
+(200 per epoch); after a warm-up, the median epoch time over several epochs is divided by the number of
+steps. Contenders run interleaved, round after round, so that machine noise hits all of them alike.
+
+Usage: python benchmarks/overhead.py [--epochs 15] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import torchcallbacks as tc
+
+STEPS = 200
+BATCH = 32
+
+
+def make_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS * BATCH, 32, generator=generator)
+    y = x[:, :1] * 2 + 0.1 * torch.randn(STEPS * BATCH, 1, generator=generator)
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+
+
+def make_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def plain_loop(batches, epochs: int) -> list[float]:
+    model, optimizer = make_model()
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.train()
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class EpochTimer(tc.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def torchcallbacks_fit(verbose: int) -> Callable[[list, int], list[float]]:
+    def run(batches, epochs: int) -> list[float]:
+        model, optimizer = make_model()
+        timer = EpochTimer()
+        with tempfile.TemporaryFile("w+") as out:
+            callbacks = [timer] + ([tc.ProgbarLogger(file=out)] if verbose else [])
+            tc.fit(model, batches, optimizer=optimizer, loss=F.mse_loss, epochs=epochs, verbose=verbose,
+                   callbacks=callbacks)
+        return timer.times
+
+    return run
+
+
+def ignite_loop(batches, epochs: int) -> list[float]:
+    from ignite.engine import Events, create_supervised_trainer
+
+    model, optimizer = make_model()
+    trainer = create_supervised_trainer(model, optimizer, F.mse_loss)
+    times: list[float] = []
+    start = [0.0]
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: start.__setitem__(0, time.perf_counter()))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: times.append(time.perf_counter() - start[0]))
+    trainer.run(batches, max_epochs=epochs)
+    return times
+
+
+def poutyne_loop(batches, epochs: int) -> list[float]:
+    from poutyne import Callback, Model
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_epoch_begin(self, epoch_number, logs):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch_number, logs):
+            self.times.append(time.perf_counter() - self._start)
+
+    network, optimizer = make_model()
+    timer = Timer()
+    Model(network, optimizer, F.mse_loss).fit_generator(batches, epochs=epochs, verbose=False, callbacks=[timer])
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=15, help="measured epochs per contender and round")
+    parser.add_argument("--warmup", type=int, default=3, help="epochs dropped at the start of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    contenders: dict[str, Callable[[list, int], list[float]]] = {
+        "plain PyTorch loop": plain_loop,
+        "torchcallbacks.fit verbose=0": torchcallbacks_fit(0),
+        "torchcallbacks.fit verbose=1": torchcallbacks_fit(1),
+    }
+    if importlib.util.find_spec("ignite"):
+        contenders["ignite"] = ignite_loop
+    if importlib.util.find_spec("poutyne"):
+        contenders["poutyne"] = poutyne_loop
+
+    batches = make_batches()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, run in contenders.items():
+            samples[name].extend(run(batches, args.warmup + args.epochs)[args.warmup :])
+
+    base = statistics.median(samples["plain PyTorch loop"]) / STEPS
+    print(f"torch {torch.__version__}, 1 thread, MLP 32-64-1, batch {BATCH}, {STEPS} steps/epoch, "
+          f"median of {args.rounds * args.epochs} epochs")
+    print(f"| {'loop':<30} | {'us/step':>8} | {'ratio':>6} |")
+    print(f"|{'-' * 32}|{'-' * 10}:|{'-' * 7}:|")
+    for name, times in samples.items():
+        per_step = statistics.median(times) / STEPS
+        print(f"| {name:<30} | {per_step * 1e6:8.1f} | {per_step / base:5.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
