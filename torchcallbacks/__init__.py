@@ -7,17 +7,21 @@ callback objects work in a hand-written loop through `CallbackList`.
 from torchcallbacks.callbacks import (
     Callback,
     CallbackList,
+    CSVLogger,
     History,
     LambdaCallback,
     LoopState,
     MonitorCallback,
     ProgbarLogger,
+    RemoteMonitor,
+    TensorBoard,
 )
 from torchcallbacks.training import evaluate, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CSVLogger",
     "Callback",
     "CallbackList",
     "History",
@@ -25,6 +29,8 @@ __all__ = [
     "LoopState",
     "MonitorCallback",
     "ProgbarLogger",
+    "RemoteMonitor",
+    "TensorBoard",
     "__version__",
     "evaluate",
     "fit",

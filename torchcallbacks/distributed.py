@@ -7,8 +7,14 @@ of rules (rank 0 writes, every rank takes part in reductions).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def is_distributed() -> bool:
@@ -29,6 +35,35 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     """True on rank 0, the process that writes files, draws progress bars and posts to servers."""
     return get_rank() == 0
+
+
+def main_process_only(method: _F) -> _F:
+    """Decorator: the wrapped function runs on the main process (rank 0) only; elsewhere it returns None.
+
+    It is how callbacks that write files, draw or post to servers (`TensorBoard`, `CSVLogger`,
+    `RemoteMonitor`) obey "rank 0 writes": each of their hooks is decorated, so the other ranks skip
+    them entirely (they do not even read lazy batch logs, so they are not slowed down by a device
+    sync). The rank is read when the hook is called, not when the class is defined, so a callback
+    created before `init_process_group` behaves right. A decorated function must not take part in
+    a collective, since only one rank runs it. Outside a process group every call runs.
+
+    Example:
+
+    ```python
+    class WriteLoss(Callback):
+        @main_process_only
+        def on_epoch_end(self, epoch, logs=None):
+            print(epoch, logs["loss"], file=self.file)
+    ```
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not is_main_process():
+            return None
+        return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

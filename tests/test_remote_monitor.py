@@ -1,0 +1,161 @@
+"""RemoteMonitor against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.parse
+import warnings
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_model, make_regression
+
+import torchcallbacks
+from torchcallbacks import RemoteMonitor
+
+
+class Server:
+    """A real HTTP server in a thread that records every request and answers `status` after `delay`."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                time.sleep(delay)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    yield srv
+    srv.close()
+
+
+def _fit(callbacks: list, epochs: int = 2) -> torchcallbacks.History:
+    model = make_model()
+    return torchcallbacks.fit(
+        model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        loss=torch.nn.functional.mse_loss, epochs=epochs, verbose=0, validation_data=make_regression(32),
+        callbacks=callbacks,
+    )
+
+
+def _expected(history: torchcallbacks.History) -> list[dict[str, Any]]:
+    return [
+        {"epoch": epoch, **{key: values[i] for key, values in history.history.items()}}
+        for i, epoch in enumerate(history.epoch)
+    ]
+
+
+def test_json_payloads_and_headers(server: Server) -> None:
+    monitor = RemoteMonitor(root=server.root, send_as_json=True, headers={"X-Token": "secret"})
+    history = _fit([monitor])
+    assert len(server.requests) == 2
+    for request in server.requests:
+        assert request["path"] == "/publish/epoch/end/"
+        assert request["headers"]["Content-Type"] == "application/json"
+        assert request["headers"]["X-Token"] == "secret"
+    assert [json.loads(r["body"]) for r in server.requests] == _expected(history)
+
+
+def test_form_encoded_payloads(server: Server) -> None:
+    monitor = RemoteMonitor(root=server.root, path="/events", field="metrics")
+    history = _fit([monitor])
+    payloads = []
+    for request in server.requests:
+        assert request["path"] == "/events"
+        assert request["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+        form = urllib.parse.parse_qs(request["body"].decode("ascii"), strict_parsing=True)
+        assert list(form) == ["metrics"]
+        payloads.append(json.loads(form["metrics"][0]))
+    assert payloads == _expected(history)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _monitor_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "RemoteMonitor" in str(w.message)]
+
+
+def test_closed_port_warns_once_per_epoch_and_training_completes() -> None:
+    monitor = RemoteMonitor(root=f"http://127.0.0.1:{_free_port()}")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = _fit([monitor], epochs=3)
+    messages = _monitor_warnings(record)
+    assert len(messages) == 3
+    assert all("could not reach" in m for m in messages)
+    assert history.epoch == [0, 1, 2]
+
+
+def test_slow_server_times_out_with_a_warning() -> None:
+    slow = Server(delay=1.0)
+    try:
+        monitor = RemoteMonitor(root=slow.root, timeout=0.2)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            history = _fit([monitor], epochs=1)
+    finally:
+        slow.close()
+    assert len(slow.requests) == 1
+    messages = _monitor_warnings(record)
+    assert len(messages) == 1 and "could not reach" in messages[0]
+    assert history.epoch == [0]
+
+
+def test_http_error_status_warns() -> None:
+    failing = Server(status=500)
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            history = _fit([RemoteMonitor(root=failing.root, send_as_json=True)], epochs=2)
+    finally:
+        failing.close()
+    messages = _monitor_warnings(record)
+    assert len(messages) == 2 and all("500" in m for m in messages)
+    assert history.epoch == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"root": "localhost:9000"}, "root"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"headers": {"X": 1}}, "headers"),
+        ({"field": None}, "field"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=name):
+        RemoteMonitor(**kwargs)
