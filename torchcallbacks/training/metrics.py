@@ -106,7 +106,7 @@ class RunningMean:
         dtype = torch.float32 if first.device.type == "mps" else torch.float64
         ws = weights[:n]
         with torch.no_grad():
-            stacked = torch.stack([v.reshape(()) for v in values[:n]]).to(dtype)
+            stacked = torch.stack(values[:n]).to(dtype)
             if all(w == ws[0] for w in ws):
                 total = stacked.sum() * ws[0]
             else:
@@ -162,6 +162,8 @@ class MetricTracker:
             value = torch.as_tensor(float(value))
         elif value.numel() != 1:
             raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        elif value.ndim:
+            value = value.reshape(())
         mean.add(value.detach(), weight)
 
     def update_loss(self, loss: torch.Tensor, weight: float) -> None:
