@@ -5,28 +5,44 @@ callback objects work in a hand-written loop through `CallbackList`.
 """
 
 from torchcallbacks.callbacks import (
+    BackupAndRestore,
     Callback,
     CallbackList,
     History,
     LambdaCallback,
     LoopState,
+    ModelCheckpoint,
     MonitorCallback,
     ProgbarLogger,
+)
+from torchcallbacks.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
 )
 from torchcallbacks.training import evaluate, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackupAndRestore",
     "Callback",
     "CallbackList",
+    "CheckpointError",
     "History",
     "LambdaCallback",
     "LoopState",
+    "ModelCheckpoint",
     "MonitorCallback",
     "ProgbarLogger",
     "__version__",
     "evaluate",
     "fit",
+    "load_checkpoint",
+    "load_weights",
     "predict",
+    "save_checkpoint",
+    "save_weights",
 ]
