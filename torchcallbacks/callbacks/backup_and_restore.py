@@ -108,6 +108,8 @@ class BackupAndRestore(Callback):
                 self._pending_epoch_rng = state.rng.get("epoch_begin")
                 self._pending_batch_rng = state.rng.get("current")
                 self._resume_batch = state.batch
+                # fit calls this after skipping the trained batches, before fetching the next one.
+                loop.resume_hook = self._restore_batch_rng
             else:
                 self._pending_epoch_rng = state.rng.get("current")
         self._install_sigterm()
@@ -155,12 +157,9 @@ class BackupAndRestore(Callback):
         self._epoch_rng = capture_rng_state()
 
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        # In fit the loop's resume_hook did this already; this serves hand-written loops.
         if self._pending_batch_rng is not None and batch == self._resume_batch:
             self._restore_batch_rng()
-
-    def on_test_begin(self, logs: Logs | None = None) -> None:
-        # A backup taken after the epoch's last batch resumes straight into validation.
-        self._restore_batch_rng()
 
     def _restore_batch_rng(self) -> None:
         if self._pending_batch_rng is not None:
@@ -179,7 +178,6 @@ class BackupAndRestore(Callback):
             self._exit_on_sigterm()
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        self._restore_batch_rng()
         if self.save_freq == "epoch" or self._sigterm:
             self._save(epoch + 1, 0)
         if self._sigterm:
