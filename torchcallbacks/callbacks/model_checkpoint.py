@@ -24,7 +24,11 @@ def check_save_freq(save_freq: Any, owner: str) -> str | int:
 
 def _template_fields(filepath: str) -> list[str]:
     names = []
-    for _, name, _, _ in string.Formatter().parse(filepath):
+    try:
+        parsed = list(string.Formatter().parse(filepath))
+    except ValueError as exc:
+        raise ValueError(f"ModelCheckpoint: filepath {filepath!r} is not a valid template: {exc}") from exc
+    for _, name, _, _ in parsed:
         if name is None:
             continue
         key = re.split(r"[.\[]", name, maxsplit=1)[0]
