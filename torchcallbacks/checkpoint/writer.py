@@ -15,7 +15,10 @@ training thread, at the next save or at `flush()`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
+import sys
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
@@ -24,9 +27,52 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+#: torch dtype -> safetensors dtype name.
+DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], filename: str, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a safetensors file: an 8-byte little-endian header length, the JSON header (padded with
+    spaces to a multiple of 8), then each tensor's bytes, largest element size first as safetensors
+    itself orders them. Each tensor is written straight from its memory (no serialised copy of the
+    whole file, unlike `safetensors.torch.save`), which is what makes the save as fast as a raw write.
+    """
+    if sys.byteorder != "little":  # safetensors is little-endian; its own writer converts
+        save_file(dict(tensors), filename, metadata=dict(metadata) if metadata is not None else None)
+        return
+    items = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in items:
+        if tensor.dtype not in DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, tensor in items:
+            if tensor.numel() == 0:
+                continue
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            f.write(memoryview(data.view(torch.uint8).numpy()))
+
+
 # The function that serialises the tensors into the temp file (a module attribute, so that tests can
 # make it fail like a full disk does).
-_serialize = save_file
+_serialize = write_safetensors
 
 
 def _fsync_dir(directory: str) -> None:
