@@ -67,7 +67,7 @@ def write_safetensors(
             if tensor.numel() == 0:
                 continue
             data = tensor.detach().cpu().contiguous().reshape(-1)
-            f.write(memoryview(data.view(torch.uint8).numpy()))
+            f.write(data.view(torch.uint8).numpy().data)
 
 
 # The function that serialises the tensors into the temp file (a module attribute, so that tests can
