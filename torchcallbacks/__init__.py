@@ -5,28 +5,40 @@ callback objects work in a hand-written loop through `CallbackList`.
 """
 
 from torchcallbacks.callbacks import (
+    BackupAndRestore,
     Callback,
     CallbackList,
     CSVLogger,
     History,
     LambdaCallback,
     LoopState,
+    ModelCheckpoint,
     MonitorCallback,
     ProgbarLogger,
     RemoteMonitor,
     TensorBoard,
+)
+from torchcallbacks.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
 )
 from torchcallbacks.training import evaluate, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackupAndRestore",
     "CSVLogger",
     "Callback",
     "CallbackList",
+    "CheckpointError",
     "History",
     "LambdaCallback",
     "LoopState",
+    "ModelCheckpoint",
     "MonitorCallback",
     "ProgbarLogger",
     "RemoteMonitor",
@@ -34,5 +46,9 @@ __all__ = [
     "__version__",
     "evaluate",
     "fit",
+    "load_checkpoint",
+    "load_weights",
     "predict",
+    "save_checkpoint",
+    "save_weights",
 ]

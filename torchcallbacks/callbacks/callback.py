@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,9 @@ class LoopState:
         initial_epoch: the epoch training starts at. A callback may move it in `on_train_begin`
             (`BackupAndRestore` does, to resume); `fit` reads it after `on_train_begin`.
         initial_batch: batches of `initial_epoch` already trained before a resume; `fit` skips them.
+        resume_hook: called by `fit` once those batches are skipped, right before the next batch is
+            fetched (`BackupAndRestore` restores the random state there, so that the data loader's
+            per-batch draws match the interrupted run). Reset to None at every `fit` call.
         exception: the exception that ended training, or None. Set before `on_train_end` runs, so
             callbacks can tell a normal finish from a crash.
         scaler: the `torch.amp.GradScaler` in use, if any.
@@ -62,6 +65,7 @@ class LoopState:
     global_step: int = 0
     initial_epoch: int = 0
     initial_batch: int = 0
+    resume_hook: Callable[[], None] | None = None
     exception: BaseException | None = None
     scaler: Any = None
     callbacks: CallbackList | None = field(default=None, repr=False)

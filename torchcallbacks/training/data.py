@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 
@@ -49,12 +49,21 @@ class EpochIterator:
         self._iterator: Iterator[Any] | None = None
         self.exhausted = False
 
-    def epoch(self, skip: int = 0) -> Iterator[tuple[int, Any]]:
-        """Yield `(index, batch)` for one epoch, leaving out the first `skip` batches (a resume)."""
+    def epoch(self, skip: int = 0, after_skip: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield `(index, batch)` for one epoch, leaving out the first `skip` batches (a resume);
+        `after_skip()` is called once they are consumed, before the next batch is fetched."""
         if self.steps is None:
-            yield from itertools.islice(enumerate(self.data), skip, None)
+            batches = enumerate(self.data)
+            if skip:
+                for _ in itertools.islice(batches, skip):
+                    pass
+                if after_skip is not None:
+                    after_skip()
+            yield from batches
             return
         for index in range(self.steps):
+            if index == skip and skip and after_skip is not None:
+                after_skip()
             batch = self._next()
             if batch is _END:
                 self.exhausted = True

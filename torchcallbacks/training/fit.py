@@ -161,6 +161,7 @@ def fit(
     callback_list = make_callback_list(callbacks, model, optimizers[0], True, verbose != 0, params)
     loop = callback_list.loop
     loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
+    loop.resume_hook = None
     loop.scaler = grad_scaler
     callback_list.stop_training = False
     tracker = stepper.tracker
@@ -176,7 +177,7 @@ def fit(
             model.train()
             callback_list.on_epoch_begin(epoch)
             seen = 0
-            for index, batch in train_data.epoch(skip):
+            for index, batch in train_data.epoch(skip, loop.resume_hook):
                 callback_list.on_train_batch_begin(index)
                 stepper.train(batch)
                 seen += 1

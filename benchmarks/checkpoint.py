@@ -1,0 +1,134 @@
+"""Checkpoint benchmark: a ~100M-parameter model (400 MB of float32).
+
+Measures, in one process and on the same files system:
+- save time of `torchcallbacks.save_weights` (atomic: temp file, fsync, rename, directory fsync) against
+  `torch.save` of the same state dict (without and with an fsync, since torch.save does none);
+- the time the training thread is blocked by a full training-state save (model + Adam state, ~1.2 GB)
+  with `async_save=True` against a synchronous save;
+- load time of `torchcallbacks.load_weights` against `torch.load(weights_only=True)`.
+
+Run: `PYTHONPATH=. python benchmarks/checkpoint.py [--repeats 3] [--dir /tmp]`. Prints a table of
+medians and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+import torchcallbacks as tc
+from torchcallbacks.checkpoint import CheckpointWriter, save_checkpoint
+
+
+def make_model() -> torch.nn.Module:
+    # 24 blocks of 2048x2048 linear layers: 24 * (2048*2048 + 2048) ~ 100.7M parameters.
+    return torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)])
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time; dirty pages of earlier writes are flushed first (untimed) so that one
+    method does not pay for the write-back of another."""
+    times = []
+    for _ in range(repeats):
+        os.sync()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """`timed` for each function, taking turns, so that drifts of the machine hit all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, 1))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = make_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(2, 2048)).sum().backward()
+    optimizer.step()  # Adam state: two more tensors per parameter
+    state = model.state_dict()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        st_path, pt_path = os.path.join(tmp, "w.safetensors"), os.path.join(tmp, "w.pt")
+        rows: list[tuple[str, float]] = []
+
+        def torch_save_fsync() -> None:
+            torch.save(state, pt_path)
+            fsync_file(pt_path)
+
+        raw_path = os.path.join(tmp, "raw.bin")
+
+        def raw_write() -> None:
+            with open(raw_path, "wb") as f:
+                for tensor in state.values():
+                    f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+        saves = interleaved({
+            "save_weights (atomic, fsync)": lambda: tc.save_weights(model, st_path),
+            "torch.save (no fsync)": lambda: torch.save(state, pt_path),
+            "torch.save + fsync": torch_save_fsync,
+            "raw write of the tensors (no fsync)": raw_write,
+        }, args.repeats)
+        rows += list(saves.items())
+        t_st, t_pt, t_pt_sync = (saves[k] for k in ("save_weights (atomic, fsync)", "torch.save (no fsync)", "torch.save + fsync"))
+
+        full = os.path.join(tmp, "state.safetensors")
+        sync_writer, async_writer = CheckpointWriter(), CheckpointWriter(async_save=True)
+        t_sync = timed(lambda: save_checkpoint(full, model, optimizer, writer=sync_writer), args.repeats)
+        save_checkpoint(full, model, optimizer, writer=async_writer)  # allocate the reused host buffers
+        async_writer.flush()
+        blocked = []
+        for _ in range(args.repeats):
+            os.sync()
+            start = time.perf_counter()
+            save_checkpoint(full, model, optimizer, writer=async_writer)
+            blocked.append(time.perf_counter() - start)
+            async_writer.flush()  # let it finish: the next save would wait for it anyway
+        t_async = statistics.median(blocked)
+        rows += [
+            ("training state, sync: thread blocked", t_sync),
+            ("training state, async: thread blocked", t_async),
+        ]
+
+        other = make_model()
+        t_load = timed(lambda: tc.load_weights(other, st_path), args.repeats)
+        t_torch_load = timed(lambda: other.load_state_dict(torch.load(pt_path, weights_only=True)), args.repeats)
+        rows += [("load_weights", t_load), ("torch.load(weights_only=True) + load_state_dict", t_torch_load)]
+
+    size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 1e6
+    print(f"model: {n_params / 1e6:.1f}M parameters, {size_mb:.0f} MB float32; median of {args.repeats}")
+    width = max(len(name) for name, _ in rows)
+    for name, seconds in rows:
+        print(f"{name:<{width}}  {seconds:8.3f} s")
+    print(f"save_weights / torch.save:          {t_st / t_pt:.2f}x")
+    print(f"save_weights / (torch.save + fsync): {t_st / t_pt_sync:.2f}x")
+    print(f"async / sync blocked time:          {t_async / t_sync:.2f}x")
+    print(f"load_weights / torch.load:          {t_load / t_torch_load:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

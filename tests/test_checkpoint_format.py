@@ -1,0 +1,245 @@
+"""The file format: weights-only and training-state files read back with safetensors' own readers,
+tied weights, every part of the training state, RNG states without pickle, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_model
+
+import torchcallbacks as tc
+from torchcallbacks.checkpoint import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.files import ALIASES_KEY, KIND_KEY, STATE_KEY
+
+
+class Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10)
+        self.head.weight = self.embed.weight
+        self.register_buffer("steps", torch.tensor(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def _equal_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+# -- weights only -----------------------------------------------------------------------------------
+def test_weights_file_is_read_by_safetensors(tmp_path: Path) -> None:
+    model = make_model()
+    tc.save_weights(model, tmp_path / "w.safetensors", metadata={"note": "hello"})
+    tensors = load_file(tmp_path / "w.safetensors")
+    assert tensors.keys() == model.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in model.state_dict().items())
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt" and metadata[KIND_KEY] == "weights" and metadata["note"] == "hello"
+    other = make_model()
+    load_model(other, tmp_path / "w.safetensors")
+    assert _equal_state(model, other)
+
+
+def test_tied_weights_are_stored_once_and_load_everywhere(tmp_path: Path) -> None:
+    model = Tied()
+    tc.save_weights(model, tmp_path / "t.safetensors")  # no "tensors share memory" crash
+    stored = load_file(tmp_path / "t.safetensors")
+    assert set(stored) == {"embed.weight", "head.bias", "steps"}
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()[ALIASES_KEY]) == {"head.weight": "embed.weight"}
+    for load in (load_model, tc.load_weights):
+        other = Tied()
+        load(other, tmp_path / "t.safetensors")
+        assert _equal_state(model, other)
+        assert other.head.weight is other.embed.weight
+
+
+def test_load_weights_reads_files_written_by_safetensors_save_model(tmp_path: Path) -> None:
+    model = Tied()
+    save_model(model, str(tmp_path / "s.safetensors"))
+    other = Tied()
+    tc.load_weights(other, tmp_path / "s.safetensors")
+    assert _equal_state(model, other)
+
+
+def test_load_weights_reads_the_model_part_of_a_training_state(tmp_path: Path) -> None:
+    model = make_model()
+    tc.save_checkpoint(tmp_path / "c.safetensors", model, torch.optim.Adam(model.parameters()))
+    other = make_model()
+    tc.load_weights(other, tmp_path / "c.safetensors")
+    assert _equal_state(model, other)
+
+
+# -- training state ---------------------------------------------------------------------------------
+class Stateful(tc.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = {"best": float("inf"), "history": [1.5, float("nan")], "pair": (1, "a"), "count": 7}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state = state_dict
+
+
+def _trained() -> tuple[torch.nn.Module, list[torch.optim.Optimizer], torch.amp.GradScaler, torch.optim.lr_scheduler.StepLR]:
+    model = make_model()
+    first = torch.optim.Adam(model[0].parameters(), lr=0.01)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(first, step_size=1, gamma=0.5)
+    for _ in range(3):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(first)
+        scaler.step(second)
+        scaler.update()
+        scheduler.step()
+    return model, [first, second], scaler, scheduler
+
+
+def test_training_state_round_trip(tmp_path: Path) -> None:
+    model, optimizers, scaler, scheduler = _trained()
+    callbacks = tc.CallbackList([Stateful()])
+    path = tmp_path / "state.safetensors"
+    tc.save_checkpoint(path, model, optimizers, scaler=scaler, scheduler=scheduler, callbacks=callbacks,
+                       epoch=3, batch=2, global_step=14, extra={"note": "x"})
+
+    # Read back with safetensors' own reader: tensor names, values and the JSON document.
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        document = json.loads(f.metadata()[STATE_KEY])
+        exp_avg = f.get_tensor("@optimizer/0/state/0/exp_avg")
+    assert set(model.state_dict()) <= names
+    assert "@rng/current/torch" in names
+    assert torch.equal(exp_avg, optimizers[0].state_dict()["state"][0]["exp_avg"])
+    assert document["format"] == "torchcallbacks.training_state" and document["format_version"] == 1
+    assert (document["epoch"], document["batch"], document["global_step"]) == (3, 2, 14)
+    assert document["library_version"] == tc.__version__
+    assert document["optimizers"][1]["param_groups"][0]["momentum"] == 0.9
+    assert document["schedulers"][0]["last_epoch"] == 3
+    assert document["scaler"]["scale"] == scaler.get_scale()
+    assert document["callbacks"]["0:Stateful"]["best"] == {"__float__": "inf"}
+    assert len(document["rng"]["current"]["numpy"]["key"]) == 624
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # the header is strict JSON
+    assert header["__metadata__"][STATE_KEY] == json.dumps(document, allow_nan=False)
+
+    other, other_optimizers, _, _ = _trained()
+    other_scaler = torch.amp.GradScaler("cpu")
+    other_scheduler = torch.optim.lr_scheduler.StepLR(other_optimizers[0], step_size=1, gamma=0.5)
+    other_callbacks = tc.CallbackList([Stateful()])
+    other_callbacks.callbacks[0].state = {}  # type: ignore[attr-defined]
+    state = tc.load_checkpoint(path, other, other_optimizers, scaler=other_scaler, scheduler=other_scheduler,
+                               callbacks=other_callbacks)
+    assert (state.epoch, state.batch, state.global_step, state.extra) == (3, 2, 14, {"note": "x"})
+    assert _equal_state(model, other)
+    for mine, theirs in zip(optimizers, other_optimizers, strict=True):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a["param_groups"] == b["param_groups"]
+        for key in a["state"]:
+            assert all(torch.equal(a["state"][key][n], b["state"][key][n]) for n in a["state"][key])
+    assert other_scaler.state_dict() == scaler.state_dict()
+    assert other_scheduler.state_dict() == scheduler.state_dict()
+    restored = other_callbacks.callbacks[0].state  # type: ignore[attr-defined]
+    assert restored["best"] == float("inf") and restored["pair"] == (1, "a") and np.isnan(restored["history"][1])
+
+
+def test_rng_states_are_restored_without_pickle(tmp_path: Path) -> None:
+    tc.save_checkpoint(tmp_path / "c.safetensors", make_model())
+    expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), random.gauss(0, 1))
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    tc.load_checkpoint(tmp_path / "c.safetensors")
+    again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), random.gauss(0, 1))
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2:] == again[2:]
+
+
+def test_capture_and_restore_rng_mid_gaussian() -> None:
+    np.random.randn()  # numpy caches the second gaussian
+    random.gauss(0, 1)  # so does Python
+    state = capture_rng_state()
+    expected = (np.random.randn(), random.gauss(0, 1))
+    restore_rng_state(state)
+    assert (np.random.randn(), random.gauss(0, 1)) == expected
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        tc.load_weights(make_model(), tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        tc.load_checkpoint(tmp_path / "nope.safetensors", make_model())
+
+
+@pytest.mark.parametrize("cut", [4, 50, -1])
+def test_truncated_file(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "c.safetensors"
+    tc.save_checkpoint(path, make_model())
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(tc.CheckpointError, match=r"c\.safetensors.*not a readable safetensors file"):
+        tc.load_checkpoint(path, make_model())
+
+
+def test_foreign_files(tmp_path: Path) -> None:
+    pickled = tmp_path / "model.pt"
+    torch.save(make_model().state_dict(), pickled)  # a pickle: must be refused, never unpickled
+    text = tmp_path / "notes.safetensors"
+    text.write_text('{"hello": "world"}')
+    for path in (pickled, text):
+        with pytest.raises(tc.CheckpointError, match=path.name):
+            tc.load_weights(make_model(), path)
+
+
+def test_weights_file_is_not_a_training_state(tmp_path: Path) -> None:
+    tc.save_weights(make_model(), tmp_path / "w.safetensors")
+    with pytest.raises(tc.CheckpointError, match=r"not a torchcallbacks training state.*weights file"):
+        tc.load_checkpoint(tmp_path / "w.safetensors", make_model())
+
+
+def test_key_and_shape_mismatch_name_the_keys(tmp_path: Path) -> None:
+    tc.save_weights(make_model(), tmp_path / "w.safetensors")
+    with pytest.raises(tc.CheckpointError, match=r"w\.safetensors.*0\.weight: file \(8, 4\) vs model \(8, 5\)"):
+        tc.load_weights(make_model(features=5), tmp_path / "w.safetensors")
+    bigger = torch.nn.Sequential(*make_model(), torch.nn.Linear(1, 1))
+    with pytest.raises(tc.CheckpointError, match=r"missing in the file: 3\.bias, 3\.weight"):
+        tc.load_weights(bigger, tmp_path / "w.safetensors")
+    smaller = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    with pytest.raises(tc.CheckpointError, match=r"not in the model: 2\.bias, 2\.weight"):
+        tc.load_weights(smaller, tmp_path / "w.safetensors")
+    tc.load_weights(smaller, tmp_path / "w.safetensors", strict=False)
+
+
+def test_optimizer_count_mismatch(tmp_path: Path) -> None:
+    model, optimizers, _, _ = _trained()
+    tc.save_checkpoint(tmp_path / "c.safetensors", model, optimizers)
+    with pytest.raises(tc.CheckpointError, match="holds 2 optimizer state"):
+        tc.load_checkpoint(tmp_path / "c.safetensors", model, optimizers[0])
+
+
+def test_unstorable_state_is_named(tmp_path: Path) -> None:
+    class Bad(tc.Callback):
+        def state_dict(self) -> dict:
+            return {"fn": print}
+
+    with pytest.raises(TypeError, match=r"@callbacks/0:Bad/fn.*builtin_function_or_method"):
+        tc.save_checkpoint(tmp_path / "c.safetensors", make_model(), callbacks=tc.CallbackList([Bad()]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_no_pickle_in_the_library() -> None:
+    root = Path(tc.__file__).parent
+    for source in root.rglob("*.py"):
+        text = source.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text and "weights_only=False" not in text, source

@@ -1,0 +1,231 @@
+"""`BackupAndRestore`: back up the training state and resume exactly where an interrupted run stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import warnings
+from typing import Any
+
+from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.callbacks.model_checkpoint import check_save_freq
+from torchcallbacks.checkpoint.files import CheckpointError, TrainingState, load_checkpoint, save_loop_state
+from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.distributed import is_main_process
+
+
+class BackupAndRestore(Callback):
+    """Back up the whole training state, and resume from it when training starts again.
+
+    At train begin, if `backup_dir` holds a backup, the model, the optimizer(s), the GradScaler, the
+    `scheduler`, every callback's `state_dict()`, the random generators (torch CPU/CUDA, numpy, Python)
+    and the global step are restored, and training continues at the saved epoch **and batch**: the
+    batches of the epoch already trained are skipped, and the random state at that epoch's start is
+    restored before the data loader draws its shuffle order, so an interrupted run ends with the same
+    weights, bit for bit, as one that never stopped (given deterministic kernels).
+
+    A SIGTERM (the usual preemption notice) makes it write a backup at the next consistent point (the
+    end of the running batch, or of the epoch during validation) and then exit with status 143, or call
+    the handler that was installed before.
+
+    Place it after the callbacks whose state it carries (e.g. `ModelCheckpoint`, `EarlyStopping`), so
+    that their state is saved after their own epoch-end update and restored after their own
+    `on_train_begin` reset; it warns otherwise. Only `self.optimizer` is saved: in `fit` with several
+    optimizers that is the first one.
+
+    Args:
+        backup_dir: directory for the backup files (`latest.safetensors`, and `previous.safetensors`
+            with `double_checkpoint`). Use one directory per training job.
+        save_freq: "epoch" to back up at every epoch end, or an integer: every that many training batches
+            (counted over the run). `False` is rejected (Keras saves every batch).
+        double_checkpoint: keep the previous backup too, and fall back to it when the latest cannot be
+            read.
+        delete_checkpoint: delete the backup when training finishes normally (not after an exception,
+            an interrupt or a SIGTERM).
+        async_save: write backups on a background thread (at most one in flight; errors are raised on
+            the training thread at the next save or at train end).
+        scheduler: LR scheduler(s) stepped outside callbacks whose state to back up too.
+        save_on_sigterm: handle SIGTERM as described above (main thread only).
+
+    Example:
+
+    ```python
+    backup = torchcallbacks.BackupAndRestore("backup/", save_freq=100)
+    torchcallbacks.fit(model, loader, optimizer=opt, loss=loss_fn, epochs=50,
+                       callbacks=[torchcallbacks.ModelCheckpoint("best.safetensors"), backup])
+    # kill the process at any moment, run it again: it continues where it stopped
+    ```
+    """
+
+    LATEST = "latest.safetensors"
+    PREVIOUS = "previous.safetensors"
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int = "epoch",
+        double_checkpoint: bool = False,
+        delete_checkpoint: bool = True,
+        async_save: bool = False,
+        scheduler: Any = None,
+        save_on_sigterm: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
+            raise ValueError(f"BackupAndRestore: backup_dir must be a non-empty path, received {backup_dir!r}")
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = check_save_freq(save_freq, "BackupAndRestore")
+        self.double_checkpoint = bool(double_checkpoint)
+        self.delete_checkpoint = bool(delete_checkpoint)
+        self.scheduler = scheduler
+        self.save_on_sigterm = bool(save_on_sigterm)
+        self.latest_path = os.path.join(self.backup_dir, self.LATEST)
+        self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
+        #: The state restored at the last train begin, or None.
+        self.restored: TrainingState | None = None
+        self._writer = CheckpointWriter(async_save)
+        self._epoch_rng: dict[str, Any] | None = None
+        self._pending_epoch_rng: dict[str, Any] | None = None
+        self._pending_batch_rng: dict[str, Any] | None = None
+        self._resume_batch = 0
+        self._sigterm = False
+        self._previous_handler: Any = None
+        self._installed = False
+
+    # -- train begin: restore ------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        self._pending_epoch_rng = self._pending_batch_rng = self._epoch_rng = None
+        self._sigterm = False
+        self._warn_about_order()
+        self.restored = state = self._restore()
+        if state is not None:
+            loop = self.loop
+            loop.initial_epoch, loop.initial_batch, loop.global_step = state.epoch, state.batch, state.global_step
+            if state.batch > 0:
+                self._pending_epoch_rng = state.rng.get("epoch_begin")
+                self._pending_batch_rng = state.rng.get("current")
+                self._resume_batch = state.batch
+                # fit calls this after skipping the trained batches, before fetching the next one.
+                loop.resume_hook = self._restore_batch_rng
+            else:
+                self._pending_epoch_rng = state.rng.get("current")
+        self._install_sigterm()
+
+    def _restore(self) -> TrainingState | None:
+        candidates = [self.latest_path] + ([self.previous_path] if self.double_checkpoint else [])
+        errors: list[CheckpointError] = []
+        for path in candidates:
+            if not os.path.exists(path):
+                continue
+            if errors:
+                warnings.warn(f"BackupAndRestore: {errors[-1]}; falling back to {path!r}", stacklevel=3)
+            try:
+                return load_checkpoint(
+                    path, self.model, self.optimizer, scaler=self.loop.scaler, scheduler=self.scheduler,
+                    callbacks=self.loop.callbacks, restore_rng=False,
+                )
+            except CheckpointError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[-1]
+        return None
+
+    def _warn_about_order(self) -> None:
+        callbacks = list(self.loop.callbacks or [])
+        if self not in callbacks:
+            return
+        later = [
+            type(c).__name__ for c in callbacks[callbacks.index(self) + 1:]
+            if type(c).state_dict is not Callback.state_dict
+        ]
+        if later:
+            warnings.warn(
+                f"BackupAndRestore comes before {', '.join(later)}, whose state it saves before their epoch-end "
+                "update and restores before their on_train_begin; put BackupAndRestore last",
+                stacklevel=3,
+            )
+
+    # -- random states at the points where a resumed run must match -----------------------------------
+    def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        if self._pending_epoch_rng is not None:
+            restore_rng_state(self._pending_epoch_rng)
+            self._pending_epoch_rng = None
+        # The state the data loader's shuffle is drawn from, for backups in the middle of this epoch.
+        self._epoch_rng = capture_rng_state()
+
+    def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        # In fit the loop's resume_hook did this already; this serves hand-written loops.
+        if self._pending_batch_rng is not None and batch == self._resume_batch:
+            self._restore_batch_rng()
+
+    def _restore_batch_rng(self) -> None:
+        if self._pending_batch_rng is not None:
+            restore_rng_state(self._pending_batch_rng)
+            self._pending_batch_rng = None
+
+    # -- saving ------------------------------------------------------------------------------------
+    def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        saved = False
+        if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
+            self._save(self.loop.epoch, batch + 1)
+            saved = True
+        if self._sigterm:
+            if not saved:
+                self._save(self.loop.epoch, batch + 1)
+            self._exit_on_sigterm()
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        if self.save_freq == "epoch" or self._sigterm:
+            self._save(epoch + 1, 0)
+        if self._sigterm:
+            self._exit_on_sigterm()
+
+    def _save(self, epoch: int, batch: int) -> None:
+        rng = {"current": capture_rng_state()}
+        if batch > 0 and self._epoch_rng is not None:
+            rng["epoch_begin"] = self._epoch_rng
+        if is_main_process():
+            save_loop_state(
+                self, self.latest_path, epoch=epoch, batch=batch, rng=rng, scheduler=self.scheduler,
+                writer=self._writer, keep_previous_as=self.previous_path if self.double_checkpoint else None,
+            )
+
+    # -- SIGTERM -------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = True
+
+    def _install_sigterm(self) -> None:
+        if self.save_on_sigterm and not self._installed and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+
+    def _uninstall_sigterm(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._installed = False
+
+    def _exit_on_sigterm(self) -> None:
+        self._sigterm = False
+        self._writer.flush()
+        handler = self._previous_handler
+        self._uninstall_sigterm()
+        if callable(handler):
+            handler(signal.SIGTERM, None)
+        elif handler != signal.SIG_IGN:
+            raise SystemExit(128 + signal.SIGTERM)
+
+    # -- train end -----------------------------------------------------------------------------------
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        try:
+            self._writer.flush()
+        finally:
+            self._uninstall_sigterm()
+            if self.loop.exception is None and self.delete_checkpoint and is_main_process():
+                for path in (self.latest_path, self.previous_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.backup_dir)

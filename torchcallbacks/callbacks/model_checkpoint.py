@@ -1,0 +1,216 @@
+"""`ModelCheckpoint`: save the model (or the whole training state) to safetensors files during training."""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+from typing import Any
+
+from torchcallbacks.callbacks.callback import Logs
+from torchcallbacks.callbacks.monitor import MonitorCallback
+from torchcallbacks.checkpoint.files import save_loop_state, save_weights
+from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.distributed import is_main_process
+from torchcallbacks.logs import to_floats
+
+
+def check_save_freq(save_freq: Any, owner: str) -> str | int:
+    """`"epoch"` or a positive int (a bool is rejected: Keras takes `False` for 0 and saves every batch)."""
+    if save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1):
+        return save_freq
+    raise ValueError(f"{owner}: save_freq must be 'epoch' or an integer >= 1 (batches), received {save_freq!r}")
+
+
+def _template_fields(filepath: str) -> list[str]:
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(filepath))
+    except ValueError as exc:
+        raise ValueError(f"ModelCheckpoint: filepath {filepath!r} is not a valid template: {exc}") from exc
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        key = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not key or key.isdigit():
+            raise ValueError(
+                f"ModelCheckpoint: filepath {filepath!r} has a positional field '{{{name}}}'; name the "
+                "value, e.g. '{epoch:02d}' or '{val_loss:.3f}'"
+            )
+        names.append(key)
+    return names
+
+
+class ModelCheckpoint(MonitorCallback):
+    """Save the model's weights, or the whole training state, at some frequency.
+
+    Files are safetensors. With `save_weights_only=True` they hold the model's `state_dict()` and
+    `safetensors.torch.load_file` / `load_model` read them; otherwise they are training-state files
+    (model, optimizer(s), GradScaler, callback states, random states, counters; see
+    `torchcallbacks.load_checkpoint`) whose model part `torchcallbacks.load_weights` reads. Every write is
+    atomic: a crash never leaves a torn file behind.
+
+    Args:
+        filepath: a path ending in `.safetensors`, possibly a template formatted with `epoch` (1-based),
+            `batch` (1-based, batch-level saves only) and the logs' values, e.g.
+            `"ckpt/model-{epoch:02d}-{val_loss:.3f}.safetensors"`. A bad format spec fails here; a key
+            not in the logs fails at the first save, listing the keys available.
+        monitor: the logged value that decides "best" (`save_best_only`, `max_to_keep`, `best_path`).
+        verbose: 0 silent, 1 prints a message at each save (and each non-improvement).
+        save_best_only: only save when `monitor` improves on the best so far. If the value is missing from
+            the logs, warns (once) and saves anyway, as Keras 3 does.
+        save_weights_only: True saves the weights only; False the whole training state.
+        mode: "auto", "min" or "max": how `monitor` improves (see `MonitorCallback`).
+        save_freq: "epoch", or an integer: save every that many training batches (counted over the whole
+            run, so across epochs). The monitored value is then the running mean in the batch logs.
+        initial_value_threshold: the best value to beat at the start (with `save_best_only`).
+        max_to_keep: keep at most this many files written by this callback, deleting the others: the
+            best ones by `monitor` with `save_best_only`, else the newest ones. None keeps all.
+        async_save: write files on a background thread (the tensors are copied first on the training
+            thread; at most one write in flight; errors are raised at the next save or at train end).
+
+    Attributes:
+        best: the best monitored value so far.
+        best_path: the file saved at the best monitored value, or None.
+        last_path: the file saved last, or None.
+
+    Example:
+
+    ```python
+    ckpt = torchcallbacks.ModelCheckpoint(
+        "ckpt/model-{epoch:02d}-{val_loss:.3f}.safetensors", monitor="val_loss",
+        save_best_only=True, save_weights_only=True, max_to_keep=3)
+    torchcallbacks.fit(model, loader, optimizer=opt, loss=loss_fn, validation_data=val_loader,
+                       epochs=10, callbacks=[ckpt])
+    torchcallbacks.load_weights(model, ckpt.best_path)
+    ```
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike[str],
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        max_to_keep: int | None = None,
+        async_save: bool = False,
+    ) -> None:
+        super().__init__(monitor=monitor, mode=mode, baseline=initial_value_threshold)
+        if not isinstance(filepath, (str, os.PathLike)):
+            raise TypeError(f"ModelCheckpoint: filepath must be a str or path, received {type(filepath).__name__}")
+        filepath = os.fspath(filepath)
+        if not filepath.endswith(".safetensors"):
+            raise ValueError(f"ModelCheckpoint: filepath must end with '.safetensors', received {filepath!r}")
+        self.save_freq = check_save_freq(save_freq, "ModelCheckpoint")
+        fields = _template_fields(filepath)
+        if "batch" in fields and self.save_freq == "epoch":
+            raise ValueError(
+                f"ModelCheckpoint: filepath {filepath!r} uses {{batch}}, which exists only for batch-level "
+                "saves (an integer save_freq)"
+            )
+        try:
+            filepath.format(**{k: (1 if k in ("epoch", "batch") else 1.0) for k in fields})
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+            raise ValueError(f"ModelCheckpoint: filepath {filepath!r} is not a valid template: {exc}") from exc
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(f"ModelCheckpoint: max_to_keep must be None or an integer >= 1, received {max_to_keep!r}")
+        self.filepath = filepath
+        self.verbose = verbose
+        self.save_best_only = bool(save_best_only)
+        self.save_weights_only = bool(save_weights_only)
+        self.initial_value_threshold = initial_value_threshold
+        self.max_to_keep = max_to_keep
+        self.best_path: str | None = None
+        self.last_path: str | None = None
+        self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
+        self._writer = CheckpointWriter(async_save)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_path": self.best_path, "last_path": self.last_path, "kept": self._kept}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+        self.best_path = state_dict.get("best_path")
+        self.last_path = state_dict.get("last_path")
+        self._kept = [list(item) for item in state_dict.get("kept", [])]
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
+            self._save(self.loop.epoch, batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._save(epoch, None, logs)
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        self._writer.flush()
+
+    # -- saving -----------------------------------------------------------------------------------
+    def _format(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
+        values = dict(logs)
+        values["epoch"] = epoch + 1
+        if batch is not None:
+            values["batch"] = batch + 1
+        try:
+            return self.filepath.format(**values)
+        except KeyError as exc:
+            raise KeyError(
+                f"ModelCheckpoint: filepath {self.filepath!r} uses {{{exc.args[0]}}}, which is not in the logs; "
+                f"available keys: {', '.join(sorted(values))}"
+            ) from None
+
+    def _message(self, text: str) -> None:
+        if self.verbose > 0 and is_main_process():
+            print(text, flush=True)
+
+    def _save(self, epoch: int, batch: int | None, logs: Logs | None) -> None:
+        values = to_floats(logs)
+        filepath = self._format(epoch, batch, values)
+        where = f"\nEpoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
+        if self.save_best_only:
+            current = self.get_monitor_value(values)
+            if current is not None:
+                best = self.best if self.best is not None else float("inf" if self.resolved_mode == "min" else "-inf")
+                if not self._is_improvement(current, self.best):
+                    self._message(f"{where}: {self.monitor} did not improve from {best:.5f}")
+                    return
+                self._message(f"{where}: {self.monitor} improved from {best:.5f} to {current:.5f}, saving model to {filepath}")
+                self.best, self.best_path = current, filepath
+            else:
+                self._message(f"{where}: saving model to {filepath}")
+        else:
+            current = values.get(self.monitor)
+            if current is not None and self._is_improvement(current, self.best):
+                self.best, self.best_path = current, filepath
+            self._message(f"{where}: saving model to {filepath}")
+        self.last_path = filepath
+        stale = self._keep(filepath, current)
+        if self.best_path in stale:
+            self.best_path = None
+        if not is_main_process():
+            return
+        if self.save_weights_only:
+            save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
+        else:
+            done = (epoch, batch + 1) if batch is not None else (epoch + 1, 0)
+            save_loop_state(self, filepath, epoch=done[0], batch=done[1], writer=self._writer, delete_after=stale)
+
+    def _keep(self, filepath: str, value: float | None) -> list[str]:
+        """Record `filepath` and return the files to delete so that at most `max_to_keep` remain."""
+        self._kept = [item for item in self._kept if item[0] != filepath] + [[filepath, value]]
+        if self.max_to_keep is None or len(self._kept) <= self.max_to_keep:
+            return []
+        newest_first = list(reversed(range(len(self._kept))))
+        if self.save_best_only:
+            sign = 1.0 if self.resolved_mode == "min" else -1.0
+            newest_first.sort(key=lambda i: (self._kept[i][1] is None, sign * (self._kept[i][1] or 0.0)))
+        keep = set(newest_first[: self.max_to_keep]) | {len(self._kept) - 1}
+        stale = [item[0] for i, item in enumerate(self._kept) if i not in keep]
+        self._kept = [item for i, item in enumerate(self._kept) if i in keep]
+        return stale

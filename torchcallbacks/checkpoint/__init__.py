@@ -1,0 +1,28 @@
+"""The safetensors checkpoint format (weights-only and full training state) and the atomic / async
+writer. Loading never unpickles. See docs/checkpoint-format.md."""
+
+from torchcallbacks.checkpoint.files import (
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    load_weights,
+    read_file,
+    save_checkpoint,
+    save_weights,
+)
+from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.writer import CheckpointWriter, atomic_save_file
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWriter",
+    "TrainingState",
+    "atomic_save_file",
+    "capture_rng_state",
+    "load_checkpoint",
+    "load_weights",
+    "read_file",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_weights",
+]

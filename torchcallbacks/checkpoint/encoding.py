@@ -1,0 +1,78 @@
+"""Nested Python state (dicts, lists, numbers, tensors) <-> a JSON document plus named tensors.
+
+This is how every non-model part of a training state is stored without pickle: optimizer, scheduler
+and GradScaler `state_dict()`s and callback states are walked once; each tensor found is stored as a
+safetensors tensor named after its path (e.g. `optimizer/0/state/3/exp_avg`) and replaced in the JSON
+by `{"__tensor__": name}`. Values that JSON cannot hold exactly are tagged (see docs/checkpoint-format.md):
+
+- `{"__tensor__": name}`: the tensor `name` of the file;
+- `{"__tuple__": [...]}`: a tuple (e.g. Adam's `betas`);
+- `{"__dict__": [[key, value], ...]}`: a dict whose keys are not all strings (e.g. optimizer `state`,
+  keyed by parameter index);
+- `{"__float__": "nan" | "inf" | "-inf"}`: a non-finite float (strict JSON has none).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+_TAGS = ("__tensor__", "__tuple__", "__dict__", "__float__")
+
+
+def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON-able data; tensors go into `tensors` under names that start with `path`."""
+    if isinstance(value, torch.Tensor):
+        if path in tensors:
+            raise ValueError(f"two values of the state would be stored as tensor {path!r}")
+        tensors[path] = value
+        return {"__tensor__": path}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return float(value)
+        return {"__float__": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+        return encode(value.item(), path, tensors)  # numpy scalars
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) for k in value) and not any(tag in value for tag in _TAGS):
+            return {k: encode(v, f"{path}/{k}", tensors) for k, v in value.items()}
+        return {
+            "__dict__": [[encode(k, f"{path}/key{i}", tensors), encode(v, f"{path}/{k}", tensors)]
+                         for i, (k, v) in enumerate(value.items())]
+        }
+    raise TypeError(
+        f"cannot store {path!r} of type {type(value).__name__} in a checkpoint: expected tensors, numbers, "
+        "strings, None, lists, tuples or dicts"
+    )
+
+
+def decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of `encode`: tagged values become tensors, tuples, dicts and floats again."""
+    if isinstance(value, list):
+        return [decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "__tensor__":
+            if inner not in tensors:
+                raise KeyError(f"the state refers to tensor {inner!r}, which the file does not have")
+            return tensors[inner]
+        if tag == "__tuple__":
+            return tuple(decode(v, tensors) for v in inner)
+        if tag == "__dict__":
+            return {decode(k, tensors): decode(v, tensors) for k, v in inner}
+        if tag == "__float__":
+            return float(inner)
+    return {k: decode(v, tensors) for k, v in value.items()}
