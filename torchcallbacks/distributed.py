@@ -75,3 +75,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def print_main(message: str) -> None:
+    """Print `message` on the main process only (verbose messages of callbacks)."""
+    if is_main_process():
+        print(message, flush=True)
