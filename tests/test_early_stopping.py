@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchcallbacks
+from tests.conftest import make_model, make_regression, run_epochs, train_epoch_by_hand
 from torchcallbacks import CallbackList, EarlyStopping, LambdaCallback
-from tests.conftest import make_model, make_regression, run_epochs
 
 # Keras' test_early_stopping_patience: these losses stop at epoch max(patience, 1) + 2.
 KERAS_LOSSES = [10.0, 9.0, 8.0, 9.0, 8.9, 8.8, 8.7, 8.6, 8.5]
@@ -201,31 +201,37 @@ def test_snapshot_of_a_cuda_model_lives_on_the_cpu() -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
 
-def test_restore_in_fit_at_natural_end_and_after_an_exception() -> None:
-    for failing in (False, True):
-        model = make_model()
-        seen: list[dict[str, torch.Tensor]] = []
-        losses = iter([0.3, 0.1, 0.2, 0.25])
+def fit_with_scores(stopper: EarlyStopping, model: torch.nn.Module, seen: list, failing: bool) -> None:
+    """fit where a callback before the stopper logs `val_score` 0.3, 0.1, 0.2, 0.25 (best: epoch 1)
+    and appends the weights at each epoch end to `seen`; with `failing`, it raises at epoch 2."""
+    scores = iter([0.3, 0.1, 0.2, 0.25])
 
-        def fake_val(epoch: int, logs: dict) -> None:
-            logs["val_score"] = next(losses)
-            seen.append({k: v.clone() for k, v in model.state_dict().items()})
-            if failing and epoch == 2:
-                raise RuntimeError("boom")
+    def score(epoch: int, logs: dict) -> None:
+        logs["val_score"] = next(scores)
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        if failing and epoch == 2:
+            raise RuntimeError("boom")
 
-        stopper = EarlyStopping(monitor="val_score", mode="min", patience=10, restore_best_weights=True)
-        call = lambda: torchcallbacks.fit(  # noqa: E731
-            model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.05), loss=F.mse_loss,
-            epochs=4, verbose=0, callbacks=[LambdaCallback(on_epoch_end=fake_val), stopper],
-        )
-        if failing:
-            with pytest.raises(RuntimeError, match="boom"):
-                call()
-        else:
-            call()
-        assert stopper.best_epoch == 1
-        for key, value in model.state_dict().items():
-            assert torch.equal(value, seen[1][key])
+    torchcallbacks.fit(
+        model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.05), loss=F.mse_loss,
+        epochs=4, verbose=0, callbacks=[LambdaCallback(on_epoch_end=score), stopper],
+    )
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_restore_in_fit_at_natural_end_and_after_an_exception(failing: bool) -> None:
+    stopper = EarlyStopping(monitor="val_score", mode="min", patience=10, restore_best_weights=True)
+    model = make_model()
+    seen: list[dict[str, torch.Tensor]] = []
+    if failing:
+        with pytest.raises(RuntimeError, match="boom"):
+            fit_with_scores(stopper, model, seen, failing)
+    else:
+        fit_with_scores(stopper, model, seen, failing)
+    assert stopper.best_epoch == 1
+    assert len(seen) == (3 if failing else 4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, seen[1][key])
 
 
 def test_state_is_reset_for_a_new_run() -> None:
@@ -282,16 +288,10 @@ def test_hand_written_training_loop_with_real_training() -> None:
     epochs = 0
     for epoch in range(50):
         callbacks.on_epoch_begin(epoch)
-        for i, (x, y) in enumerate(loader):
-            callbacks.on_train_batch_begin(i)
-            loss = F.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            callbacks.on_train_batch_end(i, {"loss": loss.detach()})
+        loss = train_epoch_by_hand(callbacks, model, optimizer, loader)
         # a validation value that gets worse from epoch 3 on: the stop must come at epoch 3
         val_loss = torch.tensor(1.0 / (epoch + 1) if epoch < 3 else 1.0)
-        callbacks.on_epoch_end(epoch, {"loss": loss.detach(), "val_loss": val_loss})
+        callbacks.on_epoch_end(epoch, {"loss": loss, "val_loss": val_loss})
         epochs += 1
         if callbacks.stop_training:
             break

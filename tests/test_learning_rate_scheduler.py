@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.optim import lr_scheduler
 
 import torchcallbacks
+from tests.conftest import make_model, make_regression, run_epochs, train_epoch_by_hand
 from torchcallbacks import Callback, CallbackList, LambdaCallback, LearningRateScheduler
-from tests.conftest import make_model, make_regression, run_epochs
 
 
 def two_groups(lrs: tuple[float, ...] = (0.1, 0.01)) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -115,7 +115,7 @@ def test_type_error_inside_a_two_argument_schedule_propagates() -> None:
 
     model, optimizer = two_groups()
     callbacks = CallbackList([LearningRateScheduler(schedule)], model=model, optimizer=optimizer)
-    with pytest.raises(TypeError, match="can't multiply sequence|unsupported operand"):
+    with pytest.raises(TypeError, match=r"can't multiply sequence|unsupported operand"):
         run_epochs(callbacks, [1.0])
     assert calls == [0]  # called once, with two arguments, never retried as schedule(epoch)
 
@@ -368,20 +368,14 @@ def test_verbose_message(capsys: pytest.CaptureFixture[str]) -> None:
 def test_hand_written_loop() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    callbacks = CallbackList([LearningRateScheduler(lambda step: 0.01 * (step + 1), per_batch=True)],
-                             model=model, optimizer=optimizer)
-    seen = []
+    seen: list[float] = []
+    record = LambdaCallback(on_train_batch_begin=lambda batch, logs: seen.append(optimizer.param_groups[0]["lr"]))
+    scheduler = LearningRateScheduler(lambda step: 0.01 * (step + 1), per_batch=True)
+    callbacks = CallbackList([scheduler, record], model=model, optimizer=optimizer)
     callbacks.on_train_begin()
     for epoch in range(2):
         callbacks.on_epoch_begin(epoch)
-        for i, (x, y) in enumerate(make_regression()):
-            callbacks.on_train_batch_begin(i)
-            seen.append(optimizer.param_groups[0]["lr"])
-            loss = F.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            callbacks.on_train_batch_end(i, {"loss": loss.detach()})
+        train_epoch_by_hand(callbacks, model, optimizer, make_regression())
         logs: dict[str, Any] = {"loss": 0.0}
         callbacks.on_epoch_end(epoch, logs)
         assert logs["learning_rate"] == seen[-1]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchcallbacks
-from torchcallbacks.callbacks.monitor import MonitorCallback, check_count, check_number, infer_mode
 from tests.conftest import make_model, make_regression
+from torchcallbacks.callbacks.monitor import MonitorCallback, check_count, check_number, infer_mode
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchcallbacks
-from torchcallbacks import CallbackList, LambdaCallback, ReduceLROnPlateau
 from tests.conftest import make_model, make_regression, run_epochs
+from torchcallbacks import CallbackList, LambdaCallback, ReduceLROnPlateau
 
 
 def fit_with(reduce_lr: ReduceLROnPlateau, epochs: int, lr: float = 0.1) -> tuple[torch.optim.Optimizer, dict]:
@@ -72,7 +72,7 @@ def lrs_of(optimizer: torch.optim.Optimizer) -> list[float]:
 @pytest.mark.parametrize(("patience", "reduced_after"), [(0, 1), (1, 1), (3, 3)])
 def test_patience(patience: int, reduced_after: int) -> None:
     reduce_lr = ReduceLROnPlateau(monitor="loss", patience=patience, factor=0.5)
-    callbacks, optimizer = plateau_list(reduce_lr)
+    callbacks, _ = plateau_list(reduce_lr)
     seen: list[float] = []
     callbacks.append(LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs["learning_rate"])))
     run_epochs(callbacks, [1.0] * (reduced_after + 2))
@@ -122,7 +122,7 @@ def test_at_min_lr_nothing_changes_and_no_cooldown_starts() -> None:
 
 def test_cooldown_holds_wait_at_zero() -> None:
     reduce_lr = ReduceLROnPlateau(monitor="loss", patience=1, factor=0.5, cooldown=2)
-    callbacks, optimizer = plateau_list(reduce_lr)
+    callbacks, _ = plateau_list(reduce_lr)
     seen: list[float] = []
     callbacks.append(LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs["learning_rate"])))
     run_epochs(callbacks, [1.0] * 7)
@@ -195,7 +195,7 @@ def test_state_dict_round_trip_continues_identically(load_before_train_begin: bo
 
 def test_hand_written_loop_needs_an_optimizer() -> None:
     callbacks = CallbackList([ReduceLROnPlateau(monitor="loss")], model=make_model())
-    with pytest.raises(TypeError, match="pass it to fit\\(optimizer=...\\) or to CallbackList"):
+    with pytest.raises(TypeError, match=r"pass it to fit\(optimizer=\.\.\.\) or to CallbackList"):
         run_epochs(callbacks, [1.0])
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchcallbacks
+from tests.conftest import make_model, make_regression, train_epoch_by_hand
 from torchcallbacks import CallbackList, LambdaCallback, SwapEMAWeights
-from tests.conftest import make_model, make_regression
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -176,13 +176,7 @@ def test_hand_written_loop() -> None:
     callbacks.on_train_begin()
     for epoch in range(2):
         callbacks.on_epoch_begin(epoch)
-        for i, (x, y) in enumerate(loader):
-            callbacks.on_train_batch_begin(i)
-            loss = F.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            callbacks.on_train_batch_end(i, {"loss": loss.detach()})
+        loss = train_epoch_by_hand(callbacks, model, optimizer, loader)
         raw, averaged = weights(model), ema_weights(ema)
         callbacks.on_test_begin()
         assert_same(weights(model), averaged)

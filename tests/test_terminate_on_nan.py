@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks
-from torchcallbacks import CallbackList, LambdaCallback, NonFiniteLossError, TerminateOnNaN
 from tests.conftest import make_model
+from torchcallbacks import CallbackList, LambdaCallback, NonFiniteLossError, TerminateOnNaN
 
 
 def loader_with_bad_batch(bad_batch: int, value: float = float("nan")) -> DataLoader:
