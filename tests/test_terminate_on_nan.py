@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,3 +121,17 @@ def test_check_every_must_be_positive() -> None:
         TerminateOnNaN(check_every=0)
     with pytest.raises(ValueError, match="check_every"):
         TerminateOnNaN(check_every=1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["stop", "raise"])
+def test_every_process_stops_at_the_same_batch_under_torchrun(mode: str, tmp_path: Path) -> None:
+    worker = Path(__file__).parent / "distributed" / "terminate_on_nan_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), mode],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    verb = "raised" if mode == "raise" else "stopped"
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank 0 {verb} after batch 2", f"rank 1 {verb} after batch 2"]

@@ -6,7 +6,7 @@ import math
 
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.monitor import check_count
-from torchcallbacks.distributed import print_main
+from torchcallbacks.distributed import any_process, print_main
 from torchcallbacks.logs import to_float
 
 
@@ -24,7 +24,8 @@ class TerminateOnNaN(Callback):
     Cost: reading a loss that lives on an accelerator waits for the device (a host-device
     synchronisation). This callback is the one that does so per batch by design; pass
     `check_every=n` to read the loss only every n-th batch (n batches may then run after the first
-    NaN before training stops). With a hand-written loop that passes each batch's own loss, a NaN
+    NaN before training stops). Under `torch.distributed` the decision is all-reduced at each check,
+    so every process stops (or raises) at the same batch. With a hand-written loop that passes each batch's own loss, a NaN
     in a batch that is not checked is missed unless the loss you pass is a running value.
 
     Args:
@@ -49,21 +50,22 @@ class TerminateOnNaN(Callback):
         self.check_every = check_every
 
     def _check(self, loss: object, where: str) -> None:
-        if loss is None:
-            return
-        value = to_float(loss)
-        if math.isfinite(value):
+        value = math.nan if loss is None else to_float(loss)
+        invalid = loss is not None and not math.isfinite(value)
+        # Per-batch losses differ between processes: stop everywhere when any process sees one.
+        if not any_process(invalid):
             return
         message = f"{where}: invalid loss {value}, terminating training"
+        if not invalid:
+            message = f"{where}: invalid loss in another process, terminating training"
         if self.raise_error:
             raise NonFiniteLossError(message)
         print_main(message)
         setattr(self.model, "stop_training", True)  # noqa: B010  (the Keras idiom; typed setattr of nn.Module)
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if logs is not None and self.loop.global_step % self.check_every == 0:
-            self._check(logs.get("loss"), f"Batch {batch}")
+        if self.loop.global_step % self.check_every == 0:
+            self._check((logs or {}).get("loss"), f"Batch {batch}")
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        if logs is not None:
-            self._check(logs.get("loss"), f"Epoch {epoch + 1}")
+        self._check((logs or {}).get("loss"), f"Epoch {epoch + 1}")

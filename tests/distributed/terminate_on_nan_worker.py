@@ -1,0 +1,41 @@
+"""Run under torchrun with 2 processes: only rank 1 sees a NaN loss (at batch 2); both must stop there.
+
+Prints one line per rank: `rank R stopped after batch B`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from torchcallbacks import CallbackList, NonFiniteLossError, TerminateOnNaN
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    raise_error = sys.argv[1:] == ["raise"]
+    callbacks = CallbackList([TerminateOnNaN(raise_error=raise_error)], model=torch.nn.Linear(2, 1))
+    callbacks.on_train_begin()
+    callbacks.on_epoch_begin(0)
+    last = -1
+    try:
+        for batch in range(6):
+            callbacks.on_train_batch_begin(batch)
+            loss = torch.tensor(float("nan") if rank == 1 and batch == 2 else 1.0)
+            last = batch
+            callbacks.on_train_batch_end(batch, {"loss": loss})
+            if callbacks.stop_training:
+                break
+    except NonFiniteLossError:
+        print(f"rank {rank} raised after batch {last}", flush=True)
+    else:
+        print(f"rank {rank} stopped after batch {last}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
