@@ -1,6 +1,6 @@
 """Run under torchrun with 2 processes: only rank 1 sees a NaN loss (at batch 2); both must stop there.
 
-Prints one line per rank: `rank R stopped after batch B`.
+Each rank writes `rank R stopped after batch B` (or `raised`) to `rank_R.txt` in the working directory.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ def main() -> None:
             callbacks.on_train_batch_end(batch, {"loss": loss})
             if callbacks.stop_training:
                 break
+        verb = "stopped"
     except NonFiniteLossError:
-        print(f"rank {rank} raised after batch {last}", flush=True)
-    else:
-        print(f"rank {rank} stopped after batch {last}", flush=True)
+        verb = "raised"
+    with open(f"rank_{rank}.txt", "w") as file:
+        file.write(f"rank {rank} {verb} after batch {last}")
     dist.barrier()
     dist.destroy_process_group()
 
