@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, make_regression, run_epochs, train_epoch_by_hand
 
 import torchcallbacks
-from tests.conftest import make_model, make_regression, run_epochs, train_epoch_by_hand
 from torchcallbacks import CallbackList, EarlyStopping, LambdaCallback
 
 # Keras' test_early_stopping_patience: these losses stop at epoch max(patience, 1) + 2.

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, make_regression, run_epochs, train_epoch_by_hand
 from torch.optim import lr_scheduler
 
 import torchcallbacks
-from tests.conftest import make_model, make_regression, run_epochs, train_epoch_by_hand
 from torchcallbacks import Callback, CallbackList, LambdaCallback, LearningRateScheduler
 
 

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, make_regression
 
 import torchcallbacks
-from tests.conftest import make_model, make_regression
 from torchcallbacks.callbacks.monitor import MonitorCallback, check_count, check_number, infer_mode
 
 

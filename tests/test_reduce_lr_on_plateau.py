@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, make_regression, run_epochs
 
 import torchcallbacks
-from tests.conftest import make_model, make_regression, run_epochs
 from torchcallbacks import CallbackList, LambdaCallback, ReduceLROnPlateau
 
 

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, make_regression, train_epoch_by_hand
 
 import torchcallbacks
-from tests.conftest import make_model, make_regression, train_epoch_by_hand
 from torchcallbacks import CallbackList, LambdaCallback, SwapEMAWeights
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks
-from tests.conftest import make_model
 from torchcallbacks import CallbackList, LambdaCallback, NonFiniteLossError, TerminateOnNaN
 
 

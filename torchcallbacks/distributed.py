@@ -77,10 +77,10 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+@main_process_only
 def print_main(message: str) -> None:
     """Print `message` on the main process only (verbose messages of callbacks)."""
-    if is_main_process():
-        print(message, flush=True)
+    print(message, flush=True)
 
 
 def any_process(flag: bool) -> bool:
