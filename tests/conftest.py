@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,3 +34,41 @@ def loader() -> DataLoader:
 @pytest.fixture
 def model() -> torch.nn.Module:
     return make_model()
+
+
+def run_epochs(
+    callbacks: Any,
+    values: Sequence[float],
+    monitor: str = "loss",
+    on_epoch: Callable[[int], None] | None = None,
+    train_end: bool = True,
+) -> int:
+    """Drive a `CallbackList` like a hand-written loop whose epoch logs are `{monitor: value}`, one
+    epoch per value, stopping when a callback asks to. `on_epoch(epoch)` runs before each epoch's end
+    hooks (e.g. to set the weights). Returns the number of epochs run."""
+    callbacks.on_train_begin()
+    epochs = 0
+    for epoch, value in enumerate(values):
+        callbacks.on_epoch_begin(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch)
+        callbacks.on_epoch_end(epoch, {monitor: value})
+        epochs += 1
+        if callbacks.stop_training:
+            break
+    if train_end:
+        callbacks.on_train_end()
+    return epochs
+
+
+def train_epoch_by_hand(callbacks: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader) -> torch.Tensor:
+    """One epoch of a hand-written loop calling the batch hooks of `callbacks`; returns the last loss."""
+    loss = torch.zeros(())
+    for i, (x, y) in enumerate(loader):
+        callbacks.on_train_batch_begin(i)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        callbacks.on_train_batch_end(i, {"loss": loss.detach()})
+    return loss.detach()

@@ -75,3 +75,25 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+@main_process_only
+def print_main(message: str) -> None:
+    """Print `message` on the main process only (verbose messages of callbacks)."""
+    print(message, flush=True)
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is True on any process (an all-reduce in a process group, else `flag`).
+
+    Every process must call it at the same point, so a decision taken on per-process values (e.g. a
+    per-batch loss) is the same everywhere and no process waits in a collective another one skipped.
+    """
+    if not is_distributed():
+        return flag
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

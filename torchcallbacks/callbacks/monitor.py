@@ -6,6 +6,7 @@ resolve `mode="auto"` and compare values by the same rules.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -13,15 +14,33 @@ from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.logs import to_float
 
 #: Metric names (after removing a `val_` prefix) whose better values are higher. A name also matches
-#: when it ends with one of them after an underscore, e.g. `top5_accuracy`, `macro_f1`.
+#: when it ends with one of them after an underscore, e.g. `top5_accuracy`, `macro_f1`, and with a
+#: `_score` suffix (`f1_score`, `r2_score`).
 HIGHER_IS_BETTER = ("accuracy", "acc", "auc", "f1", "precision", "recall", "iou", "dice", "r2")
 #: Metric names whose better values are lower; `loss` and anything ending in `_loss` too.
-LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "msle", "mape", "error", "perplexity")
+LOWER_IS_BETTER = (
+    "loss", "mse", "mae", "rmse", "msle", "mape", "error", "perplexity", "hinge", "crossentropy",
+)
 
 MODES = ("auto", "min", "max")
 
 
+def check_count(value: object, name: str) -> int:
+    """`value` when it is an integer >= 0 (not a bool), else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, received {value!r}")
+    return value
+
+
+def check_number(value: object, name: str) -> float:
+    """`value` as a float when it is a real number (not a bool), else a TypeError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, received {type(value).__name__} ({value!r})")
+    return float(value)
+
+
 def _matches(name: str, names: tuple[str, ...]) -> bool:
+    name = name.removesuffix("_score") or name
     return any(name == n or name.endswith("_" + n) for n in names)
 
 
@@ -84,12 +103,13 @@ class MonitorCallback(Callback):
             mode = "auto"
         self.monitor = monitor
         self.mode = mode
-        self.baseline = baseline
-        self.best: float | None = baseline
-        self.min_delta = abs(float(min_delta))
+        self.baseline = None if baseline is None else check_number(baseline, "baseline")
+        self.best: float | None = self.baseline
+        self.min_delta = abs(check_number(min_delta, "min_delta"))
         self.monitor_op: Callable[[float, float], bool] | None = None
         self._resolved_mode = mode
         self._warned_missing = False
+        self._state_loaded = False
 
     def _set_monitor_op(self) -> None:
         mode = self.mode
@@ -136,7 +156,22 @@ class MonitorCallback(Callback):
             return None
         return to_float(value)
 
+    def _mark_state_loaded(self) -> None:
+        """Call from `load_state_dict`: the next `on_train_begin` keeps the loaded state (a resume)
+        instead of starting fresh, whichever order the restoring callback and this one run in."""
+        self._state_loaded = True
+
+    def _take_state_loaded(self) -> bool:
+        """True (once) when a state was loaded since the last `on_train_begin`; call from
+        `on_train_begin` to decide between resuming and resetting for a new run."""
+        loaded, self._state_loaded = self._state_loaded, False
+        return loaded
+
     # The "warned once" flag is per run.
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self.reset_monitor()
 
+    # A state loaded during this run (by a restoring callback that runs after this one) must not
+    # carry the "resume" mark into the next run.
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        self._state_loaded = False
