@@ -111,6 +111,10 @@ class CallbackList(Callback):
         self._add(callback)
         self._rebuild_dispatch()
 
+    def has_hook(self, hook: str) -> bool:
+        """Whether any callback in the list does something in `hook` (so its logs are worth building)."""
+        return bool(self._dispatch[hook])
+
     def __iter__(self) -> Iterator[Callback]:
         return iter(self.callbacks)
 

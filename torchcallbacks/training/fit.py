@@ -177,11 +177,12 @@ def fit(
             model.train()
             callback_list.on_epoch_begin(epoch)
             seen = 0
+            batch_logs = callback_list.has_hook("on_train_batch_end")
             for index, batch in train_data.epoch(skip, loop.resume_hook):
                 callback_list.on_train_batch_begin(index)
                 stepper.train(batch)
                 seen += 1
-                callback_list.on_train_batch_end(index, tracker.batch_logs())
+                callback_list.on_train_batch_end(index, tracker.batch_logs() if batch_logs else None)
                 if callback_list.stop_training:
                     break
             if seen == 0 and not skip:
