@@ -1,7 +1,10 @@
 """Quickstart: classify handwritten digits with `torchcallbacks.fit`, Keras style.
 
 Uses scikit-learn's bundled digits data set (1,797 8x8 images, no download), trains a small MLP with
-validation in a few seconds on two CPU cores, and writes TensorBoard logs and a CSV of the epochs.
+validation in seconds on two CPU cores. Along the way it shows the callbacks a Keras user expects:
+a one-cycle learning-rate schedule stepped per batch, an exponential moving average of the weights
+used for validation and testing, early stopping that restores the best weights, the best model
+saved as safetensors, a backup to resume from if the process is killed, TensorBoard logs and a CSV.
 
     pip install -e '.[examples]' && python examples/quickstart.py [--out runs/quickstart]
 """
@@ -53,6 +56,10 @@ def main() -> None:
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
+    ema = tc.SwapEMAWeights(decay=0.99)  # first: validation, evaluate and predict use the averaged weights
+    checkpoint = tc.ModelCheckpoint(args.out / "best-{epoch:02d}-{val_accuracy:.4f}.safetensors",
+                                    monitor="val_accuracy", save_best_only=True, save_weights_only=True,
+                                    max_to_keep=1)
     history = tc.fit(
         model,
         train_loader,
@@ -63,15 +70,24 @@ def main() -> None:
         epochs=args.epochs,
         verbose=2,
         callbacks=[
+            ema,
+            tc.LearningRateScheduler(
+                torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=args.epochs * len(train_loader)),
+                per_batch=True,
+            ),
+            tc.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True),
+            tc.TerminateOnNaN(check_every=10),
+            checkpoint,
             tc.TensorBoard(log_dir=args.out / "logs", histogram_freq=5),
             tc.CSVLogger(args.out / "training.csv"),
+            tc.BackupAndRestore(args.out / "backup"),  # kill the script and rerun it: it resumes exactly
         ],
     )
 
     results = tc.evaluate(model, test_loader, loss=F.cross_entropy, metrics={"accuracy": accuracy},
-                          return_dict=True, verbose=0)
-    predictions = tc.predict(model, test_loader, verbose=0).argmax(dim=1)
-    print(f"best val_accuracy: {max(history.history['val_accuracy']):.4f}")
+                          return_dict=True, verbose=0, callbacks=[ema])
+    predictions = tc.predict(model, test_loader, verbose=0, callbacks=[ema]).argmax(dim=1)
+    print(f"best val_accuracy: {max(history.history['val_accuracy']):.4f} (saved to {checkpoint.best_path})")
     print(f"test loss: {results['loss']:.4f}  test accuracy: {results['accuracy']:.4f}")
     print(f"first test predictions: {predictions[:10].tolist()}")
     print(f"TensorBoard: tensorboard --logdir {args.out / 'logs'}   CSV: {args.out / 'training.csv'}")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +25,6 @@ def test_quickstart_trains_a_good_digits_classifier(tmp_path) -> None:
     assert accuracy > 0.9, result.stdout
     assert (tmp_path / "training.csv").read_text().count("\n") == 9  # header + 8 epochs
     assert any((tmp_path / "logs" / "train").iterdir())
+    (best,) = tmp_path.glob("best-*.safetensors")  # max_to_keep=1
+    assert set(load_file(best)) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    assert not any((tmp_path / "backup").glob("*.safetensors"))  # deleted after a normal finish
