@@ -87,7 +87,8 @@ def main(workdir: str, save_freq: str | int) -> None:
         json.dump({
             "best": ckpt.best,
             "best_path": os.path.basename(ckpt.best_path or ""),
-            "kept": sorted(os.listdir(os.path.join(workdir, "ckpt"))),
+            # A write killed mid-way leaves a hidden temp file, removed only at the next save there.
+            "kept": sorted(n for n in os.listdir(os.path.join(workdir, "ckpt")) if not n.startswith(".")),
             "patience": patience.state_dict(),
             "resumed": backup.restored is not None,
         }, f)

@@ -79,13 +79,15 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- across processes --------------------------------------------------------------------------------
 def test_sigkilled_run_resumes_to_identical_weights(tmp_path: Path, baseline: Path) -> None:
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ.get("RESUME_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
-    targets = sorted(rng.sample(range(2, TOTAL_STEPS - 2), 3))
+    # Kills land at least two epochs before the end: a run that reaches its end deletes its backup
+    # (delete_checkpoint) and could be killed between that and its exit.
+    targets = sorted(rng.sample(range(2, TOTAL_STEPS - 16), 3))
     targets[-1] = max(targets[-1], 6)  # at least one kill after a backup exists, so a run resumes
     killed = 0
     for target in targets:
-        code = _run_until(_start(tmp_path, 3), target, signal.SIGKILL, rng.uniform(0.0, 0.03))
+        code = _run_until(_start(tmp_path, 3), target, signal.SIGKILL, rng.uniform(0.0, 0.01))
         if code == 0:  # finished before the kill landed
             break
         assert code == -signal.SIGKILL, f"seed {seed}"

@@ -158,3 +158,17 @@ def test_keep_previous_and_delete_after(tmp_path: Path) -> None:
     assert float(load_file(path)["v"]) == 2.0
     assert float(load_file(previous)["v"]) == 1.0
     assert not stale.exists()
+
+
+def test_temp_files_of_dead_writers_are_removed_at_the_next_save(tmp_path) -> None:
+    """A writer SIGKILLed mid-write leaves `.<name>.<pid>.<hex>.tmp`; the next save in that directory
+    removes it, but never a temp file of a process that is still running."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".best-01.safetensors.{dead.pid}.0123abcd.tmp"
+    alive = tmp_path / f".best-02.safetensors.{os.getppid()}.0123abcd.tmp"
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (stale, alive, unrelated):
+        path.write_bytes(b"partial")
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "best-03.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, unrelated.name, "best-03.safetensors"])

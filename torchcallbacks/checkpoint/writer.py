@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 import sys
 import threading
@@ -124,6 +125,26 @@ def atomic_save_file(
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+    _remove_stale_temp_files(directory)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _remove_stale_temp_files(directory: str) -> None:
+    """Remove temp files of this writer left in `directory` by processes that died mid-write (a
+    SIGKILL, a power cut). Files of processes still running are left alone: they may be writing."""
+    for name in os.listdir(directory):
+        match = _TEMP_NAME.match(name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+        except OSError:  # exists, but not ours to signal
+            continue
 
 
 def _remove_files(paths: Iterable[str]) -> None:
