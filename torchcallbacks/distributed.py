@@ -228,9 +228,11 @@ def all_gather_json(value: Any) -> list[Any]:
 
 
 def set_sampler_epoch(loader: Any, epoch: int) -> None:
-    """Call `set_epoch(epoch)` on the loader's sampler (`loader.sampler` or `loader.batch_sampler.sampler`)
-    when it has one, as `DistributedSampler` needs each epoch to draw a new shuffle order."""
-    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+    """Call `set_epoch(epoch)` on the loader's sampler when it has one (`loader.sampler`, else
+    `loader.batch_sampler`, else `loader.batch_sampler.sampler`), as a `DistributedSampler` needs it
+    each epoch to draw a new shuffle order (without it every epoch repeats epoch 0's order)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
