@@ -87,7 +87,8 @@ def main(workdir: str, save_freq: str | int) -> None:
         json.dump({
             "best": ckpt.best,
             "best_path": os.path.basename(ckpt.best_path or ""),
-            "kept": sorted(os.listdir(os.path.join(workdir, "ckpt"))),
+            # a SIGKILL during a save can leave the writer's hidden temp file behind: not a kept file
+            "kept": sorted(f for f in os.listdir(os.path.join(workdir, "ckpt")) if not f.startswith(".")),
             "patience": patience.state_dict(),
             "resumed": backup.restored is not None,
         }, f)
