@@ -8,7 +8,8 @@ of rules (rank 0 writes, every rank takes part in reductions).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -83,6 +84,29 @@ def print_main(message: str) -> None:
     print(message, flush=True)
 
 
+def collective_device() -> torch.device:
+    """Where the tensors of a collective must live: the current CUDA device with NCCL, else the CPU.
+
+    (NCCL only reduces CUDA tensors; gloo reduces CPU tensors. The NCCL path is written for GPUs but
+    is not exercised by the CPU test suite.)
+    """
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing outside a process group).
+
+    Used after a file is saved on the main process, before any process may read it.
+    """
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
 def any_process(flag: bool) -> bool:
     """True when `flag` is True on any process (an all-reduce in a process group, else `flag`).
 
@@ -91,9 +115,125 @@ def any_process(flag: bool) -> bool:
     """
     if not is_distributed():
         return flag
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    value = torch.tensor(1.0 if flag else 0.0, device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def reduce_weighted_means(
+    sums: Mapping[str, tuple[torch.Tensor | float | None, float]],
+) -> dict[str, torch.Tensor]:
+    """Means over all processes' samples from per-process `(weighted sum, total weight)` pairs.
+
+    The sums and weights of every name are added up across processes in ONE all-reduce (not one per
+    value), then divided: the mean over all samples, not a mean of per-process means. Outside a
+    process group this is just `sum / weight`. Names whose total weight is 0 are left out. Every
+    process must call it at the same point with the same names in the same order.
+
+    Returns 0-d float64 tensors (float32 on MPS) on the device of the first sum given.
+    """
+    if not sums:
+        return {}
+    first = next((s for s, _ in sums.values() if isinstance(s, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    parts = [
+        s.detach().reshape(()).to(device, dtype) if isinstance(s, torch.Tensor)
+        else torch.tensor(float(s or 0.0), dtype=dtype, device=device)
+        for s, _ in sums.values()
+    ]
+    weights = torch.tensor([float(w) for _, w in sums.values()], dtype=dtype, device=device)
+    packed = torch.cat([torch.stack(parts), weights])
+    totals = [float(w) for _, w in sums.values()]
+    if is_distributed():
+        reduced = packed.to(collective_device(), torch.float64)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        totals = reduced[len(parts):].tolist()  # the weights: one small copy, needed to drop empty names
+        packed = reduced.to(device, dtype)
+    n = len(parts)
+    return {name: packed[i] / packed[n + i] for i, name in enumerate(sums) if totals[i] > 0}
+
+
+def mean_over_processes(values: Mapping[str, float]) -> dict[str, float]:
+    """The plain mean of each number over all processes (one all-reduce for all of them).
+
+    For values that are already means over equally many samples per process (e.g. batch logs under a
+    `DistributedSampler`). Values that are not numbers are kept as they are. Outside a process group
+    the values come back unchanged. Every process must
+    call it at the same point with the same keys.
+    """
+    out = dict(values)
+    keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not is_distributed() or not keys:
+        return out
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    out.update(zip(keys, (packed / get_world_size()).tolist(), strict=True))
+    return out
+
+
+def reduce_logs(logs: Mapping[str, Any], weight: float = 1.0) -> dict[str, float]:
+    """Epoch logs averaged over processes, weighting each process's values by `weight` (its number of
+    samples), in one all-reduce: for hand-written loops, so that every process's callbacks see the same
+    numbers (`fit` reduces its logs itself). Tensor values are read once (`to_floats`).
+
+    Example:
+
+    ```python
+    logs = reduce_logs({"loss": epoch_loss_sum / n_local, "val_loss": ...}, weight=n_local)
+    callbacks.on_epoch_end(epoch, logs)
+    ```
+    """
+    from torchcallbacks.logs import to_floats
+
+    floats = to_floats(logs)
+    numbers = {k: v for k, v in floats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    means = reduce_weighted_means({k: (float(v) * weight, float(weight)) for k, v in numbers.items()})
+    floats.update(to_floats(means))
+    return floats
+
+
+def _gather_padded(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """All-gather tensors whose first dimension may differ between processes (padded, then cut)."""
+    device = tensor.device
+    local = tensor.to(collective_device())
+    size = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    if local.shape[0] < longest:
+        pad = torch.zeros((longest - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+        local = torch.cat([local, pad])
+    parts = [torch.empty_like(local) for _ in counts]
+    dist.all_gather(parts, local.contiguous())
+    return [part[:count].to(device) for part, count in zip(parts, counts, strict=True)]
+
+
+def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's `tensor` (same dtype and trailing shape; the first dimension may differ), in
+    rank order. Outside a process group: `[tensor]`."""
+    if not is_distributed():
+        return [tensor]
+    return _gather_padded(tensor)
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in rank order (sent as UTF-8 JSON bytes: no pickle).
+    Outside a process group: `[value]`."""
+    if not is_distributed():
+        return [value]
+    data = torch.frombuffer(bytearray(json.dumps(value, allow_nan=True).encode()), dtype=torch.uint8)
+    return [json.loads(part.cpu().numpy().tobytes().decode()) for part in _gather_padded(data)]
+
+
+def set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """Call `set_epoch(epoch)` on the loader's sampler when it has one (`loader.sampler`, else
+    `loader.batch_sampler`, else `loader.batch_sampler.sampler`), as a `DistributedSampler` needs it
+    each epoch to draw a new shuffle order (without it every epoch repeats epoch 0's order)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+            return

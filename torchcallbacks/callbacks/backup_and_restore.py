@@ -12,9 +12,22 @@ from typing import Any
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.model_checkpoint import check_save_freq
 from torchcallbacks.checkpoint.files import CheckpointError, TrainingState, load_checkpoint, save_loop_state
-from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.rng import (
+    capture_rng_state,
+    restore_rng_state,
+    rng_state_from_json,
+    rng_state_to_json,
+)
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.distributed import is_main_process
+from torchcallbacks.distributed import (
+    all_gather_json,
+    any_process,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    main_process_only,
+)
 
 
 class BackupAndRestore(Callback):
@@ -50,6 +63,14 @@ class BackupAndRestore(Callback):
         scheduler: LR scheduler(s) stepped outside callbacks whose state to back up too.
         save_on_sigterm: handle SIGTERM as described above (main thread only).
 
+    Under `torch.distributed` the main process writes one file holding every process's random
+    states (gathered, under "ranks"); on restart each process loads the model and optimizer state
+    from it and restores its own random states, so a resumed run is exact as in the single-process
+    case. A barrier follows each backup. A SIGTERM (torchrun forwards it to every process) is acted
+    on at the next backup point (every `save_freq` batches, or the epoch end), where the processes
+    agree on it, so all of them save and exit at the same batch. `backup_dir` must be a directory
+    every process sees.
+
     Example:
 
     ```python
@@ -62,6 +83,8 @@ class BackupAndRestore(Callback):
 
     LATEST = "latest.safetensors"
     PREVIOUS = "previous.safetensors"
+
+    stops_in_sync = True  # batch hooks: its SIGTERM exit is agreed at save points (see Callback.stops_in_sync)
 
     def __init__(
         self,
@@ -104,14 +127,15 @@ class BackupAndRestore(Callback):
         if state is not None:
             loop = self.loop
             loop.initial_epoch, loop.initial_batch, loop.global_step = state.epoch, state.batch, state.global_step
+            rng = self._own_rng(state.rng)
             if state.batch > 0:
-                self._pending_epoch_rng = state.rng.get("epoch_begin")
-                self._pending_batch_rng = state.rng.get("current")
+                self._pending_epoch_rng = rng.get("epoch_begin")
+                self._pending_batch_rng = rng.get("current")
                 self._resume_batch = state.batch
                 # fit calls this after skipping the trained batches, before fetching the next one.
                 loop.resume_hook = self._restore_batch_rng
             else:
-                self._pending_epoch_rng = state.rng.get("current")
+                self._pending_epoch_rng = rng.get("current")
         self._install_sigterm()
 
     def _restore(self) -> TrainingState | None:
@@ -132,6 +156,24 @@ class BackupAndRestore(Callback):
         if errors:
             raise errors[-1]
         return None
+
+    @staticmethod
+    def _own_rng(rng: dict[str, Any]) -> dict[str, Any]:
+        """This process's random states: a backup of a distributed run keeps every process's under
+        "ranks" (its top-level states are those of process 0)."""
+        ranks = rng.get("ranks")
+        if not ranks:
+            return rng
+        if len(ranks) != get_world_size():
+            warnings.warn(
+                f"BackupAndRestore: the backup was written by {len(ranks)} processes and this run has "
+                f"{get_world_size()}; every process restores the random states of process 0, so random "
+                "draws (dropout, augmentation) differ from an uninterrupted run",
+                stacklevel=3,
+            )
+            return rng
+        own: dict[str, Any] = ranks[get_rank()]
+        return own
 
     def _warn_about_order(self) -> None:
         callbacks = list(self.loop.callbacks or [])
@@ -168,30 +210,42 @@ class BackupAndRestore(Callback):
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        saved = False
-        if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
+        at_save_point = self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0
+        if is_distributed():
+            # Processes get SIGTERM at different batches; they agree on it at backup points only
+            # (one all-reduce per backup), so that all of them save and exit at the same batch.
+            sigterm = at_save_point and self.save_on_sigterm and any_process(self._sigterm)
+        else:
+            sigterm = self._sigterm
+        if at_save_point or sigterm:
             self._save(self.loop.epoch, batch + 1)
-            saved = True
-        if self._sigterm:
-            if not saved:
-                self._save(self.loop.epoch, batch + 1)
+        if sigterm:
             self._exit_on_sigterm()
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        if self.save_freq == "epoch" or self._sigterm:
+        sigterm = self.save_on_sigterm and any_process(self._sigterm)
+        if self.save_freq == "epoch" or sigterm:
             self._save(epoch + 1, 0)
-        if self._sigterm:
+        if sigterm:
             self._exit_on_sigterm()
 
     def _save(self, epoch: int, batch: int) -> None:
-        rng = {"current": capture_rng_state()}
+        rng: dict[str, Any] = {"current": capture_rng_state()}
         if batch > 0 and self._epoch_rng is not None:
             rng["epoch_begin"] = self._epoch_rng
-        if is_main_process():
-            save_loop_state(
-                self, self.latest_path, epoch=epoch, batch=batch, rng=rng, scheduler=self.scheduler,
-                writer=self._writer, keep_previous_as=self.previous_path if self.double_checkpoint else None,
-            )
+        # Every process's random states go into the one file the main process writes.
+        every = all_gather_json({k: rng_state_to_json(v) for k, v in rng.items()}) if is_distributed() else None
+        self._write(epoch, batch, rng, every)
+        barrier()  # the backup is complete (or handed to the writer) before any process goes on
+
+    @main_process_only
+    def _write(self, epoch: int, batch: int, rng: dict[str, Any], every: list[Any] | None) -> None:
+        if every is not None:
+            rng["ranks"] = [{k: rng_state_from_json(v) for k, v in states.items()} for states in every]
+        save_loop_state(
+            self, self.latest_path, epoch=epoch, batch=batch, rng=rng, scheduler=self.scheduler,
+            writer=self._writer, keep_previous_as=self.previous_path if self.double_checkpoint else None,
+        )
 
     # -- SIGTERM -------------------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -223,9 +277,15 @@ class BackupAndRestore(Callback):
             self._writer.flush()
         finally:
             self._uninstall_sigterm()
-            if self.loop.exception is None and self.delete_checkpoint and is_main_process():
-                for path in (self.latest_path, self.previous_path):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.backup_dir)
+            if self.loop.exception is None:
+                barrier()  # every process finished with the backup before it is deleted
+                if self.delete_checkpoint:
+                    self._delete()
+
+    @main_process_only
+    def _delete(self) -> None:
+        for path in (self.latest_path, self.previous_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.backup_dir)

@@ -80,7 +80,10 @@ class Callback:
     loop, which is why the same object works in `fit` and in a hand-written loop driven through a
     `CallbackList`. Hooks that a subclass does not override are never called, so they cost nothing.
 
-    To stop training, set `self.model.stop_training = True` (the Keras idiom).
+    To stop training, set `self.model.stop_training = True` (the Keras idiom). Under
+    `torch.distributed` the flag is combined over processes ("stop if any process says stop") at the
+    end of every epoch; a callback that may stop in a training-batch hook makes the `CallbackList`
+    combine it after every batch too, unless it sets `stops_in_sync = True` (see below).
 
     Stateful callbacks override `state_dict()` / `load_state_dict()` with JSON-able content, so that
     a resumed run continues with the same state.
@@ -95,6 +98,15 @@ class Callback:
     torchcallbacks.fit(model, loader, optimizer=opt, loss=loss_fn, callbacks=[PrintLoss()])
     ```
     """
+
+    #: True when this callback never sets `stop_training` in a training-batch hook, or only on a
+    #: decision that is already identical on every process (e.g. taken with
+    #: `torchcallbacks.distributed.any_process`, as `TerminateOnNaN` does). Under `torch.distributed`
+    #: a `CallbackList` holding a callback that overrides a training-batch hook without this mark
+    #: all-reduces the stop flag after every training batch (a small collective per batch); the
+    #: built-in callbacks carry the mark, so the default configuration has no per-batch collective.
+    #: Set it on a class or an instance (e.g. a `LambdaCallback` that only prints).
+    stops_in_sync: bool = False
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}

@@ -10,7 +10,7 @@ import torch
 from torchcallbacks.callbacks.callback import HOOKS, Callback, Logs, LoopState, overrides
 from torchcallbacks.callbacks.history import History
 from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
-from torchcallbacks.distributed import unwrap_model
+from torchcallbacks.distributed import any_process, is_distributed, unwrap_model
 
 
 def _flatten(callbacks: Any) -> Iterator[Any]:
@@ -27,6 +27,15 @@ class CallbackList(Callback):
     It is what `fit` uses, and what a hand-written loop uses to drive the same callbacks. Hooks that
     no callback overrides are skipped at dispatch, so they cost nothing. The list keeps the loop
     counters in `self.loop` (epoch, batch, global step) up to date from the hooks it dispatches.
+
+    Under `torch.distributed` (torchrun) `stop_training` is the same on every process at the points a
+    loop checks it: `on_epoch_end` ends with one all-reduce of the flag ("stop if any process says
+    stop"); `on_train_batch_end` does the same only when a callback that overrides a training-batch
+    hook is not marked `stops_in_sync` (no built-in callback needs it, so by default the batch loop
+    has no collective). Every process must therefore call these hooks at the same points, as a
+    hand-written loop that checks `callbacks.stop_training` right after them does. Epoch logs
+    should be the same on every process too (`fit` reduces them; a hand-written loop can use
+    `torchcallbacks.distributed.reduce_logs`), so that decisions on them agree.
 
     Args:
         callbacks: callbacks, possibly in nested lists (they are flattened).
@@ -69,6 +78,7 @@ class CallbackList(Callback):
         self.loop = LoopState(callbacks=self)
         self._stop_training = False
         self._dispatch: dict[str, list[Any]] = {}
+        self._batch_stop_sync = False
         self._history: History | None = None
         self._progbar: ProgbarLogger | None = None
         self.params = dict(params)
@@ -105,6 +115,12 @@ class CallbackList(Callback):
         self._dispatch = {
             hook: [getattr(c, hook) for c in self.callbacks if overrides(c, hook)] for hook in HOOKS
         }
+        # A callback that may stop in a training-batch hook on one process only needs the flag
+        # combined after every batch under torch.distributed (see the class docstring).
+        self._batch_stop_sync = any(
+            not c.stops_in_sync and (overrides(c, "on_train_batch_end") or overrides(c, "on_train_batch_begin"))
+            for c in self.callbacks
+        )
 
     def append(self, callback: Callback) -> None:
         """Add a callback at the end of the list."""
@@ -161,6 +177,20 @@ class CallbackList(Callback):
         if self._model is not None:
             setattr(self._model, "stop_training", bool(value))  # noqa: B010
 
+    def sync_stop_training(self) -> bool:
+        """Combine `stop_training` over processes (True if any process set it) and return it.
+
+        Every process must call it at the same point; outside a process group it only reads the flag.
+        `on_epoch_end` (always) and `on_train_batch_end` (when needed) call it, so loops rarely must.
+        """
+        stop = self.stop_training
+        if is_distributed():
+            agreed = any_process(stop)
+            if agreed != stop:
+                self.stop_training = agreed
+            stop = agreed
+        return stop
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """State of every callback that has some, keyed by position and class name."""
@@ -205,6 +235,8 @@ class CallbackList(Callback):
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         for hook in self._dispatch["on_epoch_end"]:
             hook(epoch, logs)
+        if is_distributed():
+            self.sync_stop_training()
 
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         self.loop.batch = batch
@@ -215,6 +247,8 @@ class CallbackList(Callback):
         self.loop.global_step += 1
         for hook in self._dispatch["on_train_batch_end"]:
             hook(batch, logs)
+        if self._batch_stop_sync and is_distributed():
+            self.sync_stop_training()
 
     def on_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         self.on_train_batch_begin(batch, logs)

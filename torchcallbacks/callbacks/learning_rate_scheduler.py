@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.learning_rate import check_lr, get_lr, lr_logs, require_optimizer, set_lr
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.distributed import print_main
+from torchcallbacks.distributed import mean_over_processes, print_main
 
 # torch warns when a scheduler steps before the optimizer has. This callback steps its scheduler only
 # after a training step, so the warning can only come from a step that a GradScaler skipped (inf/NaN
@@ -93,6 +93,8 @@ class LearningRateScheduler(MonitorCallback):
     ```
     """
 
+    stops_in_sync = True  # batch hooks: sets the lr only (see Callback.stops_in_sync)
+
     def __init__(
         self,
         schedule: Callable[..., Any] | LRScheduler,
@@ -151,6 +153,10 @@ class LearningRateScheduler(MonitorCallback):
             if isinstance(scheduler, TorchReduceLROnPlateau):
                 value = self.get_monitor_value(logs)
                 if value is not None:
+                    if self.per_batch:
+                        # Batch logs are this process's running means: average them over processes so
+                        # that the lr changes identically everywhere (epoch logs of fit already are).
+                        value = mean_over_processes({"value": value})["value"]
                     scheduler.step(value)
             else:
                 scheduler.step()

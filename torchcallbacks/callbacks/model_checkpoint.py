@@ -11,7 +11,7 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_loop_state, save_weights
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.distributed import is_main_process
+from torchcallbacks.distributed import barrier, main_process_only, mean_over_processes, print_main
 from torchcallbacks.logs import to_floats
 
 
@@ -69,6 +69,12 @@ class ModelCheckpoint(MonitorCallback):
         async_save: write files on a background thread (the tensors are copied first on the training
             thread; at most one write in flight; errors are raised at the next save or at train end).
 
+    Under `torch.distributed` only the main process writes; every process keeps the same `best`,
+    `best_path` and `last_path`, since decisions are taken on epoch logs that `fit` reduced over
+    processes (batch-level saves average the batch logs over processes first). A barrier follows each
+    save (and train end, after asynchronous writes finished), so a file named there exists for every
+    process once the hook returns. The directory must be one that every process sees.
+
     Attributes:
         best: the best monitored value so far.
         best_path: the file saved at the best monitored value, or None.
@@ -85,6 +91,8 @@ class ModelCheckpoint(MonitorCallback):
     torchcallbacks.load_weights(model, ckpt.best_path)
     ```
     """
+
+    stops_in_sync = True  # batch hooks: saves only (see Callback.stops_in_sync)
 
     def __init__(
         self,
@@ -142,7 +150,9 @@ class ModelCheckpoint(MonitorCallback):
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
-            self._save(self.loop.epoch, batch, logs)
+            # Batch logs are this process's running means; their mean over processes makes "is this
+            # the best" the same everywhere (one all-reduce per save; nothing outside a process group).
+            self._save(self.loop.epoch, batch, mean_over_processes(to_floats(logs)))
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         if self.save_freq == "epoch":
@@ -150,6 +160,8 @@ class ModelCheckpoint(MonitorCallback):
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         self._writer.flush()
+        if self.loop.exception is None:
+            barrier()  # the last (possibly asynchronous) file is on disk before any process reads it
 
     # -- saving -----------------------------------------------------------------------------------
     def _format(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
@@ -166,8 +178,8 @@ class ModelCheckpoint(MonitorCallback):
             ) from None
 
     def _message(self, text: str) -> None:
-        if self.verbose > 0 and is_main_process():
-            print(text, flush=True)
+        if self.verbose > 0:
+            print_main(text)
 
     def _save(self, epoch: int, batch: int | None, logs: Logs | None) -> None:
         values = to_floats(logs)
@@ -193,12 +205,16 @@ class ModelCheckpoint(MonitorCallback):
         stale = self._keep(filepath, current)
         if self.best_path in stale:
             self.best_path = None
-        if not is_main_process():
-            return
+        done = (epoch, batch + 1) if batch is not None else (epoch + 1, 0)
+        self._write(filepath, done, stale)
+        barrier()  # every process reaches here (decisions are on identical values); nobody reads early
+
+    @main_process_only
+    def _write(self, filepath: str, done: tuple[int, int], stale: list[str]) -> None:
+        """Write the file (the main process only: the weights are the same on every process)."""
         if self.save_weights_only:
             save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
         else:
-            done = (epoch, batch + 1) if batch is not None else (epoch + 1, 0)
             save_loop_state(self, filepath, epoch=done[0], batch=done[1], writer=self._writer, delete_after=stale)
 
     def _keep(self, filepath: str, value: float | None) -> list[str]:

@@ -59,6 +59,8 @@ class SwapEMAWeights(Callback):
     ```
     """
 
+    stops_in_sync = True  # batch hooks: averages only (see Callback.stops_in_sync)
+
     def __init__(
         self,
         swap_on_epoch: bool = False,

@@ -161,6 +161,8 @@ class TensorBoard(Callback):
     ```
     """
 
+    stops_in_sync = True  # batch hooks: writes only (see Callback.stops_in_sync)
+
     def __init__(
         self,
         log_dir: str | os.PathLike[str] = "logs",

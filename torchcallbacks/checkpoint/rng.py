@@ -8,6 +8,7 @@ as JSON: `{"version", "internal": [625 ints], "gauss_next"}`). `encode` stores t
 
 from __future__ import annotations
 
+import base64
 import random
 import warnings
 from typing import Any
@@ -65,3 +66,28 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         random.setstate(
             (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
         )
+
+
+def rng_state_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """A `capture_rng_state()` dict as JSON-able data (generator tensors as base64 strings), to send
+    it to another process without pickle; `rng_state_from_json` is the inverse."""
+    out = dict(state)
+    out["torch"] = _b64(state["torch"])
+    out["cuda"] = [_b64(s) for s in state.get("cuda") or []]
+    return out
+
+
+def rng_state_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `rng_state_to_json`."""
+    out = dict(data)
+    out["torch"] = _unb64(data["torch"])
+    out["cuda"] = [_unb64(s) for s in data.get("cuda") or []]
+    return out
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.to(torch.uint8).cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()

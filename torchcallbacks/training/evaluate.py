@@ -51,7 +51,7 @@ def run_evaluation(
         model.train(was_training)
     if seen == 0:
         raise ValueError(f"{name}: the data yielded no batches; evaluation needs at least one")
-    logs = to_floats(tracker.result())
+    logs = to_floats(tracker.reduced_result())  # means over every process's samples under DDP
     callbacks.on_test_end(logs)
     return logs
 
@@ -74,7 +74,9 @@ def evaluate(
 
     Args:
         model: a `torch.nn.Module` (DistributedDataParallel-wrapped models work too).
-        x: an iterable of `(x, y)` or `(x, y, sample_weight)` batches, e.g. a DataLoader.
+        x: an iterable of `(x, y)` or `(x, y, sample_weight)` batches, e.g. a DataLoader. Under
+            `torch.distributed` each process evaluates its shard (e.g. a `DistributedSampler`) and the
+            results are means over every process's samples, the same on every process.
         loss: `loss(y_pred, y) -> scalar tensor`.
         metrics: a dict name -> metric, or a list of metrics; a metric is a callable
             `(y_pred, y) -> tensor` or an object with `update/compute/reset`.

@@ -11,6 +11,7 @@ import torch
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.history import History
+from torchcallbacks.distributed import set_sampler_epoch
 from torchcallbacks.logs import to_floats
 from torchcallbacks.training.arguments import (
     check_callable,
@@ -74,6 +75,12 @@ def fit(
     after every batch and every epoch) and `validation_freq` follow Keras' `Model.fit`. Batch logs are
     running means over the epoch kept on the device; nothing forces a host-device synchronisation per
     batch unless a callback reads a value.
+
+    Under `torchrun` with a DistributedDataParallel-wrapped model (see docs/distributed.md): the
+    sampler's `set_epoch(epoch)` is called each epoch before the data iterator is created; epoch logs
+    and validation results are means over every process's samples (one all-reduce per epoch), so
+    every process's callbacks take the same decisions; a stop asked on any process stops all of them
+    at the same epoch (or batch, see `CallbackList`).
 
     Args:
         model: a `torch.nn.Module` (DistributedDataParallel-wrapped models work too).
@@ -176,6 +183,7 @@ def fit(
             tracker.reset()
             model.train()
             callback_list.on_epoch_begin(epoch)
+            set_sampler_epoch(x, epoch)  # a DistributedSampler's shuffle order for this epoch
             seen = 0
             batch_logs = callback_list.has_hook("on_train_batch_end")
             for index, batch in train_data.epoch(skip, loop.resume_hook):
@@ -190,7 +198,7 @@ def fit(
                     break
                 raise ValueError("x: the data yielded no batches; fit needs at least one batch per epoch")
             skip = 0
-            epoch_logs = to_floats(tracker.result())
+            epoch_logs = to_floats(tracker.reduced_result())
             if validation_data is not None and _validation_due(epoch, validation_freq):
                 val_logs = run_evaluation(stepper, validation_data, validation_steps, callback_list, "validation_data")
                 epoch_logs.update({"val_" + name: value for name, value in val_logs.items()})

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from torchcallbacks.distributed import is_distributed, reduce_weighted_means
 from torchcallbacks.logs import LazyLogs
 
 MetricLike = Any  # a callable (y_pred, y) -> tensor, or an object with update/compute/reset
@@ -212,3 +213,21 @@ class MetricTracker:
     def result(self) -> dict[str, Any]:
         """The current means as 0-d tensors (no synchronisation)."""
         return self._compute({name: mean.snapshot() for name, mean in self._means.items()})
+
+    def reduced_result(self) -> dict[str, Any]:
+        """The means over every process's samples (`result()` outside a process group).
+
+        Under `torch.distributed` the weighted sums and weights of all running means are added up
+        across processes in one all-reduce (a mean over all samples, not a mean of per-process
+        means). Stateful metrics are computed by their own `compute()`, which synchronises its state
+        across processes itself (torchmetrics does, with `dist_sync_on_step=False` by default at
+        `compute`); a stateful metric that does not sync reports this process's value.
+        """
+        if not is_distributed():
+            return self.result()
+        # Sorted so that every process packs the values in the same order; output in logging order.
+        reduced = reduce_weighted_means({name: self._means[name].sum_and_weight() for name in sorted(self._means)})
+        out: dict[str, Any] = {name: reduced[name] for name in self._means if name in reduced}
+        for name, metric in self._stateful.items():
+            out[name] = metric.compute()
+        return out

@@ -6,9 +6,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler, SequentialSampler
 
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
+from torchcallbacks.distributed import all_gather_tensors, is_distributed
 from torchcallbacks.training.arguments import (
     check_callable,
     check_model,
@@ -33,6 +35,60 @@ def concatenate(outputs: list[Any]) -> Any:
     return outputs
 
 
+def _sampler_indices(loader: Any) -> list[int] | None:
+    """The dataset indices this process's loader visits, in order, when its sampler is deterministic
+    (a `DistributedSampler`, shuffled or not: its order depends only on seed and epoch; or a
+    `SequentialSampler`); else None."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    if isinstance(sampler, (DistributedSampler, SequentialSampler)):
+        return [int(i) for i in sampler]
+    return None
+
+
+def _gather(outputs: Any, loader: Any) -> Any:
+    """Every process's outputs in one structure: in dataset order without the duplicates a
+    `DistributedSampler` pads with when the sampler's indices are known, else in rank order."""
+    leaves: list[torch.Tensor] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            leaves.append(value)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                collect(item)
+
+    collect(outputs)
+    if not leaves:
+        raise TypeError("predict: gather=True needs tensor outputs (or tuples, lists, dicts of tensors)")
+    rows = leaves[0].shape[0]
+    indices = _sampler_indices(loader)
+    order: torch.Tensor | None = None
+    if indices is not None and len(indices) >= rows:
+        every = torch.cat(all_gather_tensors(torch.tensor(indices[:rows], dtype=torch.int64)))
+        by_index = torch.argsort(every, stable=True)
+        ordered = every[by_index]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        order = by_index[first]  # each dataset index once, ascending
+
+    def rebuild(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            gathered = torch.cat(all_gather_tensors(value))
+            return gathered if order is None else gathered[order.to(gathered.device)]
+        if isinstance(value, Mapping):
+            return {key: rebuild(item) for key, item in value.items()}
+        if isinstance(value, (tuple, list)):
+            parts = [rebuild(item) for item in value]
+            return type(value)(parts) if isinstance(value, list) or type(value) is tuple else type(value)(*parts)
+        return value
+
+    return rebuild(outputs)
+
+
 def predict(
     model: torch.nn.Module,
     x: Iterable[Any],
@@ -43,6 +99,7 @@ def predict(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     predict_step: StepFunction | None = None,
+    gather: bool = False,
 ) -> Any:
     """Runs `model` over the batches of `x` and concatenates the outputs.
 
@@ -58,6 +115,11 @@ def predict(
         device: where to run (the model is moved there); default: where the model's weights are.
         amp_dtype: run under `torch.autocast` with this dtype.
         predict_step: `predict_step(batch) -> outputs`, replacing `model(x)`; the batch is on the device.
+        gather: under `torch.distributed`, return every process's outputs, on every process: in the
+            dataset's order when the loader's sampler is a `DistributedSampler` (the samples it
+            repeats to pad the shards are dropped) or a `SequentialSampler`, else concatenated in
+            rank order. Every output must have the same first dimension (one row per sample).
+            Without a process group it changes nothing. With False each process returns its own shard.
 
     Returns:
         The outputs of all batches concatenated along the first dimension; tuples, lists and dicts
@@ -100,4 +162,7 @@ def predict(
         model.train(was_training)
     if not outputs:
         raise ValueError("x: the data yielded no batches; predict needs at least one")
-    return concatenate(outputs)
+    result = concatenate(outputs)
+    if gather and is_distributed():
+        result = _gather(result, x)
+    return result

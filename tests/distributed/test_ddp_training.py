@@ -1,0 +1,203 @@
+"""fit / evaluate / predict and the callbacks under real `torchrun --nproc_per_node=2` (gloo, CPU).
+
+Each test launches torchrun in a subprocess with a timeout, so a hang (a process waiting in a
+collective another one skipped) fails the test instead of blocking CI. Scenarios share a launch where
+they can (torchrun takes a few seconds to start). The workers are the *_worker.py files beside this one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ddp_common as common
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import torchcallbacks as tc
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+TIMEOUT = 90
+
+
+def _command(worker: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(HERE / worker), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(worker: str, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(_command(worker, str(workdir), *args), capture_output=True, text=True,
+                            timeout=TIMEOUT, env=_env(), cwd=workdir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _ranks(workdir: Path, pattern: str = "rank_{}.json") -> list[dict[str, Any]]:
+    return [json.loads((workdir / pattern.format(r)).read_text()) for r in range(2)]
+
+
+def _close(a: Any, b: Any, rel: float = 1e-4, abs_: float = 1e-6) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel, abs_) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, rel, abs_) for x, y in zip(a, b, strict=True))
+    if isinstance(a, str):
+        return a == b
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+# -- fit / evaluate / predict against a single-process run over the same data ------------------------
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    workdir = tmp_path_factory.mktemp("ddp_fit")
+    return workdir, torchrun("fit_worker.py", workdir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    workdir = tmp_path_factory.mktemp("reference")
+    train = common.reference_loader(common.train_set(), shuffle=True)
+    val = common.reference_loader(common.val_set(), shuffle=False)
+    report = common.fit_and_report(common.make_model(), train, val, str(workdir), verbose=0)
+    report["predict"] = tc.predict(common.make_model(), torch.utils.data.DataLoader(common.val_set()), verbose=0).tolist()
+    return report
+
+
+def test_epoch_logs_and_decisions_equal_a_single_process_run(fit_run: Any, reference: dict[str, Any]) -> None:
+    workdir, _ = fit_run
+    ranks = _ranks(workdir)
+    assert ranks[0]["history"] == ranks[1]["history"]  # reduced: identical on both processes, bit for bit
+    history = ranks[0]["history"]
+    # EarlyStopping stopped both at the same epoch as the single-process run; ReduceLROnPlateau cut the
+    # lr at the same epoch (at the last epoch end) to the same value on both processes.
+    assert len(history["loss"]) == len(reference["history"]["loss"]) < common.EPOCHS
+    assert _close(history, reference["history"])
+    assert ranks[0]["lr"] == ranks[1]["lr"] == reference["lr"] < history["learning_rate"][0]
+    assert _close(ranks[0]["weights"], reference["weights"]) and ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["best_path"] == ranks[1]["best_path"] == reference["best_path"]
+
+
+def test_evaluate_and_gathered_predict_equal_a_single_process_run(fit_run: Any, reference: dict[str, Any]) -> None:
+    workdir, _ = fit_run
+    ranks = _ranks(workdir)
+    assert ranks[0]["evaluate"] == ranks[1]["evaluate"]
+    assert _close(ranks[0]["evaluate"], reference["evaluate"])
+    # predict(gather=True): all 21 rows in dataset order, the padded duplicate dropped, on every process
+    assert len(ranks[0]["predict"]) == common.N_VAL
+    assert ranks[0]["predict"] == ranks[1]["predict"]
+    model = common.make_model()
+    state = {k: torch.tensor(v).reshape(p.shape) for (k, v), p in zip(ranks[0]["weights"].items(), model.state_dict().values(), strict=True)}
+    model.load_state_dict(state)
+    expected = tc.predict(model, torch.utils.data.DataLoader(common.val_set(), batch_size=7), verbose=0)
+    assert _close(ranks[0]["predict"], expected.flatten().tolist())
+
+
+def test_files_are_written_once_by_rank_0_with_reduced_values(fit_run: Any) -> None:
+    workdir, result = fit_run
+    history = _ranks(workdir)[0]["history"]
+    epochs = len(history["loss"])
+    # CSV: one file, one row per epoch, the reduced values
+    with open(workdir / "log.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))
+    assert _close([float(r["val_loss"]) for r in rows], history["val_loss"], rel=1e-12)
+    # TensorBoard: one event file per run directory, epoch scalars equal to the reduced logs
+    for run, key in (("train", "loss"), ("validation", "val_loss")):
+        files = os.listdir(workdir / "tb" / run)
+        assert len(files) == 1, files
+        events = EventAccumulator(str(workdir / "tb" / run))
+        events.Reload()
+        values = [e.value for e in events.Scalars("epoch_loss")]
+        assert _close(values, history[key], rel=1e-6)
+    # ModelCheckpoint: one valid file per epoch, named with the reduced val_loss
+    names = sorted(os.listdir(workdir / "ckpt"))
+    assert names == [f"{e + 1:02d}-{v:.6f}.safetensors" for e, v in enumerate(history["val_loss"])]
+    state = tc.load_checkpoint(workdir / "ckpt" / names[-1], restore_rng=False)
+    assert state.epoch == epochs
+    last = load_file(workdir / "ckpt" / names[-1])
+    assert _close(last["2.bias"].tolist(), _ranks(workdir)[0]["weights"]["2.bias"], rel=0, abs_=0)
+    # ProgbarLogger (verbose=2): one line per epoch from rank 0 only
+    assert result.stdout.count("Epoch 1/") == 1
+
+
+# -- stopping decisions that differ between processes -------------------------------------------------
+@pytest.fixture(scope="module")
+def stop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("ddp_stop")
+    torchrun("stop_worker.py", workdir)
+    return workdir
+
+
+def test_a_stop_on_one_process_stops_every_process_at_the_same_epoch(stop_run: Path) -> None:
+    ranks = _ranks(stop_run)
+    # EarlyStopping on a per-process value: rank 1's says stop after epoch index 1, rank 0's never
+    assert ranks[0]["fit_epoch_stop"] == ranks[1]["fit_epoch_stop"] == [0, 1]
+
+
+def test_a_mid_epoch_stop_on_one_process_stops_every_process_after_that_batch(stop_run: Path) -> None:
+    ranks = _ranks(stop_run)
+    assert ranks[0]["fit_batch_stop_epochs"] == ranks[1]["fit_batch_stop_epochs"] == [0]
+    assert ranks[0]["fit_batch_stop_batches"] == ranks[1]["fit_batch_stop_batches"] == [[0, 0], [0, 1], [0, 2]]
+
+
+def test_hand_written_ddp_loop_with_callback_list(stop_run: Path) -> None:
+    ranks = _ranks(stop_run)
+    hand = [r["hand"] for r in ranks]
+    # rank 1's local metric rises after epoch 0: EarlyStopping stops it; rank 0 stops with it
+    assert [len(h["epochs"]) for h in hand] == [2, 2]
+    assert hand[0]["stopped_epoch"] == 0 and hand[1]["stopped_epoch"] == 1
+    assert [e["loss"] for e in hand[0]["epochs"]] == [e["loss"] for e in hand[1]["epochs"]]  # reduce_logs
+    with open(stop_run / "hand.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [float(r["loss"]) for r in rows] == [e["loss"] for e in hand[0]["epochs"]]
+    assert sorted(os.listdir(stop_run / "hand")) == ["01.safetensors", "02.safetensors"]
+
+
+# -- BackupAndRestore: SIGKILL of the whole job, restart, exact result ------------------------------
+def test_sigkilled_job_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    plain, killed = tmp_path / "plain", tmp_path / "killed"
+    plain.mkdir(), killed.mkdir()
+    torchrun("backup_worker.py", plain, "run")
+    proc = subprocess.Popen(_command("backup_worker.py", str(killed), "hold"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env(), cwd=killed, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not all((killed / f"held_{r}").exists() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        # SIGKILL the whole job: both workers (each in its own session) and the torchrun agent
+        for r in range(2):
+            if (killed / f"held_{r}").exists():
+                os.kill(int((killed / f"held_{r}").read_text()), signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    # one file, with each process's own random states
+    state = tc.load_checkpoint(killed / "backup" / "latest.safetensors", restore_rng=False)
+    assert (state.epoch, state.batch, state.global_step) == (1, 2, 8)
+    ranks = state.rng["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["current"]["torch"], ranks[1]["current"]["torch"])
+    assert torch.equal(ranks[0]["current"]["torch"], state.rng["current"]["torch"])
+    assert os.listdir(killed / "backup") == ["latest.safetensors"]
+    torchrun("backup_worker.py", killed, "run")
+    expected = _ranks(plain, "final_{}.json")
+    resumed = _ranks(killed, "final_{}.json")
+    assert [r["resumed"] for r in resumed] == [True, True]
+    for r in range(2):
+        assert resumed[r]["weights"] == expected[r]["weights"] == expected[0]["weights"]  # bit for bit
+    assert not (killed / "backup").exists()  # deleted once after the normal finish
