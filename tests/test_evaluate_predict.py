@@ -88,3 +88,38 @@ def test_custom_predict_step() -> None:
     out = tc.predict(model, make_regression(n=32, batch_size=16), predict_step=lambda batch: model(batch[0]).sigmoid(),
                      verbose=0)
     assert out.shape == (32, 1) and bool(((out > 0) & (out < 1)).all())
+
+
+def test_end_hooks_run_when_evaluate_or_predict_raise() -> None:
+    """Callbacks undo what their begin hook did (SwapEMAWeights swaps the EMA weights back out)."""
+    seen = []
+
+    class Probe(tc.Callback):
+        def on_test_end(self, logs=None):
+            seen.append(("test_end", logs, type(self.loop.exception).__name__))
+
+        def on_predict_end(self, logs=None):
+            seen.append(("predict_end", logs, type(self.loop.exception).__name__))
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            raise RuntimeError("broken forward")
+
+    model = Broken()
+    ema = tc.SwapEMAWeights()
+    ema.set_model(model)
+    with torch.no_grad():
+        ema.on_train_begin()  # builds the average from the current weights
+        model.linear.weight.add_(1.0)  # the model now differs from its average
+    weights = model.linear.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="broken forward"):
+        tc.evaluate(model, make_regression(), loss=F.mse_loss, callbacks=[Probe(), ema], verbose=0)
+    assert torch.equal(model.linear.weight, weights)
+    with pytest.raises(RuntimeError, match="broken forward"):
+        tc.predict(model, make_regression(), callbacks=[Probe(), ema], verbose=0)
+    assert torch.equal(model.linear.weight, weights)
+    assert seen == [("test_end", None, "RuntimeError"), ("predict_end", None, "RuntimeError")]

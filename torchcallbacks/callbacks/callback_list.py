@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -190,6 +191,18 @@ class CallbackList(Callback):
                 self.stop_training = agreed
             stop = agreed
         return stop
+
+    def end_after_error(self, hook: str, error: BaseException, logs: Logs | None = None) -> None:
+        """Run an end hook (`"on_train_end"`, `"on_test_end"`, `"on_predict_end"`) after the loop
+        raised `error`, with `loop.exception` set to it, so that callbacks undo and close what they
+        began (restore swapped weights, close files). An error raised by the hook itself becomes a
+        warning: the loop's `error` is the one the caller re-raises.
+        """
+        self.loop.exception = error
+        try:
+            getattr(self, hook)(logs)
+        except BaseException as end_error:
+            warnings.warn(f"{hook} raised {end_error!r} while ending after {error!r}", stacklevel=3)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -47,11 +47,14 @@ def run_evaluation(
                 callbacks.on_test_batch_end(index, tracker.batch_logs())
                 if getattr(callbacks.model, "stop_evaluating", False):
                     break
+        if seen == 0:
+            raise ValueError(f"{name}: the data yielded no batches; evaluation needs at least one")
+        logs = to_floats(tracker.reduced_result())  # means over every process's samples under DDP
+    except BaseException as exc:
+        callbacks.end_after_error("on_test_end", exc)  # e.g. SwapEMAWeights swaps the weights back
+        raise
     finally:
         model.train(was_training)
-    if seen == 0:
-        raise ValueError(f"{name}: the data yielded no batches; evaluation needs at least one")
-    logs = to_floats(tracker.reduced_result())  # means over every process's samples under DDP
     callbacks.on_test_end(logs)
     return logs
 

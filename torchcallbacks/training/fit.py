@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -206,11 +205,7 @@ def fit(
             if callback_list.stop_training or train_data.exhausted:
                 break
     except BaseException as exc:
-        loop.exception = exc
-        try:
-            callback_list.on_train_end(epoch_logs)
-        except BaseException as end_exc:
-            warnings.warn(f"on_train_end raised {end_exc!r} while training was ending by {exc!r}", stacklevel=2)
+        callback_list.end_after_error("on_train_end", exc, epoch_logs)
         raise
     else:
         callback_list.on_train_end(epoch_logs)

@@ -157,11 +157,14 @@ def predict(
                 callback_list.on_predict_batch_end(index, {"outputs": batch_outputs})
                 if getattr(unwrapped, "stop_predicting", False):
                     break
-        callback_list.on_predict_end()
+        if not outputs:
+            raise ValueError("x: the data yielded no batches; predict needs at least one")
+    except BaseException as exc:
+        callback_list.end_after_error("on_predict_end", exc)  # e.g. SwapEMAWeights swaps the weights back
+        raise
     finally:
         model.train(was_training)
-    if not outputs:
-        raise ValueError("x: the data yielded no batches; predict needs at least one")
+    callback_list.on_predict_end()
     result = concatenate(outputs)
     if gather and is_distributed():
         result = _gather(result, x)
