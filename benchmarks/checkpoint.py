@@ -44,11 +44,18 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """`timed` for each function, taking turns, so that drifts of the machine hit all of them alike."""
+    """`timed` for each function, taking turns, so that drifts of the machine hit all of them alike.
+
+    The order rotates every round: on this machine's file system the first write after another
+    method's large unsynced write costs 3-4x more whichever method it is, so a fixed order would
+    charge that to one method.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, 1))
+    names = list(fns)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(fns[name], 1))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -62,7 +69,7 @@ def fsync_file(path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
