@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_regression
+from conftest import make_model, make_regression, run_epochs
 
-from torchcallbacks import Callback, CallbackList, History, LambdaCallback, ProgbarLogger
+from torchcallbacks import Callback, CallbackList, EarlyStopping, History, LambdaCallback, ProgbarLogger
 
 
 class Recorder(Callback):
@@ -155,3 +155,24 @@ def test_hand_written_loop_with_the_same_callbacks() -> None:
     assert len(history.history["loss"]) == 2 and all(isinstance(v, float) for v in history.history["loss"])
     assert len(batch_losses) == 2 * len(loader) and isinstance(batch_losses[0], torch.Tensor)
     assert callbacks.loop.global_step == 2 * len(loader)
+
+
+def test_a_second_hand_written_run_on_the_same_model_is_not_stopped_by_the_first() -> None:
+    """`fit` resets `model.stop_training` before `on_train_begin`; a hand-written loop only has the
+    `CallbackList`, so its `on_train_begin` must reset it too, else a model stopped once (by
+    EarlyStopping, in fit or in an earlier loop) stops every later hand-written run after one epoch."""
+    model = make_model()
+    first = CallbackList([EarlyStopping(monitor="loss", patience=0)], model=model)
+    assert run_epochs(first, [1.0, 2.0, 3.0]) == 2
+    assert model.stop_training is True
+    second = CallbackList([History()], model=model)
+    assert run_epochs(second, [1.0, 2.0, 3.0]) == 3
+
+
+def test_a_stop_asked_in_on_train_begin_is_kept() -> None:
+    """The reset happens before the callbacks' `on_train_begin`, so one that stops there is obeyed."""
+    model = make_model()
+    callbacks = CallbackList(
+        [LambdaCallback(on_train_begin=lambda logs: setattr(model, "stop_training", True))], model=model
+    )
+    assert run_epochs(callbacks, [1.0, 2.0]) == 1

@@ -222,7 +222,10 @@ class CallbackList(Callback):
 
     # -- dispatch -------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
+        """Resets `stop_training` (as `fit` does before it), then calls every callback's hook."""
         self.loop.exception = None
+        # A hand-written loop has no fit to reset a flag left by an earlier run on the same model.
+        self.stop_training = False
         for hook in self._dispatch["on_train_begin"]:
             hook(logs)
 
