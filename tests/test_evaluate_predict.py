@@ -123,3 +123,25 @@ def test_end_hooks_run_when_evaluate_or_predict_raise() -> None:
         tc.predict(model, make_regression(), callbacks=[Probe(), ema], verbose=0)
     assert torch.equal(model.linear.weight, weights)
     assert seen == [("test_end", None, "RuntimeError"), ("predict_end", None, "RuntimeError")]
+
+
+def test_evaluate_restores_the_model_when_a_test_begin_hook_raises() -> None:
+    """An error in `on_test_begin` (after SwapEMAWeights swapped the EMA in) must not leave the model
+    in eval mode with the EMA weights in it: the end hooks run and the train mode comes back."""
+
+    class FailsAtBegin(tc.Callback):
+        def on_test_begin(self, logs=None):
+            raise RuntimeError("begin failed")
+
+    model = make_model()
+    ema = tc.SwapEMAWeights()
+    ema.set_model(model)
+    with torch.no_grad():
+        ema.on_train_begin()
+        model[0].weight.add_(1.0)
+    weights = model[0].weight.detach().clone()
+    model.train()
+    with pytest.raises(RuntimeError, match="begin failed"):
+        tc.evaluate(model, make_regression(), loss=F.mse_loss, callbacks=[ema, FailsAtBegin()], verbose=0)
+    assert model.training
+    assert torch.equal(model[0].weight, weights)

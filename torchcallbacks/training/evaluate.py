@@ -36,9 +36,9 @@ def run_evaluation(
     model.eval()
     tracker.reset()
     setattr(callbacks.model, "stop_evaluating", False)  # noqa: B010
-    callbacks.on_test_begin()
     seen = 0
     try:
+        callbacks.on_test_begin()
         with torch.no_grad():
             for index, batch in EpochIterator(data, steps, name).epoch():
                 callbacks.on_test_batch_begin(index)
