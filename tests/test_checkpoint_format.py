@@ -243,3 +243,16 @@ def test_no_pickle_in_the_library() -> None:
     for source in root.rglob("*.py"):
         text = source.read_text()
         assert "torch.load(" not in text and "import pickle" not in text and "weights_only=False" not in text, source
+
+
+def test_every_public_function_documents_args_and_an_example() -> None:
+    """The public API's docstrings have Args and an Example, as Keras' do."""
+    import inspect
+
+    missing = [
+        name
+        for name in tc.__all__
+        if inspect.isfunction(getattr(tc, name))
+        and not all(part in (inspect.getdoc(getattr(tc, name)) or "") for part in ("Args:", "Example"))
+    ]
+    assert missing == []

@@ -220,6 +220,15 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
         FileNotFoundError: no such file.
         CheckpointError: the file is not a complete safetensors file, or its keys or shapes differ
             from the model's (the message names them).
+
+    Example:
+
+    ```python
+    checkpoint = torchcallbacks.ModelCheckpoint("best.safetensors", save_best_only=True)
+    torchcallbacks.fit(model, loader, optimizer=opt, loss=loss_fn, validation_data=val_loader,
+                       epochs=10, callbacks=[checkpoint])
+    torchcallbacks.load_weights(model, checkpoint.best_path)
+    ```
     """
     from torchcallbacks.distributed import unwrap_model
 
@@ -345,6 +354,15 @@ def load_checkpoint(
         FileNotFoundError: no such file.
         CheckpointError: not a complete safetensors file, not a training state, or it does not fit
             the model / optimizers (the message names the file and the keys).
+
+    Example:
+
+    ```python
+    torchcallbacks.save_checkpoint("state.safetensors", model, optimizer, epoch=3)
+    state = torchcallbacks.load_checkpoint("state.safetensors", model, optimizer)
+    torchcallbacks.fit(model, loader, optimizer=optimizer, loss=loss_fn, epochs=10,
+                       initial_epoch=state.epoch)
+    ```
     """
     path = os.fspath(filepath)
     tensors, metadata = read_file(path)
