@@ -35,3 +35,17 @@ def test_unknown_hooks_and_non_callables_are_rejected() -> None:
         tc.LambdaCallback(on_epoch_finish=print)
     with pytest.raises(TypeError, match="LambdaCallback: on_epoch_end must be callable, received int"):
         tc.LambdaCallback(on_epoch_end=3)
+
+
+def test_alias_hooks_take_their_arguments_positionally() -> None:
+    """`on_batch_begin` / `on_batch_end` receive `(batch, logs)` like every other hook, whatever the
+    function names its parameters (the base class used to pass `logs=` by keyword)."""
+    seen = []
+    callback = tc.LambdaCallback(
+        on_batch_begin=lambda b, l: seen.append(("begin", b)),  # noqa: E741
+        on_batch_end=lambda b, l: seen.append(("end", b, float(l["loss"]))),  # noqa: E741
+    )
+    model = make_model()
+    tc.fit(model, make_regression(n=32, batch_size=16), optimizer=torch.optim.SGD(model.parameters()),
+           loss=F.mse_loss, verbose=0, callbacks=[callback])
+    assert [s[:2] for s in seen] == [("begin", 0), ("end", 0), ("begin", 1), ("end", 1)]

@@ -158,14 +158,14 @@ class Callback:
 
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         """Called before a training batch. Calls `on_batch_begin` unless overridden."""
-        self.on_batch_begin(batch, logs=logs)
+        self.on_batch_begin(batch, logs)
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         """Called after a training batch; `logs` hold running means over the epoch so far.
 
         Values may be 0-d tensors that are computed only when read: reading one is a device sync.
         """
-        self.on_batch_end(batch, logs=logs)
+        self.on_batch_end(batch, logs)
 
     def on_test_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         """Called before a batch in `evaluate` (and in validation inside `fit`)."""
