@@ -100,3 +100,14 @@ def test_other_arguments() -> None:
         _fit(metrics={"loss": F.l1_loss})
     with pytest.raises(TypeError, match=r"metrics\['mae'\]: expected a callable"):
         _fit(metrics={"mae": 3})
+
+
+def test_a_non_iterable_callbacks_or_a_non_number_clip_grad_norm_is_named() -> None:
+    """Both used to fail with Python's own message ("'int' object is not iterable", "'>' not
+    supported between instances of 'str' and 'int'"), which names neither argument."""
+    with pytest.raises(TypeError, match=r"callbacks: expected a list of torchcallbacks.Callback.*received int"):
+        _fit(callbacks=5)
+    with pytest.raises(TypeError, match=r"callbacks: expected a list of torchcallbacks.Callback.*received int"):
+        tc.evaluate(make_model(), make_regression(), loss=F.mse_loss, callbacks=5, verbose=0)
+    with pytest.raises(ValueError, match=r"clip_grad_norm: expected a positive number, received '1'"):
+        _fit(clip_grad_norm="1")

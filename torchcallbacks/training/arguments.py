@@ -68,6 +68,11 @@ def make_callback_list(
         callback_list.set_loop(callbacks.loop)
         return callback_list
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        if not isinstance(callbacks, (Callback, Iterable)):
+            raise TypeError(
+                "callbacks: expected a list of torchcallbacks.Callback instances (or a CallbackList), "
+                f"received {type(callbacks).__name__}"
+            )
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
     return CallbackList(callbacks, add_history, add_progbar, model, optimizer, **params)
 

@@ -46,6 +46,13 @@ def _check_validation_freq(validation_freq: Any) -> int | Sequence[int]:
     )
 
 
+def _is_positive(value: Any) -> bool:
+    try:
+        return bool(value > 0)
+    except TypeError:  # not a number: the caller's error names the argument
+        return False
+
+
 def fit(
     model: torch.nn.Module,
     x: Iterable[Any],
@@ -140,7 +147,7 @@ def fit(
         raise ValueError(f"epochs: expected an integer >= 1, received {epochs!r}")
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
         raise ValueError(f"initial_epoch: expected an integer >= 0, received {initial_epoch!r}")
-    if clip_grad_norm is not None and not clip_grad_norm > 0:
+    if clip_grad_norm is not None and not _is_positive(clip_grad_norm):
         raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
     verbose = check_verbose(verbose)
     steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
