@@ -169,6 +169,32 @@ def test_in_process_resume_is_exact(tmp_path: Path, save_freq: Any, crash_at: in
     assert not (tmp_path / "latest.safetensors").exists()  # deleted after the normal finish
 
 
+class CrashAtEpochEnd(tc.Callback):
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if epoch == 1:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize(("save_freq", "crash"), [(4, CrashAtEpochEnd), (3, lambda: Crash(10))])
+def test_a_resumed_epoch_logs_the_means_of_all_its_batches(tmp_path: Path, save_freq: int, crash: Any) -> None:
+    """The epoch's running means are part of a mid-epoch backup. Before, the resumed epoch's `loss`
+    covered only the batches after the resume, and a backup at an epoch's last batch (save_freq
+    dividing the steps per epoch; a crash during validation or epoch end) resumed into an epoch with
+    no `loss` at all: History's lists lost their alignment with its epochs, and a CSVLogger wrote no
+    loss column for the whole run."""
+    reference = tc.History()
+    _train(None, [reference])
+    with pytest.raises(RuntimeError, match="crash"):
+        _train(tc.BackupAndRestore(tmp_path, save_freq=save_freq), [crash()])
+    history = tc.History()
+    backup = tc.BackupAndRestore(tmp_path, save_freq=save_freq)
+    _train(backup, [history], seed=123)
+    assert backup.restored is not None and backup.restored.batch > 0
+    assert history.epoch == reference.epoch[-len(history.epoch):]
+    assert history.history.keys() == reference.history.keys() == {"loss"}
+    assert history.history["loss"] == pytest.approx(reference.history["loss"][-len(history.epoch):], rel=1e-9)
+
+
 def test_start_epoch_does_not_leak_into_the_next_fit(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         _train(tc.BackupAndRestore(tmp_path), [Crash(9)])
@@ -244,3 +270,12 @@ def test_warns_when_a_stateful_callback_comes_after_it(tmp_path: Path) -> None:
     ckpt = tc.ModelCheckpoint(str(tmp_path / "m.safetensors"), monitor="loss")
     with pytest.warns(UserWarning, match="put BackupAndRestore last"):
         _train(None, [tc.BackupAndRestore(tmp_path / "b"), ckpt], epochs=1)
+
+
+def test_running_means_of_a_backup_from_more_processes_are_merged() -> None:
+    """A backup written by 2 processes, resumed by 1: its running sums and weights are added up, so
+    the resumed epoch's means still cover every sample of the trained batches."""
+    saved = [{"loss": [2.0, 4.0]}, {"loss": [6.0, 4.0], "mae": [1.0, 4.0]}]
+    assert tc.BackupAndRestore._own_metrics(saved) == {"loss": [8.0, 8.0], "mae": [1.0, 4.0]}
+    assert tc.BackupAndRestore._own_metrics([{"loss": [2.0, 4.0]}]) == {"loss": [2.0, 4.0]}
+    assert tc.BackupAndRestore._own_metrics(None) is None

@@ -9,6 +9,8 @@ import threading
 import warnings
 from typing import Any
 
+import torch
+
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.model_checkpoint import check_save_freq
 from torchcallbacks.checkpoint.files import CheckpointError, TrainingState, load_checkpoint, save_loop_state
@@ -35,7 +37,7 @@ class BackupAndRestore(Callback):
 
     At train begin, if `backup_dir` holds a backup, the model, the optimizer(s), the GradScaler, the
     `scheduler`, every callback's `state_dict()`, the random generators (torch CPU/CUDA, numpy, Python)
-    and the global step are restored, and training continues at the saved epoch **and batch**: the
+    the global step and, in `fit`, the running means of the interrupted epoch are restored, and training continues at the saved epoch **and batch**: the
     batches of the epoch already trained are skipped, and the random state at that epoch's start is
     restored before the data loader draws its shuffle order, so an interrupted run ends with the same
     weights, bit for bit, as one that never stopped (given deterministic kernels).
@@ -113,6 +115,7 @@ class BackupAndRestore(Callback):
         self._epoch_rng: dict[str, Any] | None = None
         self._pending_epoch_rng: dict[str, Any] | None = None
         self._pending_batch_rng: dict[str, Any] | None = None
+        self._pending_metrics: dict[str, Any] | None = None
         self._resume_batch = 0
         self._sigterm = False
         self._previous_handler: Any = None
@@ -120,7 +123,7 @@ class BackupAndRestore(Callback):
 
     # -- train begin: restore ------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        self._pending_epoch_rng = self._pending_batch_rng = self._epoch_rng = None
+        self._pending_epoch_rng = self._pending_batch_rng = self._epoch_rng = self._pending_metrics = None
         self._sigterm = False
         self._warn_about_order()
         self.restored = state = self._restore()
@@ -129,6 +132,7 @@ class BackupAndRestore(Callback):
             loop.initial_epoch, loop.initial_batch, loop.global_step = state.epoch, state.batch, state.global_step
             rng = self._own_rng(state.rng)
             if state.batch > 0:
+                self._pending_metrics = self._own_metrics(state.extra.get("metrics"))
                 self._pending_epoch_rng = rng.get("epoch_begin")
                 self._pending_batch_rng = rng.get("current")
                 self._resume_batch = state.batch
@@ -175,6 +179,25 @@ class BackupAndRestore(Callback):
         own: dict[str, Any] = ranks[get_rank()]
         return own
 
+    @staticmethod
+    def _own_metrics(saved: Any) -> dict[str, Any] | None:
+        """This process's running means of the interrupted epoch (saved one per process). With another
+        number of processes, process 0 takes the totals of all, so the epoch's reduced means stay right."""
+        if not saved:
+            return None
+        if len(saved) == get_world_size():
+            own: dict[str, Any] = saved[get_rank()]
+            return own
+        if get_rank() != 0:
+            return {}
+        merged: dict[str, list[float]] = {}
+        for states in saved:
+            for name, (total, weight) in states.items():
+                entry = merged.setdefault(name, [0.0, 0.0])
+                entry[0] += total
+                entry[1] += weight
+        return merged
+
     def _warn_about_order(self) -> None:
         callbacks = list(self.loop.callbacks or [])
         if self not in callbacks:
@@ -192,6 +215,11 @@ class BackupAndRestore(Callback):
 
     # -- random states at the points where a resumed run must match -----------------------------------
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        # fit reset its running means just before this hook; put back those of the trained batches.
+        if self._pending_metrics is not None and self.loop.metrics is not None:
+            device = next(iter(self.model.parameters()), torch.empty(0)).device
+            self.loop.metrics.load_state_dict(self._pending_metrics, device)
+        self._pending_metrics = None
         if self._pending_epoch_rng is not None:
             restore_rng_state(self._pending_epoch_rng)
             self._pending_epoch_rng = None
@@ -235,16 +263,24 @@ class BackupAndRestore(Callback):
             rng["epoch_begin"] = self._epoch_rng
         # Every process's random states go into the one file the main process writes.
         every = all_gather_json({k: rng_state_to_json(v) for k, v in rng.items()}) if is_distributed() else None
-        self._write(epoch, batch, rng, every)
+        # The running means of the epoch so far (fit's), one entry per process, for a mid-epoch resume.
+        extra = None
+        if batch > 0 and self.loop.metrics is not None:
+            metrics = self.loop.metrics.state_dict()
+            extra = {"metrics": all_gather_json(metrics) if is_distributed() else [metrics]}
+        self._write(epoch, batch, rng, every, extra)
         barrier()  # the backup is complete (or handed to the writer) before any process goes on
 
     @main_process_only
-    def _write(self, epoch: int, batch: int, rng: dict[str, Any], every: list[Any] | None) -> None:
+    def _write(
+        self, epoch: int, batch: int, rng: dict[str, Any], every: list[Any] | None, extra: dict[str, Any] | None
+    ) -> None:
         if every is not None:
             rng["ranks"] = [{k: rng_state_from_json(v) for k, v in states.items()} for states in every]
         save_loop_state(
             self, self.latest_path, epoch=epoch, batch=batch, rng=rng, scheduler=self.scheduler,
             writer=self._writer, keep_previous_as=self.previous_path if self.double_checkpoint else None,
+            extra=extra,
         )
 
     # -- SIGTERM -------------------------------------------------------------------------------------

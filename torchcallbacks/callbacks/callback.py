@@ -57,6 +57,8 @@ class LoopState:
         exception: the exception that ended training, or None. Set before `on_train_end` runs, so
             callbacks can tell a normal finish from a crash.
         scaler: the `torch.amp.GradScaler` in use, if any.
+        metrics: `fit`'s running means of the epoch in progress (a `MetricTracker` with
+            `state_dict()` / `load_state_dict()`), kept in mid-epoch backups; None outside `fit`.
         callbacks: the `CallbackList` that owns this state.
     """
 
@@ -68,6 +70,7 @@ class LoopState:
     resume_hook: Callable[[], None] | None = None
     exception: BaseException | None = None
     scaler: Any = None
+    metrics: Any = None
     callbacks: CallbackList | None = field(default=None, repr=False)
 
 

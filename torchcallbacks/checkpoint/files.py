@@ -417,6 +417,7 @@ def save_loop_state(
     writer: CheckpointWriter | None = None,
     keep_previous_as: PathLike | None = None,
     delete_after: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """`save_checkpoint` of what a callback sees: `callback.model`, `callback.optimizer` (one or a
     list), the loop's GradScaler, callback states and global step."""
@@ -424,5 +425,5 @@ def save_loop_state(
     save_checkpoint(
         filepath, callback.model, callback.optimizer, scaler=loop.scaler, scheduler=scheduler,
         callbacks=loop.callbacks, epoch=epoch, batch=batch, global_step=loop.global_step, rng=rng,
-        writer=writer, keep_previous_as=keep_previous_as, delete_after=delete_after,
+        writer=writer, keep_previous_as=keep_previous_as, delete_after=delete_after, extra=extra,
     )

@@ -176,6 +176,7 @@ def fit(
     loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
     loop.resume_hook = None
     loop.scaler = grad_scaler
+    loop.metrics = stepper.tracker
     callback_list.stop_training = False
     tracker = stepper.tracker
     assert tracker is not None

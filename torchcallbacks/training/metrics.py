@@ -214,6 +214,25 @@ class MetricTracker:
         """The current means as 0-d tensors (no synchronisation)."""
         return self._compute({name: mean.snapshot() for name, mean in self._means.items()})
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """The running means as `{name: [weighted sum, total weight]}` (JSON-able; one device sync),
+        so that a run resumed in the middle of an epoch logs the means of all of that epoch's
+        batches. Stateful metrics (update/compute/reset) keep their own state and are not included."""
+        out = {}
+        for name, mean in self._means.items():
+            total, weight = mean.sum_and_weight()
+            if total is not None:
+                out[name] = [float(total), float(weight)]
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Sequence[float]], device: torch.device) -> None:
+        """Restore what `state_dict()` returned; the sums are put on `device` (the training device)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        for name, (total, weight) in state.items():
+            mean = self._means[name] = RunningMean()
+            mean._sum = torch.tensor(float(total), dtype=dtype, device=device)
+            mean._weight = float(weight)
+
     def reduced_result(self) -> dict[str, Any]:
         """The means over every process's samples (`result()` outside a process group).
 
