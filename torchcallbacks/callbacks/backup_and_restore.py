@@ -36,9 +36,9 @@ class BackupAndRestore(Callback):
     """Back up the whole training state, and resume from it when training starts again.
 
     At train begin, if `backup_dir` holds a backup, the model, the optimizer(s), the GradScaler, the
-    `scheduler`, every callback's `state_dict()`, the random generators (torch CPU/CUDA, numpy, Python)
-    the global step and, in `fit`, the running means of the interrupted epoch are restored, and training continues at the saved epoch **and batch**: the
-    batches of the epoch already trained are skipped, and the random state at that epoch's start is
+    `scheduler`, every callback's `state_dict()`, the random generators (torch CPU/CUDA, numpy, Python),
+    the global step and, in `fit`, the running means of the interrupted epoch are restored, and
+    training continues at the saved epoch **and batch**: the batches of the epoch already trained are skipped, and the random state at that epoch's start is
     restored before the data loader draws its shuffle order, so an interrupted run ends with the same
     weights, bit for bit, as one that never stopped (given deterministic kernels).
 
