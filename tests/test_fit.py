@@ -373,3 +373,22 @@ def test_a_callback_list_can_be_passed_to_fit() -> None:
     history = tc.fit(model, make_regression(), optimizer=_sgd(model), loss=F.mse_loss, epochs=2,
                      callbacks=tc.CallbackList([trace]), verbose=0)
     assert history.epoch == [0, 1] and trace.calls[0] == "on_train_begin"
+
+
+def test_the_model_can_be_deep_copied_during_and_after_fit() -> None:
+    """`model.history` reaches the loop state; nothing there may hold the epoch's loss tensors
+    (non-leaf tensors cannot be deep-copied), or `copy.deepcopy(model)` in a callback, or in
+    `AveragedModel` after a fit, raises."""
+    import copy
+
+    copies = []
+
+    class Snapshot(tc.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            copies.append(copy.deepcopy(self.model))
+
+    model = make_model()
+    tc.fit(model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.01), loss=F.mse_loss,
+           epochs=3, verbose=0, callbacks=[Snapshot()])
+    copy.deepcopy(model)
+    assert len(copies) == 3

@@ -9,8 +9,6 @@ import threading
 import warnings
 from typing import Any
 
-import torch
-
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.model_checkpoint import check_save_freq
 from torchcallbacks.checkpoint.files import CheckpointError, TrainingState, load_checkpoint, save_loop_state
@@ -216,9 +214,8 @@ class BackupAndRestore(Callback):
     # -- random states at the points where a resumed run must match -----------------------------------
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         # fit reset its running means just before this hook; put back those of the trained batches.
-        if self._pending_metrics is not None and self.loop.metrics is not None:
-            device = next(iter(self.model.parameters()), torch.empty(0)).device
-            self.loop.metrics.load_state_dict(self._pending_metrics, device)
+        if self._pending_metrics is not None and self.loop.load_metrics_state is not None:
+            self.loop.load_metrics_state(self._pending_metrics)
         self._pending_metrics = None
         if self._pending_epoch_rng is not None:
             restore_rng_state(self._pending_epoch_rng)
@@ -265,8 +262,8 @@ class BackupAndRestore(Callback):
         every = all_gather_json({k: rng_state_to_json(v) for k, v in rng.items()}) if is_distributed() else None
         # The running means of the epoch so far (fit's), one entry per process, for a mid-epoch resume.
         extra = None
-        if batch > 0 and self.loop.metrics is not None:
-            metrics = self.loop.metrics.state_dict()
+        if batch > 0 and self.loop.metrics_state is not None:
+            metrics = self.loop.metrics_state()
             extra = {"metrics": all_gather_json(metrics) if is_distributed() else [metrics]}
         self._write(epoch, batch, rng, every, extra)
         barrier()  # the backup is complete (or handed to the writer) before any process goes on

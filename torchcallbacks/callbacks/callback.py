@@ -57,8 +57,11 @@ class LoopState:
         exception: the exception that ended training, or None. Set before `on_train_end` runs, so
             callbacks can tell a normal finish from a crash.
         scaler: the `torch.amp.GradScaler` in use, if any.
-        metrics: `fit`'s running means of the epoch in progress (a `MetricTracker` with
-            `state_dict()` / `load_state_dict()`), kept in mid-epoch backups; None outside `fit`.
+        metrics_state: returns `fit`'s running means of the epoch in progress as JSON-able data
+            (kept in mid-epoch backups); None outside `fit`. A function, not the tracker itself, so
+            that `copy.deepcopy(model)` (which reaches this state through `model.history`) never
+            copies the loss tensors it holds.
+        load_metrics_state: puts back what `metrics_state` returned; None outside `fit`.
         callbacks: the `CallbackList` that owns this state.
     """
 
@@ -70,7 +73,8 @@ class LoopState:
     resume_hook: Callable[[], None] | None = None
     exception: BaseException | None = None
     scaler: Any = None
-    metrics: Any = None
+    metrics_state: Callable[[], dict[str, Any]] | None = None
+    load_metrics_state: Callable[[dict[str, Any]], None] | None = None
     callbacks: CallbackList | None = field(default=None, repr=False)
 
 

@@ -176,10 +176,11 @@ def fit(
     loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
     loop.resume_hook = None
     loop.scaler = grad_scaler
-    loop.metrics = stepper.tracker
-    callback_list.stop_training = False
     tracker = stepper.tracker
     assert tracker is not None
+    loop.metrics_state = lambda: tracker.state_dict()
+    loop.load_metrics_state = lambda state: tracker.load_state_dict(state, device)
+    callback_list.stop_training = False
 
     was_training = model.training
     epoch_logs: dict[str, Any] = {}
@@ -219,6 +220,7 @@ def fit(
         callback_list.on_train_end(epoch_logs)
     finally:
         model.train(was_training)
+        loop.metrics_state = loop.load_metrics_state = None
     history = callback_list.history
     assert history is not None
     return history
