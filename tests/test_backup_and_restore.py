@@ -279,3 +279,31 @@ def test_running_means_of_a_backup_from_more_processes_are_merged() -> None:
     assert tc.BackupAndRestore._own_metrics(saved) == {"loss": [8.0, 8.0], "mae": [1.0, 4.0]}
     assert tc.BackupAndRestore._own_metrics([{"loss": [2.0, 4.0]}]) == {"loss": [2.0, 4.0]}
     assert tc.BackupAndRestore._own_metrics(None) is None
+
+
+@pytest.mark.parametrize("swap_on_epoch", [False, True])
+def test_resume_with_swap_ema_weights_is_exact(tmp_path: Path, swap_on_epoch: bool) -> None:
+    """The EMA is part of the backup: a resumed run validates with the same averaged weights (so
+    decisions on val_* match) and ends with the same training and EMA weights. With swap_on_epoch the
+    backup is written while the EMA weights are in the model."""
+
+    def run(backup: tc.BackupAndRestore | None, extra: list[tc.Callback], seed: int = 0):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(make_model(), torch.nn.Dropout(0.2))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        ema = tc.SwapEMAWeights(decay=0.9, swap_on_epoch=swap_on_epoch)
+        history = tc.fit(model, make_regression(shuffle=True), optimizer=optimizer,
+                         loss=torch.nn.functional.mse_loss, epochs=4, verbose=0,
+                         validation_data=make_regression(n=32), callbacks=[ema, *extra, *filter(None, [backup])])
+        ema.swap_out()
+        return model, ema, history
+
+    reference, reference_ema, reference_history = run(None, [])
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tc.BackupAndRestore(tmp_path, save_freq=3), [Crash(10)])
+    resumed, resumed_ema, resumed_history = run(tc.BackupAndRestore(tmp_path, save_freq=3), [], seed=123)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for (_, a), (_, b) in zip(reference_ema._pairs, resumed_ema._pairs, strict=True):
+        assert torch.equal(a, b)
+    assert resumed_history.history["val_loss"] == reference_history.history["val_loss"][-len(resumed_history.epoch):]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -160,6 +161,43 @@ class SwapEMAWeights(Callback):
         """Put the training weights back into the model."""
         if self._ema_in_model:
             self._swap()
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The average itself (tensors, stored as tensors in training-state files), the number of
+        updates and whether the EMA weights are in the model (with `swap_on_epoch` they are when a
+        backup is written at epoch end; the EMA slots then hold the training weights)."""
+        if self.ema_model is None:
+            return {}
+        return {
+            "num_updates": self.num_updates,
+            "ema_in_model": self._ema_in_model,
+            "tensors": [ema_tensor for _, ema_tensor in self._pairs],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the average. Load the model's weights first (as `BackupAndRestore` does): when the
+        state says the EMA weights were in the model, they are swapped back out right away, so that
+        training resumes with the training weights."""
+        if not state_dict:
+            return
+        if self.ema_model is None or self._source is not self.model:
+            self._build(self.model)
+        tensors = state_dict["tensors"]
+        if len(tensors) != len(self._pairs):
+            raise ValueError(
+                f"SwapEMAWeights.load_state_dict: the state holds {len(tensors)} tensors, the model has "
+                f"{len(self._pairs)}"
+            )
+        for (_, ema_tensor), saved in zip(self._pairs, tensors, strict=True):
+            ema_tensor.copy_(saved)
+        self.num_updates = int(state_dict["num_updates"])
+        assert self.ema_model is not None
+        self.ema_model.n_averaged.fill_(self.num_updates)
+        self._ema_in_model = bool(state_dict["ema_in_model"])
+        self._swapped_for = None
+        self.swap_out()
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
