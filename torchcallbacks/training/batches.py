@@ -42,9 +42,13 @@ def unpack_x(batch: Any) -> Any:
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to `device`; tensors already there are returned as they are."""
+    """Move every tensor in a (nested) batch to `device`; tensors already there are returned as they are.
+
+    Copies to an accelerator are asynchronous (`non_blocking`, ordered on its stream); copies to the
+    CPU are not, since the CPU would read the tensor before an asynchronous copy finished.
+    """
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
+        return value if value.device == device else value.to(device, non_blocking=device.type != "cpu")
     if isinstance(value, tuple):
         return tuple(to_device(v, device) for v in value)
     if isinstance(value, list):
