@@ -19,22 +19,53 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def is_distributed() -> bool:
-    """True inside an initialised process group with more than one process."""
+    """True inside an initialised process group with more than one process.
+
+    Example:
+
+    ```python
+    if is_distributed():
+        sampler = DistributedSampler(dataset)
+    ```
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def get_rank() -> int:
-    """This process's rank, 0 outside a process group."""
+    """This process's rank, 0 outside a process group.
+
+    Example:
+
+    ```python
+    log_file = f"train-rank{get_rank()}.log"
+    ```
+    """
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_world_size() -> int:
-    """Number of processes, 1 outside a process group."""
+    """Number of processes, 1 outside a process group.
+
+    Example:
+
+    ```python
+    global_batch_size = batch_size * get_world_size()
+    ```
+    """
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
-    """True on rank 0, the process that writes files, draws progress bars and posts to servers."""
+    """True on rank 0, the process that writes files, draws progress bars and posts to servers.
+
+    Example:
+
+    ```python
+    if is_main_process():
+        save_weights(model, "model.safetensors")
+    barrier()
+    ```
+    """
     return get_rank() == 0
 
 
@@ -47,6 +78,9 @@ def main_process_only(method: _F) -> _F:
     sync). The rank is read when the hook is called, not when the class is defined, so a callback
     created before `init_process_group` behaves right. A decorated function must not take part in
     a collective, since only one rank runs it. Outside a process group every call runs.
+
+    Args:
+        method: the function or method to guard.
 
     Example:
 
@@ -68,7 +102,20 @@ def main_process_only(method: _F) -> _F:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DistributedDataParallel / DataParallel / `torch.compile` wrappers."""
+    """The plain module inside DistributedDataParallel / DataParallel / `torch.compile` wrappers.
+
+    Wrappers nested in one another are all removed; a plain module comes back as it is.
+
+    Args:
+        model: a module, possibly wrapped.
+
+    Example:
+
+    ```python
+    assert unwrap_model(torch.nn.DataParallel(model)) is model
+    assert unwrap_model(torch.compile(model)) is model
+    ```
+    """
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
@@ -80,7 +127,17 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 @main_process_only
 def print_main(message: str) -> None:
-    """Print `message` on the main process only (verbose messages of callbacks)."""
+    """Print `message` on the main process only (verbose messages of callbacks).
+
+    Args:
+        message: the text to print (flushed at once).
+
+    Example:
+
+    ```python
+    print_main(f"Epoch {epoch + 1}: reducing learning rate to {lr}.")
+    ```
+    """
     print(message, flush=True)
 
 
@@ -88,7 +145,14 @@ def collective_device() -> torch.device:
     """Where the tensors of a collective must live: the current CUDA device with NCCL, else the CPU.
 
     (NCCL only reduces CUDA tensors; gloo reduces CPU tensors. The NCCL path is written for GPUs but
-    is not exercised by the CPU test suite.)
+    is not exercised by the CPU test suite.) Call it only inside an initialised process group.
+
+    Example:
+
+    ```python
+    flag = torch.tensor(1.0, device=collective_device())
+    torch.distributed.all_reduce(flag)
+    ```
     """
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -99,6 +163,15 @@ def barrier() -> None:
     """Wait until every process gets here (nothing outside a process group).
 
     Used after a file is saved on the main process, before any process may read it.
+
+    Example:
+
+    ```python
+    if is_main_process():
+        save_weights(model, "best.safetensors")
+    barrier()
+    load_weights(model, "best.safetensors")  # every process sees the complete file
+    ```
     """
     if is_distributed():
         if dist.get_backend() == "nccl":
@@ -112,6 +185,16 @@ def any_process(flag: bool) -> bool:
 
     Every process must call it at the same point, so a decision taken on per-process values (e.g. a
     per-batch loss) is the same everywhere and no process waits in a collective another one skipped.
+
+    Args:
+        flag: this process's answer.
+
+    Example:
+
+    ```python
+    if any_process(not math.isfinite(loss)):
+        model.stop_training = True  # on every process at once
+    ```
     """
     if not is_distributed():
         return flag
@@ -131,6 +214,17 @@ def reduce_weighted_means(
     process must call it at the same point with the same names in the same order.
 
     Returns 0-d float64 tensors (float32 on MPS) on the device of the first sum given.
+
+    Args:
+        sums: name -> `(weighted sum, total weight)` of this process; a sum may be a tensor, a float,
+            or None (taken as 0).
+
+    Example:
+
+    ```python
+    means = reduce_weighted_means({"loss": (loss_sum, n_samples), "mae": (mae_sum, n_samples)})
+    epoch_loss = means["loss"].item()
+    ```
     """
     if not sums:
         return {}
@@ -159,8 +253,16 @@ def mean_over_processes(values: Mapping[str, float]) -> dict[str, float]:
 
     For values that are already means over equally many samples per process (e.g. batch logs under a
     `DistributedSampler`). Values that are not numbers are kept as they are. Outside a process group
-    the values come back unchanged. Every process must
-    call it at the same point with the same keys.
+    the values come back unchanged. Every process must call it at the same point with the same keys.
+
+    Args:
+        values: name -> this process's number.
+
+    Example:
+
+    ```python
+    logs = mean_over_processes({"loss": 0.25, "accuracy": 0.9})  # the same on every process
+    ```
     """
     out = dict(values)
     keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -176,6 +278,10 @@ def reduce_logs(logs: Mapping[str, Any], weight: float = 1.0) -> dict[str, float
     """Epoch logs averaged over processes, weighting each process's values by `weight` (its number of
     samples), in one all-reduce: for hand-written loops, so that every process's callbacks see the same
     numbers (`fit` reduces its logs itself). Tensor values are read once (`to_floats`).
+
+    Args:
+        logs: this process's epoch logs (numbers or 0-d tensors; other values are kept as they are).
+        weight: this process's weight, usually its number of samples this epoch.
 
     Example:
 
@@ -212,7 +318,19 @@ def _gather_padded(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every process's `tensor` (same dtype and trailing shape; the first dimension may differ), in
-    rank order. Outside a process group: `[tensor]`."""
+    rank order. Outside a process group: `[tensor]`.
+
+    Every process must call it at the same point.
+
+    Args:
+        tensor: this process's tensor (at least one dimension).
+
+    Example:
+
+    ```python
+    predictions = torch.cat(all_gather_tensors(local_predictions))
+    ```
+    """
     if not is_distributed():
         return [tensor]
     return _gather_padded(tensor)
@@ -220,7 +338,19 @@ def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def all_gather_json(value: Any) -> list[Any]:
     """Every process's JSON-able `value`, in rank order (sent as UTF-8 JSON bytes: no pickle).
-    Outside a process group: `[value]`."""
+    Outside a process group: `[value]`.
+
+    Every process must call it at the same point.
+
+    Args:
+        value: this process's value (anything `json.dumps` accepts; NaN and infinities included).
+
+    Example:
+
+    ```python
+    states = all_gather_json(callback.state_dict())  # states[rank] is that process's state
+    ```
+    """
     if not is_distributed():
         return [value]
     data = torch.frombuffer(bytearray(json.dumps(value, allow_nan=True).encode()), dtype=torch.uint8)
@@ -230,7 +360,21 @@ def all_gather_json(value: Any) -> list[Any]:
 def set_sampler_epoch(loader: Any, epoch: int) -> None:
     """Call `set_epoch(epoch)` on the loader's sampler when it has one (`loader.sampler`, else
     `loader.batch_sampler`, else `loader.batch_sampler.sampler`), as a `DistributedSampler` needs it
-    each epoch to draw a new shuffle order (without it every epoch repeats epoch 0's order)."""
+    each epoch to draw a new shuffle order (without it every epoch repeats epoch 0's order).
+
+    Args:
+        loader: a `DataLoader` or any object with such attributes (others are left alone).
+        epoch: the epoch about to start.
+
+    Example:
+
+    ```python
+    for epoch in range(epochs):
+        set_sampler_epoch(loader, epoch)
+        for x, y in loader:
+            ...
+    ```
+    """
     batch_sampler = getattr(loader, "batch_sampler", None)
     for sampler in (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
         set_epoch = getattr(sampler, "set_epoch", None)
