@@ -24,7 +24,22 @@ _TAGS = ("__tensor__", "__tuple__", "__dict__", "__float__")
 
 
 def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """`value` as JSON-able data; tensors go into `tensors` under names that start with `path`."""
+    """`value` as JSON-able data; tensors go into `tensors` under names that start with `path`.
+
+    Args:
+        value: tensors, numbers, strings, None, and lists, tuples and dicts of them (nested).
+        path: the name prefix of the tensors found in `value`, e.g. `"optimizer/0"`.
+        tensors: where the tensors found are put (name -> tensor); a name already there is an error.
+
+    Example:
+
+    ```python
+    tensors = {}
+    data = encode({"step": 3, "betas": (0.9, 0.999), "w": torch.ones(2)}, "opt", tensors)
+    # data == {"step": 3, "betas": {"__tuple__": [0.9, 0.999]}, "w": {"__tensor__": "opt/w"}}
+    # tensors == {"opt/w": tensor([1., 1.])}
+    ```
+    """
     if isinstance(value, torch.Tensor):
         if path in tensors:
             raise ValueError(f"two values of the state would be stored as tensor {path!r}")
@@ -58,7 +73,21 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """The inverse of `encode`: tagged values become tensors, tuples, dicts and floats again."""
+    """The inverse of `encode`: tagged values become tensors, tuples, dicts and floats again.
+
+    Args:
+        value: JSON data from `encode` (e.g. read back with `json.loads`).
+        tensors: the tensors it refers to, by name (a missing one is a `KeyError`).
+
+    Example:
+
+    ```python
+    tensors = {}
+    data = encode({"betas": (0.9, 0.999), "w": torch.ones(2)}, "opt", tensors)
+    state = decode(json.loads(json.dumps(data)), tensors)
+    # state == {"betas": (0.9, 0.999), "w": tensors["opt/w"]}
+    ```
+    """
     if isinstance(value, list):
         return [decode(v, tensors) for v in value]
     if not isinstance(value, dict):

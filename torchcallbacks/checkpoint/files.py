@@ -36,7 +36,17 @@ PathLike = str | os.PathLike[str]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file cannot be read, or does not fit what it is loaded into."""
+    """A checkpoint file cannot be read, or does not fit what it is loaded into.
+
+    Example:
+
+    ```python
+    try:
+        torchcallbacks.load_weights(model, "model.safetensors")
+    except CheckpointError as error:
+        print(f"cannot use the checkpoint: {error}")
+    ```
+    """
 
 
 @dataclass
@@ -52,6 +62,13 @@ class TrainingState:
         callbacks: the callback states (`CallbackList.state_dict()` layout).
         extra: anything the saver added.
         library_version: the torchcallbacks version that wrote the file.
+
+    Example:
+
+    ```python
+    state = torchcallbacks.load_checkpoint("state.safetensors", model, optimizer)
+    print(state.epoch, state.batch, state.global_step)
+    ```
     """
 
     path: str
@@ -111,9 +128,19 @@ def _header(kind: str) -> dict[str, str]:
 def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (on the CPU) and the header metadata of a safetensors file, tied names restored.
 
+    Args:
+        path: the file to read.
+
     Raises:
         FileNotFoundError: there is no file at `path`.
         CheckpointError: the file is not a complete safetensors file (truncated, foreign, damaged).
+
+    Example:
+
+    ```python
+    tensors, metadata = read_file("model.safetensors")
+    metadata["format"]  # "pt"
+    ```
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -420,7 +447,28 @@ def save_loop_state(
     extra: Mapping[str, Any] | None = None,
 ) -> None:
     """`save_checkpoint` of what a callback sees: `callback.model`, `callback.optimizer` (one or a
-    list), the loop's GradScaler, callback states and global step."""
+    list), the loop's GradScaler, callback states and global step.
+
+    Args:
+        callback: a callback attached to a loop (it has `model`, `optimizer` and `loop`).
+        filepath: where to write.
+        epoch: the epoch to continue at when resuming (0-based).
+        batch: batches of `epoch` already trained (0 at an epoch end).
+        rng: named random states; default: `{"current": <now>}`.
+        scheduler: an LR scheduler (or a list of them) whose state to keep.
+        writer: a `CheckpointWriter` (asynchronous or not); default: write now.
+        keep_previous_as: move the file being replaced to this path.
+        delete_after: files to delete once the new file is written.
+        extra: more JSON-able (or tensor) data to keep.
+
+    Example:
+
+    ```python
+    class SaveEachEpoch(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            save_loop_state(self, f"epoch{epoch}.safetensors", epoch=epoch + 1, batch=0)
+    ```
+    """
     loop = callback.loop
     save_checkpoint(
         filepath, callback.model, callback.optimizer, scaler=loop.scaler, scheduler=scheduler,

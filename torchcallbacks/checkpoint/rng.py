@@ -18,7 +18,17 @@ import torch
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The current state of torch's CPU and CUDA generators, numpy's global one and Python's `random`."""
+    """The current state of torch's CPU and CUDA generators, numpy's global one and Python's `random`.
+
+    Example:
+
+    ```python
+    state = capture_rng_state()
+    a = torch.rand(3)
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+    ```
+    """
     algorithm, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -37,7 +47,23 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Set every generator to a state from `capture_rng_state` (or read back from a checkpoint)."""
+    """Set every generator to a state from `capture_rng_state` (or read back from a checkpoint).
+
+    CUDA states are restored only when as many CUDA devices are visible as were saved (else a
+    warning says they are not).
+
+    Args:
+        state: a `capture_rng_state()` dict; `numpy` and `python` may be absent (left as they are).
+
+    Example:
+
+    ```python
+    state = capture_rng_state()
+    a = torch.rand(3)
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+    ```
+    """
     torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
     cuda = state.get("cuda") or []
     if cuda:
@@ -70,7 +96,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def rng_state_to_json(state: dict[str, Any]) -> dict[str, Any]:
     """A `capture_rng_state()` dict as JSON-able data (generator tensors as base64 strings), to send
-    it to another process without pickle; `rng_state_from_json` is the inverse."""
+    it to another process without pickle; `rng_state_from_json` is the inverse.
+
+    Args:
+        state: a `capture_rng_state()` dict.
+
+    Example:
+
+    ```python
+    text = json.dumps(rng_state_to_json(capture_rng_state()))
+    restore_rng_state(rng_state_from_json(json.loads(text)))
+    ```
+    """
     out = dict(state)
     out["torch"] = _b64(state["torch"])
     out["cuda"] = [_b64(s) for s in state.get("cuda") or []]
@@ -78,7 +115,18 @@ def rng_state_to_json(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def rng_state_from_json(data: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `rng_state_to_json`."""
+    """The inverse of `rng_state_to_json`.
+
+    Args:
+        data: a `rng_state_to_json()` dict (e.g. read back with `json.loads`).
+
+    Example:
+
+    ```python
+    text = json.dumps(rng_state_to_json(capture_rng_state()))
+    restore_rng_state(rng_state_from_json(json.loads(text)))
+    ```
+    """
     out = dict(data)
     out["torch"] = _unb64(data["torch"])
     out["cuda"] = [_unb64(s) for s in data.get("cuda") or []]

@@ -44,6 +44,19 @@ def write_safetensors(
     spaces to a multiple of 8), then each tensor's bytes, largest element size first as safetensors
     itself orders them. Each tensor is written straight from its memory (no serialised copy of the
     whole file, unlike `safetensors.torch.save`), which is what makes the save as fast as a raw write.
+    The file is written in place, not atomically (`atomic_save_file` is the atomic one).
+
+    Args:
+        tensors: name -> tensor (any device; the dtype must be one safetensors stores).
+        filename: the file to write.
+        metadata: safetensors header metadata (strings only).
+
+    Example:
+
+    ```python
+    write_safetensors({"w": torch.ones(2, 3)}, "w.safetensors", {"format": "pt"})
+    safetensors.torch.load_file("w.safetensors")["w"]  # tensor of ones
+    ```
     """
     if sys.byteorder != "little":  # safetensors is little-endian; its own writer converts
         save_file(dict(tensors), filename, metadata=dict(metadata) if metadata is not None else None)
@@ -103,6 +116,13 @@ def atomic_save_file(
         metadata: safetensors header metadata (strings only).
         keep_previous_as: if given and `path` exists, the old file is moved there (also atomically)
             just before the new one takes its place.
+
+    Example:
+
+    ```python
+    atomic_save_file({"w": torch.ones(2)}, "ckpt.safetensors", {"format": "pt"},
+                     keep_previous_as="ckpt.previous.safetensors")
+    ```
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -187,6 +207,20 @@ class CheckpointWriter:
 
         With `async_save`, waits for the write in flight (raising its error, if any), copies the
         tensors into host buffers and returns; the file is written on a background thread.
+
+        Args:
+            path: the file to create or replace.
+            tensors: name -> contiguous tensor, no two sharing memory.
+            metadata: safetensors header metadata (strings only).
+            keep_previous_as: if given and `path` exists, the old file is moved there first.
+            delete_after: files to delete once `path` is written (`path` itself is never deleted).
+
+        Example:
+
+        ```python
+        writer.write("epoch2.safetensors", {"w": w}, {"format": "pt"},
+                     delete_after=["epoch1.safetensors"])
+        ```
         """
         to_delete = [os.fspath(p) for p in delete_after if os.fspath(p) != os.fspath(path)]
         if not self.async_save:
@@ -234,7 +268,15 @@ class CheckpointWriter:
         return copies, event
 
     def flush(self) -> None:
-        """Wait for the write in flight, if any; raise its error on this thread."""
+        """Wait for the write in flight, if any; raise its error on this thread.
+
+        Example:
+
+        ```python
+        writer.write("ckpt.safetensors", {"w": w})
+        writer.flush()  # the file is complete (or the write's error is raised here)
+        ```
+        """
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
@@ -244,5 +286,13 @@ class CheckpointWriter:
 
     @property
     def pending(self) -> bool:
-        """Whether a background write is still running."""
+        """Whether a background write is still running.
+
+        Example:
+
+        ```python
+        if not writer.pending:
+            writer.flush()  # returns at once, or raises the error of the write that failed
+        ```
+        """
         return self._thread is not None and self._thread.is_alive()
