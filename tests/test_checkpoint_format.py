@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -246,13 +247,29 @@ def test_no_pickle_in_the_library() -> None:
 
 
 def test_every_public_function_documents_args_and_an_example() -> None:
-    """The public API's docstrings have Args and an Example, as Keras' do."""
+    """The public API's docstrings have Args (when there are arguments) and an Example, as Keras'
+    do: the functions exported by `torchcallbacks` and every public function of
+    `torchcallbacks.distributed`."""
     import inspect
 
-    missing = [
-        name
-        for name in tc.__all__
-        if inspect.isfunction(getattr(tc, name))
-        and not all(part in (inspect.getdoc(getattr(tc, name)) or "") for part in ("Args:", "Example"))
-    ]
-    assert missing == []
+    import torchcallbacks.distributed
+
+    functions = {name: getattr(tc, name) for name in tc.__all__ if inspect.isfunction(getattr(tc, name))}
+    functions.update(
+        (f"distributed.{name}", function)
+        for name, function in vars(torchcallbacks.distributed).items()
+        if inspect.isfunction(function)
+        and not name.startswith("_")
+        and function.__module__ == "torchcallbacks.distributed"
+    )
+    assert "distributed.main_process_only" in functions and "distributed.print_main" in functions
+
+    def lacks(function: Any) -> list[str]:
+        doc = inspect.getdoc(function) or ""
+        needed = ["Example:"]
+        if inspect.signature(function).parameters:
+            needed.append("Args:")
+        return [part for part in needed if part not in doc]
+
+    missing = {name: lacks(function) for name, function in functions.items() if lacks(function)}
+    assert missing == {}

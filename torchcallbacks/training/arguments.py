@@ -12,12 +12,36 @@ from torchcallbacks.callbacks.callback_list import CallbackList
 
 
 def check_model(model: Any, where: str) -> torch.nn.Module:
+    """`model` itself when it is a `torch.nn.Module`, else a `TypeError` that names `where`.
+
+    Args:
+        model: the `model` argument as given.
+        where: the public function checking it, for the message (e.g. `"fit"`).
+
+    Example:
+
+    ```python
+    model = check_model(torch.nn.Linear(4, 1), "fit")
+    ```
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, received {type(model).__name__}")
     return model
 
 
 def check_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """`fit`'s `optimizer` argument as a list of optimizers; None, an empty list or anything that is
+    not a `torch.optim.Optimizer` is a `TypeError`.
+
+    Args:
+        optimizer: an optimizer or a list (or tuple) of them.
+
+    Example:
+
+    ```python
+    optimizers = check_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))  # a list of one
+    ```
+    """
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     if optimizer is None or not optimizers:
         raise TypeError("fit: optimizer is required, e.g. optimizer=torch.optim.Adam(model.parameters())")
@@ -30,12 +54,35 @@ def check_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
 
 
 def check_callable(value: Any, name: str) -> Callable[..., Any] | None:
+    """`value` when it is None or callable, else a `TypeError` that names the argument.
+
+    Args:
+        value: the argument as given.
+        name: its name, for the message (e.g. `"train_step"`).
+
+    Example:
+
+    ```python
+    train_step = check_callable(train_step, "train_step")
+    ```
+    """
     if value is not None and not callable(value):
         raise TypeError(f"{name}: expected a callable, received {type(value).__name__}")
     return value
 
 
 def check_verbose(verbose: Any) -> int:
+    """The verbosity as 0, 1 or 2 (`"auto"` is 1, as in Keras); anything else is a `ValueError`.
+
+    Args:
+        verbose: `"auto"`, 0, 1 or 2.
+
+    Example:
+
+    ```python
+    check_verbose("auto")  # 1
+    ```
+    """
     if verbose == "auto":
         return 1
     if isinstance(verbose, bool) or verbose not in (0, 1, 2):
@@ -44,7 +91,20 @@ def check_verbose(verbose: Any) -> int:
 
 
 def resolve_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
-    """The device to run on: `device` (the model is moved there), else where the model's weights are."""
+    """The device to run on: `device` (the model is moved there), else where the model's weights are.
+
+    A model without parameters or buffers runs on the CPU.
+
+    Args:
+        model: the model.
+        device: the device asked for, or None to keep the model where it is.
+
+    Example:
+
+    ```python
+    device = resolve_device(model, "cuda" if torch.cuda.is_available() else None)
+    ```
+    """
     if device is not None:
         target = torch.device(device)
         model.to(target)
@@ -62,7 +122,26 @@ def make_callback_list(
     add_progbar: bool,
     params: dict[str, Any],
 ) -> CallbackList:
-    """A `CallbackList` wired to this run; a `CallbackList` passed in is reused with its callbacks."""
+    """A `CallbackList` wired to this run; a `CallbackList` passed in is reused with its callbacks.
+
+    A `CallbackList` passed in keeps its `loop` (so a hand-written loop sees the same counters);
+    a single `Callback` is taken as a list of one; anything else is a `TypeError`.
+
+    Args:
+        callbacks: the `callbacks` argument of `fit`, `evaluate` or `predict`.
+        model: the model the callbacks act on.
+        optimizer: the optimizer they may read or adjust (None outside `fit`).
+        add_history: append a `History` unless one is in the list.
+        add_progbar: append a `ProgbarLogger` unless one is in the list.
+        params: the run's parameters (`epochs`, `steps`, `verbose`, ...).
+
+    Example:
+
+    ```python
+    callbacks = make_callback_list([EarlyStopping(patience=2)], model, optimizer, add_history=True,
+                                   add_progbar=False, params={"epochs": 10, "steps": 100, "verbose": 0})
+    ```
+    """
     if isinstance(callbacks, CallbackList):
         callback_list = CallbackList(callbacks.callbacks, add_history, add_progbar, model, optimizer, **params)
         callback_list.set_loop(callbacks.loop)

@@ -9,7 +9,18 @@ import torch
 
 
 def describe(value: Any) -> str:
-    """A short description of a (nested) batch for error messages: `tuple(Tensor[32, 10], Tensor[32])`."""
+    """A short description of a (nested) batch for error messages, e.g.
+    `tuple of 2 (Tensor[32, 10], Tensor[32])`.
+
+    Args:
+        value: a batch, or any part of one.
+
+    Example:
+
+    ```python
+    describe((torch.zeros(32, 10), torch.zeros(32)))  # "tuple of 2 (Tensor[32, 10], Tensor[32])"
+    ```
+    """
     if isinstance(value, torch.Tensor):
         return f"Tensor[{', '.join(map(str, value.shape))}]"
     if isinstance(value, Mapping):
@@ -21,7 +32,19 @@ def describe(value: Any) -> str:
 
 
 def unpack(batch: Any, where: str) -> tuple[Any, Any, Any]:
-    """Split a training or evaluation batch into `(x, y, sample_weight)`."""
+    """Split a training or evaluation batch into `(x, y, sample_weight)`.
+
+    Args:
+        batch: `(x, y)` or `(x, y, sample_weight)` (a tuple or a list); anything else is a
+            `ValueError` that describes the batch.
+        where: the public function, for the message (e.g. `"fit"`).
+
+    Example:
+
+    ```python
+    x, y, sample_weight = unpack((inputs, targets), "fit")  # sample_weight is None
+    ```
+    """
     if isinstance(batch, (tuple, list)):
         if len(batch) == 2:
             return batch[0], batch[1], None
@@ -35,7 +58,17 @@ def unpack(batch: Any, where: str) -> tuple[Any, Any, Any]:
 
 def unpack_x(batch: Any) -> Any:
     """The model input of a predict batch: the batch itself, or the first element of (x,), (x, y),
-    (x, y, sample_weight), as Keras does."""
+    (x, y, sample_weight), as Keras does.
+
+    Args:
+        batch: a batch from the `predict` loader.
+
+    Example:
+
+    ```python
+    unpack_x((inputs, targets)) is inputs  # True
+    ```
+    """
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
         return batch[0]
     return batch
@@ -46,6 +79,16 @@ def to_device(value: Any, device: torch.device) -> Any:
 
     Copies to an accelerator are asynchronous (`non_blocking`, ordered on its stream); copies to the
     CPU are not, since the CPU would read the tensor before an asynchronous copy finished.
+
+    Args:
+        value: a tensor, or tuples, lists and dicts of them (other values are kept as they are).
+        device: where the tensors go.
+
+    Example:
+
+    ```python
+    x, y = to_device((x, y), torch.device("cuda"))
+    ```
     """
     if isinstance(value, torch.Tensor):
         return value if value.device == device else value.to(device, non_blocking=device.type != "cpu")
@@ -59,7 +102,19 @@ def to_device(value: Any, device: torch.device) -> Any:
 
 
 def batch_size(value: Any) -> int:
-    """The length of the first tensor found in a (nested) batch, 1 when there is none."""
+    """The length of the first tensor found in a (nested) batch, 1 when there is none.
+
+    A 0-d tensor counts as 1.
+
+    Args:
+        value: a batch, or any part of one.
+
+    Example:
+
+    ```python
+    batch_size({"tokens": torch.zeros(16, 128), "mask": torch.ones(16, 128)})  # 16
+    ```
+    """
     if isinstance(value, torch.Tensor):
         return value.shape[0] if value.ndim else 1
     if isinstance(value, (tuple, list)):
@@ -74,7 +129,18 @@ def batch_size(value: Any) -> int:
 
 
 def call_model(model: torch.nn.Module, x: Any) -> Any:
-    """`model(x)`; a tuple `x` is passed as positional arguments and a dict as keyword arguments."""
+    """`model(x)`; a tuple `x` is passed as positional arguments and a dict as keyword arguments.
+
+    Args:
+        model: the model.
+        x: the model input: a tensor, a tuple, a dict, or anything `model` takes as one argument.
+
+    Example:
+
+    ```python
+    y_pred = call_model(model, {"input_ids": ids, "attention_mask": mask})  # model(input_ids=..., ...)
+    ```
+    """
     if isinstance(x, torch.Tensor):
         return model(x)
     if isinstance(x, tuple):

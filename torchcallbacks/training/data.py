@@ -9,6 +9,18 @@ from typing import Any
 
 
 def check_steps(value: int | None, name: str) -> int | None:
+    """`value` when it is None or an integer >= 1, else a `ValueError` that names the argument.
+
+    Args:
+        value: the argument as given (e.g. `steps_per_epoch`).
+        name: its name, for the message.
+
+    Example:
+
+    ```python
+    steps = check_steps(steps_per_epoch, "steps_per_epoch")
+    ```
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -17,7 +29,18 @@ def check_steps(value: int | None, name: str) -> int | None:
 
 
 def known_length(data: Iterable[Any]) -> int | None:
-    """`len(data)` when the loader has one, else None (an iterable dataset, a generator)."""
+    """`len(data)` when the loader has one, else None (an iterable dataset, a generator).
+
+    Args:
+        data: an iterable of batches.
+
+    Example:
+
+    ```python
+    known_length(DataLoader(dataset, batch_size=32))  # the number of batches
+    known_length(batch for batch in loader)  # None
+    ```
+    """
     try:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -35,6 +58,15 @@ class EpochIterator:
         data: an iterable of batches, e.g. a `torch.utils.data.DataLoader`.
         steps: batches per epoch (validated with `check_steps`), or None for one pass.
         name: the argument's name, for error messages.
+
+    Example:
+
+    ```python
+    batches = EpochIterator(loader, steps=100, name="x")
+    for epoch in range(epochs):
+        for index, batch in batches.epoch():
+            train(batch)
+    ```
     """
 
     def __init__(self, data: Iterable[Any], steps: int | None, name: str) -> None:
@@ -51,7 +83,22 @@ class EpochIterator:
 
     def epoch(self, skip: int = 0, after_skip: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield `(index, batch)` for one epoch, leaving out the first `skip` batches (a resume);
-        `after_skip()` is called once they are consumed, before the next batch is fetched."""
+        `after_skip()` is called once they are consumed, before the next batch is fetched.
+
+        The skipped batches are fetched (consumed), not just counted, so that the ones trained are
+        the ones an uninterrupted run would have trained.
+
+        Args:
+            skip: batches of this epoch already trained; the first index yielded is `skip`.
+            after_skip: called once after the skipped batches (not called when `skip` is 0).
+
+        Example:
+
+        ```python
+        for index, batch in batches.epoch(skip=state.batch):
+            train(batch)  # index runs from state.batch
+        ```
+        """
         if self.steps is None:
             batches = enumerate(self.data)
             if skip:

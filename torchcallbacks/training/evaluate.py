@@ -29,7 +29,28 @@ def run_evaluation(
     callbacks: CallbackList,
     name: str,
 ) -> dict[str, float]:
-    """One pass of evaluation with the test hooks; returns the results as floats (one sync)."""
+    """One pass of evaluation with the test hooks; returns the results as floats (one sync).
+
+    The model is in eval mode and under `torch.no_grad()` during the pass, and back in its former
+    mode after it. Under `torch.distributed` the results are means over every process's samples.
+    A callback can end the pass early with `model.stop_evaluating = True`.
+
+    Args:
+        stepper: runs each test step; it must have a `MetricTracker`.
+        data: an iterable of `(x, y)` or `(x, y, sample_weight)` batches.
+        steps: batches to evaluate, or None for one full pass.
+        callbacks: the callbacks whose `on_test_*` hooks run.
+        name: the data's argument name, for messages (e.g. `"validation_data"`).
+
+    Example:
+
+    ```python
+    tracker = MetricTracker(normalize_metrics([accuracy]))
+    stepper = Stepper(model, torch.device("cpu"), tracker, loss=torch.nn.functional.cross_entropy)
+    logs = run_evaluation(stepper, val_loader, None, CallbackList(model=model), "validation_data")
+    logs["loss"], logs["accuracy"]
+    ```
+    """
     model, tracker = stepper.model, stepper.tracker
     assert tracker is not None
     was_training = model.training

@@ -18,18 +18,53 @@ _FOLD_EVERY = 32
 
 
 def is_stateful_metric(metric: Any) -> bool:
-    """Objects with `update` / `compute` / `reset` (torchmetrics style) keep their own state."""
+    """Objects with `update` / `compute` / `reset` (torchmetrics style) keep their own state.
+
+    Args:
+        metric: a metric as passed in `metrics`.
+
+    Example:
+
+    ```python
+    is_stateful_metric(torchmetrics.Accuracy(task="binary"))  # True
+    is_stateful_metric(torch.nn.functional.l1_loss)  # False
+    ```
+    """
     return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
 
 
 def metric_name(metric: Any) -> str:
-    """A function's `__name__`, else the lower-cased class name."""
+    """A function's `__name__`, else the lower-cased class name.
+
+    Args:
+        metric: a metric as passed in `metrics`.
+
+    Example:
+
+    ```python
+    metric_name(torch.nn.functional.l1_loss)  # "l1_loss"
+    metric_name(torch.nn.L1Loss())  # "l1loss"
+    ```
+    """
     name = getattr(metric, "__name__", None)
     return str(name) if name else type(metric).__name__.lower()
 
 
 def normalize_metrics(metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None) -> dict[str, MetricLike]:
-    """Metrics as a name -> metric dict; a list is named after each function (or class)."""
+    """Metrics as a name -> metric dict; a list is named after each function (or class).
+
+    Two metrics of one name, the reserved name `"loss"`, a name that is not a string or a metric
+    that is neither callable nor stateful are errors that name the metric.
+
+    Args:
+        metrics: a dict of name -> metric, a list of metrics, or None (no metrics).
+
+    Example:
+
+    ```python
+    normalize_metrics([torch.nn.functional.l1_loss])  # {"l1_loss": torch.nn.functional.l1_loss}
+    ```
+    """
     if metrics is None:
         return {}
     if isinstance(metrics, Mapping):
@@ -60,7 +95,20 @@ def normalize_metrics(metrics: Mapping[str, MetricLike] | Sequence[MetricLike] |
 
 def metric_direction(metric: Any) -> str | None:
     """'max' or 'min' when a metric declares its direction (`mode = "max"` or torchmetrics'
-    `higher_is_better`), else None."""
+    `higher_is_better`), else None.
+
+    Args:
+        metric: a metric as passed in `metrics`.
+
+    Example:
+
+    ```python
+    def accuracy(y_pred, y):
+        return (y_pred.argmax(1) == y).float().mean()
+    accuracy.mode = "max"
+    metric_direction(accuracy)  # "max"
+    ```
+    """
     mode = getattr(metric, "mode", None)
     if mode in ("min", "max"):
         return str(mode)
@@ -76,6 +124,17 @@ class RunningMean:
     `add` only appends to Python lists; the device work (a stack and a sum, without autograd) happens
     when the mean is read, and every `_FOLD_EVERY` values to bound memory. A `snapshot()` taken after a batch gives
     that batch's running mean later, even after more values were added.
+
+    Example:
+
+    ```python
+    mean = RunningMean()
+    mean.add(torch.tensor(1.0), weight=3)
+    snapshot = mean.snapshot()
+    mean.add(torch.tensor(3.0), weight=1)
+    RunningMean.mean_of(snapshot)  # tensor(1., dtype=torch.float64)
+    mean.result()  # tensor(1.5000, dtype=torch.float64)
+    ```
     """
 
     __slots__ = ("_sum", "_values", "_weight", "_weights")
@@ -87,6 +146,18 @@ class RunningMean:
         self._weights: list[float] = []
 
     def add(self, value: torch.Tensor, weight: float) -> None:
+        """Add one value (no device work, except a fold every `_FOLD_EVERY` values).
+
+        Args:
+            value: a 0-d tensor, e.g. a batch's loss.
+            weight: its weight, e.g. the batch size.
+
+        Example:
+
+        ```python
+        mean.add(loss.detach(), weight=len(x))
+        ```
+        """
         self._values.append(value)
         self._weights.append(weight)
         if len(self._values) >= _FOLD_EVERY:
@@ -117,19 +188,60 @@ class RunningMean:
         return total, base_weight + sum(ws)
 
     def snapshot(self) -> tuple[Any, ...]:
+        """The mean as of now, to read later with `mean_of` (cheap: no device work).
+
+        Example:
+
+        ```python
+        snapshot = mean.snapshot()
+        mean.add(torch.tensor(2.0), weight=1)
+        RunningMean.mean_of(snapshot)  # the mean without the value added after the snapshot
+        ```
+        """
         return (self._sum, self._weight, self._values, self._weights, len(self._values))
 
     @classmethod
     def mean_of(cls, snapshot: tuple[Any, ...]) -> torch.Tensor | None:
+        """The weighted mean at the time of `snapshot` (a 0-d tensor), or None if nothing (or only
+        weight 0) had been added.
+
+        Args:
+            snapshot: from `snapshot()`.
+
+        Example:
+
+        ```python
+        RunningMean.mean_of(mean.snapshot())  # the same as mean.result()
+        ```
+        """
         total, weight = cls._total(*snapshot)
         return None if total is None or weight == 0 else total / weight
 
     def sum_and_weight(self) -> tuple[torch.Tensor | None, float]:
-        """The weighted sum (a device tensor) and the total weight, e.g. for a cross-process reduction."""
+        """The weighted sum (a device tensor) and the total weight, e.g. for a cross-process reduction.
+
+        The sum is None when nothing was added.
+
+        Example:
+
+        ```python
+        means = reduce_weighted_means({"loss": mean.sum_and_weight()})
+        ```
+        """
         self._fold()
         return self._sum, self._weight
 
     def result(self) -> torch.Tensor | None:
+        """The weighted mean of every value added (a 0-d tensor), or None if there is none.
+
+        Example:
+
+        ```python
+        mean = RunningMean()
+        mean.add(torch.tensor(2.0), weight=1)
+        mean.result()  # tensor(2., dtype=torch.float64)
+        ```
+        """
         return self.mean_of(self.snapshot())
 
 
@@ -139,6 +251,17 @@ class MetricTracker:
     Callable metrics are evaluated per batch on detached outputs and averaged weighted by batch size;
     stateful metrics (update/compute/reset) keep their own state. Extra values returned by a custom
     step are averaged like callable metrics.
+
+    Args:
+        metrics: name -> metric, as `normalize_metrics` returns.
+
+    Example:
+
+    ```python
+    tracker = MetricTracker({"mae": torch.nn.functional.l1_loss})
+    tracker.update({"loss": loss}, y_pred, y, weight=len(y))
+    logs = to_floats(tracker.result())  # {"loss": ..., "mae": ...}
+    ```
     """
 
     def __init__(self, metrics: Mapping[str, MetricLike]) -> None:
@@ -151,6 +274,15 @@ class MetricTracker:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every running mean and reset the stateful metrics (at the start of an epoch).
+
+        Example:
+
+        ```python
+        tracker.reset()
+        tracker.result()  # {} when there are no stateful metrics
+        ```
+        """
         self._means = {}
         for metric in self._stateful.values():
             metric.reset()
@@ -173,6 +305,17 @@ class MetricTracker:
         The loss is kept as it is, not detached: after `backward()` its graph has released every
         saved tensor, so what stays alive until the next fold is a few small graph nodes, and a
         `detach()` per step measurably costs more (a new tensor object per step kept alive).
+
+        Args:
+            loss: the batch's scalar loss, after `loss.backward()`.
+            weight: the batch size.
+
+        Example:
+
+        ```python
+        loss.backward()
+        tracker.update_loss(loss, weight=len(x))
+        ```
         """
         mean = self._means.get("loss")
         if mean is None:
@@ -180,13 +323,38 @@ class MetricTracker:
         mean.add(loss, weight)
 
     def update(self, values: Mapping[str, Any], y_pred: Any, y: Any, weight: float) -> None:
-        """Add one batch: `values` (the loss or a custom step's results) and the metrics on (y_pred, y)."""
+        """Add one batch: `values` (the loss or a custom step's results) and the metrics on (y_pred, y).
+
+        Args:
+            values: name -> scalar (a number or a one-element tensor) of this batch.
+            y_pred: the model's output, or None to skip the metrics.
+            y: the targets.
+            weight: the batch size.
+
+        Example:
+
+        ```python
+        tracker.update({"loss": loss}, y_pred, y, weight=len(y))
+        ```
+        """
         for name, value in values.items():
             self._add(name, value, weight)
         self.update_metrics(y_pred, y, weight)
 
     def update_metrics(self, y_pred: Any, y: Any, weight: float) -> None:
-        """Evaluate the metrics on one batch's outputs."""
+        """Evaluate the metrics on one batch's outputs (detached, without autograd).
+
+        Args:
+            y_pred: the model's output (nothing is evaluated when it is None).
+            y: the targets.
+            weight: the batch size, the weight of the callable metrics' values.
+
+        Example:
+
+        ```python
+        tracker.update_metrics(y_pred, y, weight=len(y))
+        ```
+        """
         if self.metrics and y_pred is not None:
             with torch.no_grad():
                 y_pred = y_pred.detach() if isinstance(y_pred, torch.Tensor) else y_pred
@@ -206,18 +374,41 @@ class MetricTracker:
         return out
 
     def batch_logs(self) -> LazyLogs:
-        """The running means as of now, computed only if a callback reads them."""
+        """The running means as of now, computed only if a callback reads them.
+
+        Example:
+
+        ```python
+        callbacks.on_train_batch_end(index, tracker.batch_logs())
+        ```
+        """
         snapshots = {name: mean.snapshot() for name, mean in self._means.items()}
         return LazyLogs(lambda: self._compute(snapshots))
 
     def result(self) -> dict[str, Any]:
-        """The current means as 0-d tensors (no synchronisation)."""
+        """The current means as 0-d tensors (no synchronisation).
+
+        Example:
+
+        ```python
+        logs = to_floats(tracker.result())
+        ```
+        """
         return self._compute({name: mean.snapshot() for name, mean in self._means.items()})
 
     def state_dict(self) -> dict[str, list[float]]:
         """The running means as `{name: [weighted sum, total weight]}` (JSON-able; one device sync),
         so that a run resumed in the middle of an epoch logs the means of all of that epoch's
-        batches. Stateful metrics (update/compute/reset) keep their own state and are not included."""
+        batches. Stateful metrics (update/compute/reset) keep their own state and are not included.
+
+        Example:
+
+        ```python
+        state = tracker.state_dict()  # e.g. {"loss": [12.5, 50.0]}
+        other = MetricTracker({})
+        other.load_state_dict(state, torch.device("cpu"))
+        ```
+        """
         out = {}
         for name, mean in self._means.items():
             total, weight = mean.sum_and_weight()
@@ -226,7 +417,19 @@ class MetricTracker:
         return out
 
     def load_state_dict(self, state: Mapping[str, Sequence[float]], device: torch.device) -> None:
-        """Restore what `state_dict()` returned; the sums are put on `device` (the training device)."""
+        """Restore what `state_dict()` returned; the sums are put on `device` (the training device).
+
+        Args:
+            state: `{name: [weighted sum, total weight]}` from `state_dict()`.
+            device: where the sums go.
+
+        Example:
+
+        ```python
+        tracker.load_state_dict({"loss": [12.5, 50.0]}, torch.device("cpu"))
+        tracker.result()["loss"]  # tensor(0.2500, dtype=torch.float64)
+        ```
+        """
         dtype = torch.float32 if device.type == "mps" else torch.float64
         for name, (total, weight) in state.items():
             mean = self._means[name] = RunningMean()
@@ -240,7 +443,14 @@ class MetricTracker:
         across processes in one all-reduce (a mean over all samples, not a mean of per-process
         means). Stateful metrics are computed by their own `compute()`, which synchronises its state
         across processes itself (torchmetrics does, with `dist_sync_on_step=False` by default at
-        `compute`); a stateful metric that does not sync reports this process's value.
+        `compute`); a stateful metric that does not sync reports this process's value. Every
+        process must call it at the same point.
+
+        Example:
+
+        ```python
+        epoch_logs = to_floats(tracker.reduced_result())  # the same on every process
+        ```
         """
         if not is_distributed():
             return self.result()

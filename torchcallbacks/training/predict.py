@@ -23,7 +23,20 @@ from torchcallbacks.training.steps import StepFunction, Stepper
 
 
 def concatenate(outputs: list[Any]) -> Any:
-    """Concatenate per-batch outputs along the first dimension, keeping tuples, lists and dicts."""
+    """Concatenate per-batch outputs along the first dimension, keeping tuples, lists and dicts.
+
+    0-d tensors count as one sample each; outputs that are not tensors come back as the list given.
+
+    Args:
+        outputs: the outputs of each batch, in order (at least one), all of the same structure.
+
+    Example:
+
+    ```python
+    out = concatenate([{"logits": torch.zeros(2, 5)}, {"logits": torch.zeros(3, 5)}])
+    out["logits"].shape  # torch.Size([5, 5])
+    ```
+    """
     first = outputs[0]
     if isinstance(first, torch.Tensor):
         return torch.cat([o.reshape(1) if o.ndim == 0 else o for o in outputs])

@@ -16,7 +16,21 @@ StepFunction = Callable[[Any], Any]
 
 def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight: Any) -> torch.Tensor:
     """`loss_fn(y_pred, y)`, checked to be a scalar; with `sample_weight`, per-sample losses weighted
-    and averaged over the batch as Keras does (sum of weighted losses / number of elements)."""
+    and averaged over the batch as Keras does (sum of weighted losses / number of elements).
+
+    Args:
+        loss_fn: `(y_pred, y) -> tensor`: a scalar, or per-sample losses when there are sample weights.
+        y_pred: the model's output.
+        y: the targets.
+        sample_weight: one weight per sample, or None.
+
+    Example:
+
+    ```python
+    per_sample = functools.partial(torch.nn.functional.mse_loss, reduction="none")
+    loss = compute_loss(per_sample, y_pred, y, sample_weight=torch.tensor([1.0, 0.0]))
+    ```
+    """
     value = loss_fn(y_pred, y)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"loss: expected loss(y_pred, y) to return a tensor, received {type(value).__name__}")
@@ -53,6 +67,28 @@ class Stepper:
     `optimizer.step()`; under `amp_dtype` the forward pass and loss run in `torch.autocast`, and a
     `GradScaler` (if given) scales the loss. A custom `train_step(batch)` / `test_step(batch)` /
     `predict_step(batch)` replaces the default; the batch it receives is already on the device.
+
+    Args:
+        model: the model (already on `device`).
+        device: where batches are moved.
+        tracker: the running means that `train` and `test` update (not needed to predict).
+        loss: `(y_pred, y) -> tensor`, for the default train and test steps.
+        optimizers: the optimizers the default train step steps.
+        amp_dtype: run the forward pass and loss under `torch.autocast` with this dtype.
+        scaler: a `torch.amp.GradScaler` that scales the loss (with float16 autocast).
+        clip_grad_norm: clip the gradients' total norm to this before each optimizer step.
+        train_step: a custom training step `batch -> loss tensor or dict of scalars`.
+        test_step: a custom evaluation step, the same.
+        predict_step: a custom prediction step `batch -> output`.
+
+    Example:
+
+    ```python
+    tracker = MetricTracker({})
+    stepper = Stepper(model, torch.device("cpu"), tracker, loss=torch.nn.functional.mse_loss,
+                      optimizers=[torch.optim.SGD(model.parameters(), lr=0.1)])
+    stepper.train((x, y))
+    ```
     """
 
     def __init__(
@@ -103,6 +139,18 @@ class Stepper:
         return loss, y_pred, y, batch_size(x)
 
     def train(self, batch: Any) -> None:
+        """One training step on `batch`; its loss and metrics go to the tracker.
+
+        Args:
+            batch: `(x, y)` or `(x, y, sample_weight)` (any batch with a custom `train_step`).
+
+        Example:
+
+        ```python
+        for x, y in loader:
+            stepper.train((x, y))
+        ```
+        """
         tracker = self.tracker
         assert tracker is not None
         if self.custom_train is not None:
@@ -132,6 +180,20 @@ class Stepper:
         tracker.update_metrics(y_pred, y, size)
 
     def test(self, batch: Any, where: str) -> None:
+        """One evaluation step on `batch` (call it under `torch.no_grad()`); its loss and metrics go
+        to the tracker.
+
+        Args:
+            batch: `(x, y)` or `(x, y, sample_weight)` (any batch with a custom `test_step`).
+            where: the data's argument name, for error messages (e.g. `"validation_data"`).
+
+        Example:
+
+        ```python
+        with torch.no_grad():
+            stepper.test((x, y), "validation_data")
+        ```
+        """
         tracker = self.tracker
         assert tracker is not None
         if self.custom_test is not None:
@@ -145,6 +207,19 @@ class Stepper:
         tracker.update_metrics(y_pred, y, size)
 
     def predict(self, batch: Any) -> Any:
+        """The model's output for one batch (`x`, or the `x` of `(x, y)`), or the custom
+        `predict_step`'s result.
+
+        Args:
+            batch: a batch from the `predict` loader.
+
+        Example:
+
+        ```python
+        with torch.no_grad():
+            y_pred = stepper.predict((x,))
+        ```
+        """
         if self.custom_predict is not None:
             batch = to_device(batch, self.device)
             with self._autocast():
