@@ -58,10 +58,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     Example:
 
     ```python
-    state = capture_rng_state()
-    a = torch.rand(3)
-    restore_rng_state(state)
-    assert torch.equal(torch.rand(3), a)
+    saved = torchcallbacks.load_checkpoint("state.safetensors", model, restore_rng=False)
+    ...  # e.g. build the data loaders first
+    restore_rng_state(saved.rng["current"])
     ```
     """
     torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
