@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from conftest import make_model, make_regression
 
 import torchcallbacks
-from torchcallbacks.callbacks.monitor import MonitorCallback, check_count, check_number, infer_mode
+from torchcallbacks.callbacks.monitor import MonitorCallback, infer_mode
+from torchcallbacks.checks import check_count, check_number
 
 
 @pytest.mark.parametrize(

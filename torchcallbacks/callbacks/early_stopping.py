@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from torchcallbacks.callbacks.callback import Logs
-from torchcallbacks.callbacks.monitor import MonitorCallback, check_count
+from torchcallbacks.callbacks.monitor import MonitorCallback
+from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import print_main
 
 

@@ -6,11 +6,11 @@ resolve `mode="auto"` and compare values by the same rules.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
 
 from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.checks import check_number
 from torchcallbacks.logs import to_float
 
 #: Metric names (after removing a `val_` prefix) whose better values are higher. A name also matches
@@ -23,20 +23,6 @@ LOWER_IS_BETTER = (
 )
 
 MODES = ("auto", "min", "max")
-
-
-def check_count(value: object, name: str) -> int:
-    """`value` when it is an integer >= 0 (not a bool), else a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, received {value!r}")
-    return value
-
-
-def check_number(value: object, name: str) -> float:
-    """`value` as a float when it is a real number (not a bool), else a TypeError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, received {type(value).__name__} ({value!r})")
-    return float(value)
 
 
 def _matches(name: str, names: tuple[str, ...]) -> bool:

@@ -7,7 +7,8 @@ from typing import Any
 
 from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.learning_rate import get_lr, lr_logs, require_optimizer, set_lr
-from torchcallbacks.callbacks.monitor import MonitorCallback, check_count, check_number
+from torchcallbacks.callbacks.monitor import MonitorCallback
+from torchcallbacks.checks import check_count, check_number
 from torchcallbacks.distributed import print_main
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from torchcallbacks.callbacks.callback import Callback, Logs
-from torchcallbacks.callbacks.monitor import check_number
+from torchcallbacks.checks import check_number
 
 
 class SwapEMAWeights(Callback):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import main_process_only
 from torchcallbacks.logs import to_float, to_floats
 
@@ -50,12 +51,6 @@ def _parse_profile_batch(profile_batch: Any) -> tuple[int, int]:
     if start < 0 or stop < start or (start == 0 and stop != 0):
         raise ValueError(error)
     return start, stop
-
-
-def _check_frequency(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an integer >= 0 (0 turns it off), received {value!r}")
-    return value
 
 
 def _read_metadata(source: MetadataSource) -> tuple[list[Any], list[str] | None]:
@@ -191,14 +186,14 @@ class TensorBoard(Callback):
                 f"a file path or a list of labels, received {type(embeddings_metadata).__name__}"
             )
         self.log_dir = os.fspath(log_dir)
-        self.histogram_freq = _check_frequency(histogram_freq, "histogram_freq")
+        self.histogram_freq = check_count(histogram_freq, "histogram_freq", note=" (0 turns it off)")
         self.write_graph = bool(write_graph)
         self.write_images = bool(write_images)
         self.write_steps_per_second = bool(write_steps_per_second)
         self.update_freq: str | int = update_freq
         self.profile_batch = profile_batch
         self._start_batch, self._stop_batch = _parse_profile_batch(profile_batch)
-        self.embeddings_freq = _check_frequency(embeddings_freq, "embeddings_freq")
+        self.embeddings_freq = check_count(embeddings_freq, "embeddings_freq", note=" (0 turns it off)")
         self.embeddings_metadata = embeddings_metadata
         self.write_grads = bool(write_grads)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from torchcallbacks.callbacks.callback import Callback, Logs
-from torchcallbacks.callbacks.monitor import check_count
+from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import any_process, print_main
 from torchcallbacks.logs import to_float
 
@@ -47,9 +47,7 @@ class TerminateOnNaN(Callback):
     def __init__(self, raise_error: bool = False, check_every: int = 1) -> None:
         super().__init__()
         self.raise_error = bool(raise_error)
-        if check_count(check_every, "check_every") == 0:
-            raise ValueError("check_every: expected an integer >= 1, received 0")
-        self.check_every = check_every
+        self.check_every = check_count(check_every, "check_every", minimum=1)
 
     def _check(self, loss: object, where: str) -> None:
         value = math.nan if loss is None else to_float(loss)

@@ -10,6 +10,7 @@ import torch
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.history import History
+from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import set_sampler_epoch
 from torchcallbacks.logs import to_floats
 from torchcallbacks.training.arguments import (
@@ -143,10 +144,8 @@ def fit(
         raise TypeError("fit: loss is required (loss(y_pred, y) -> scalar tensor), or pass a train_step")
     if validation_data is not None and loss is None and test_step is None:
         raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs: expected an integer >= 1, received {epochs!r}")
-    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
-        raise ValueError(f"initial_epoch: expected an integer >= 0, received {initial_epoch!r}")
+    check_count(epochs, "epochs", minimum=1)
+    check_count(initial_epoch, "initial_epoch")
     if clip_grad_norm is not None and not _is_positive(clip_grad_norm):
         raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
     verbose = check_verbose(verbose)
