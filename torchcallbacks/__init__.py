@@ -31,7 +31,7 @@ from torchcallbacks.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from torchcallbacks.training import evaluate, fit, predict
+from torchcallbacks.training import EpochIterator, evaluate, fit, predict
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "CallbackList",
     "CheckpointError",
     "EarlyStopping",
+    "EpochIterator",
     "History",
     "LambdaCallback",
     "LearningRateScheduler",

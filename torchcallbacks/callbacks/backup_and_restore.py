@@ -9,12 +9,32 @@ import threading
 import warnings
 from typing import Any
 
+import torch
+
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.model_checkpoint import check_save_freq
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
 from torchcallbacks.distributed import any_process, barrier, is_distributed, main_process_only
+
+
+class _IgnoreSigterm:
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM, then calls the loader's own.
+
+    A preemption notice sent to the whole process group (what schedulers and `kill -TERM -PGID` do)
+    reaches the DataLoader workers too; torch's default makes them die at once, and the main process
+    fails with "DataLoader worker exited unexpectedly" before it reaches the point where it writes its
+    backup. Workers that ignore it keep serving batches until the main process has saved and exits
+    (they end with it, as always)."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.previous is not None:
+            self.previous(worker_id)
 
 
 class BackupAndRestore(Callback):
@@ -34,7 +54,9 @@ class BackupAndRestore(Callback):
 
     A SIGTERM (the usual preemption notice) makes it write a backup at the next consistent point (the
     end of the running batch, or of the epoch during validation) and then exit with status 143, or call
-    the handler that was installed before.
+    the handler that was installed before. The workers of the training DataLoader (the loop's `"data"`
+    part) ignore SIGTERM meanwhile, so a signal sent to the whole process group cannot kill them
+    before the backup is written.
 
     Args:
         backup_dir: directory for the backup files (`latest.safetensors`, and `previous.safetensors`
@@ -116,6 +138,16 @@ class BackupAndRestore(Callback):
         self.restored = self._restore()
         self._install_sigterm()
 
+    def _shield_workers(self, install: bool) -> None:
+        loader = getattr(self.loop.parts.get("data"), "data", None)
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.num_workers == 0:
+            return
+        current = loader.worker_init_fn
+        if install and not isinstance(current, _IgnoreSigterm):
+            loader.worker_init_fn = _IgnoreSigterm(current)
+        elif not install and isinstance(current, _IgnoreSigterm):
+            loader.worker_init_fn = current.previous
+
     def _restore(self) -> TrainingState | None:
         candidates = [self.latest_path] + ([self.previous_path] if self.double_checkpoint else [])
         errors: list[CheckpointError] = []
@@ -181,11 +213,13 @@ class BackupAndRestore(Callback):
         if self.save_on_sigterm and not self._installed and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
+            self._shield_workers(True)
 
     def _uninstall_sigterm(self) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._installed = False
+            self._shield_workers(False)
 
     def _exit_on_sigterm(self) -> None:
         self._sigterm = False

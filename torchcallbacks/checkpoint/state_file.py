@@ -366,7 +366,7 @@ def load_checkpoint(
         module.load_state_dict({k: v for k, v in model_tensors.items() if k in module.state_dict()})
     for opt, opt_state in zip(optimizers, state.get("optimizers") or [], strict=False):
         opt.load_state_dict(opt_state)
-    for sched, sched_state in zip(schedulers, state["schedulers"], strict=True):
+    for sched, sched_state in zip(schedulers, state.get("schedulers") or [], strict=True):
         sched.load_state_dict(sched_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,317 @@
+"""The training-state protocol: one owner (LoopState), the restore phase, stable keys, validation of
+everything read from a file before anything is applied, and format 1 files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_model, make_regression
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import torchcallbacks as tc
+from torchcallbacks.checkpoint import read_training_state
+from torchcallbacks.checkpoint.files import STATE_KEY
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+class Crash(tc.Callback):
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self.at_step = at_step
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.loop.global_step == self.at_step:
+            raise RuntimeError("crash")
+
+
+def _setup(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(make_model(), torch.nn.Dropout(0.2))
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _fit(callbacks: list[tc.Callback], seed: int = 0, epochs: int = 4) -> torch.nn.Module:
+    model, optimizer = _setup(seed)
+    tc.fit(model, make_regression(shuffle=True), optimizer=optimizer, loss=torch.nn.functional.mse_loss,
+           epochs=epochs, verbose=0, callbacks=callbacks)
+    return model
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+# -- format 1 -----------------------------------------------------------------------------------------
+def test_a_format_1_mid_epoch_backup_resumes_exactly(tmp_path: Path) -> None:
+    """tests/data/backup_format1.safetensors was written by torchcallbacks 0.1.0 (format 1): a backup
+    at global step 6 (epoch 1, batch 2) of this very run, with EarlyStopping's state keyed by position."""
+    reference = _fit([tc.EarlyStopping(monitor="loss", patience=5)])
+    shutil.copy(DATA / "backup_format1.safetensors", tmp_path / "latest.safetensors")
+    backup = tc.BackupAndRestore(tmp_path, save_freq=3)
+    stopper = tc.EarlyStopping(monitor="loss", patience=5)
+    resumed = _fit([stopper, backup], seed=7)
+    assert backup.restored is not None and (backup.restored.epoch, backup.restored.batch) == (1, 2)
+    assert _same(reference, resumed)
+    assert stopper.best_epoch == 3
+
+
+# -- the restore phase and stable keys -----------------------------------------------------------------
+def test_a_callback_inserted_in_front_keeps_the_others_states_and_the_gaps_are_named(tmp_path: Path) -> None:
+    stopper = tc.EarlyStopping(monitor="loss", patience=10)
+    with pytest.raises(RuntimeError):
+        _fit([stopper, tc.BackupAndRestore(tmp_path), Crash(13)])
+    saved_wait = stopper.wait
+    inserted = tc.ReduceLROnPlateau(monitor="loss")
+    resumed_stopper = tc.EarlyStopping(monitor="loss", patience=10)
+    seen: dict[str, Any] = {}
+
+    class Peek(tc.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            seen["wait"], seen["best"] = resumed_stopper.wait, resumed_stopper.best
+
+    with pytest.warns(UserWarning, match=r"callbacks that get no saved state.*ReduceLROnPlateau\[monitor=loss\]"):
+        _fit([inserted, Peek(), resumed_stopper, tc.BackupAndRestore(tmp_path)], seed=3)
+    assert seen["wait"] == saved_wait - 0 and seen["best"] == stopper.best  # restored before any on_train_begin
+
+
+def test_a_saved_state_nothing_takes_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        _fit([tc.EarlyStopping(monitor="loss"), tc.BackupAndRestore(tmp_path), Crash(6)])
+    with pytest.warns(UserWarning, match=r"saved states that no callback takes: EarlyStopping\[monitor=loss\]"):
+        _fit([tc.BackupAndRestore(tmp_path)])
+
+
+def test_state_key_is_overridable_and_repeats_are_numbered() -> None:
+    first, second = tc.EarlyStopping(monitor="loss"), tc.EarlyStopping(monitor="loss")
+    callbacks = tc.CallbackList([first, second])
+    assert set(callbacks.state_dict()) == {"EarlyStopping[monitor=loss]", "EarlyStopping[monitor=loss]#2"}
+    second.state_key = "late"
+    assert set(callbacks.state_dict()) == {"EarlyStopping[monitor=loss]", "late"}
+    with pytest.raises(TypeError, match="state_key"):
+        second.state_key = ""
+
+
+# -- nothing half-restored --------------------------------------------------------------------------
+def _backup(tmp_path: Path, double: bool = False) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """A real mid-epoch backup (with ModelCheckpoint's state), and its tensors and metadata."""
+    ckpt = tc.ModelCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.safetensors"), monitor="loss", max_to_keep=1)
+    with pytest.raises(RuntimeError):
+        _fit([ckpt, tc.BackupAndRestore(tmp_path / "b", save_freq=3, double_checkpoint=double), Crash(10)])
+    path = tmp_path / "b" / "latest.safetensors"
+    with safe_open(path, framework="pt") as f:
+        return path, {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
+
+
+def _rewrite(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], edit: Any = None,
+             text: str | None = None) -> None:
+    document = json.loads(metadata[STATE_KEY])
+    if edit is not None:
+        edit(document, tensors)
+    save_file(tensors, str(path), metadata={**metadata, STATE_KEY: text if text is not None else json.dumps(document)})
+
+
+def _set(path: str, value: Any) -> Any:
+    def edit(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        *parents, last = path.split("/")
+        node = document
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(last) if isinstance(node, list) else last] = value
+    return edit
+
+
+def _rng_tensor(size: int) -> Any:
+    def edit(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        tensors[document["rng"]["current"]["torch"]["__tensor__"]] = torch.zeros(size, dtype=torch.uint8)
+    return edit
+
+
+def _kept_elsewhere(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """An edited backup listing a file outside the checkpoint directory: with max_to_keep=1 the next
+    rotation would delete it."""
+    key = next(k for k in document["callbacks"] if k.startswith("ModelCheckpoint"))
+    document["callbacks"][key]["kept"] = [["/etc/passwd.safetensors", 1.0]]
+
+
+def _exp_avg_shape(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    name = "@optimizers/0/state/0/exp_avg"
+    tensors[name] = torch.zeros(3, 3)
+
+
+HOSTILE = {
+    "negative epoch": (_set("epoch", -1), r"'epoch' must be an integer >= 0"),
+    "bool batch": (_set("batch", True), r"'batch' must be an integer >= 0"),
+    "string global step": (_set("global_step", "7"), r"'global_step' must be an integer >= 0"),
+    "short torch rng": (_rng_tensor(10), r"'rng/current/torch' must be a uint8 tensor of 5056 bytes"),
+    "numpy key": (_set("rng/current/numpy/key", [1, 2, 3]), r"'rng/current/numpy' must be numpy's MT19937"),
+    "python state": (_set("rng/current/python/internal", "x"), r"'rng/current/python'"),
+    "optimizer state shape": (_exp_avg_shape, r"optimizers/0 \(Adam\) state 'exp_avg' of parameter 0 has shape \(3, 3\)"),
+    "optimizer type": (_set("optimizer_types/0", "torch.optim.sgd.SGD"), r"holds the state of a torch.optim.sgd.SGD"),
+    "optimizer groups": (_set("optimizers/0/param_groups/0/params", [0, 1]), r"group 0 has 4 parameters, the file holds 2"),
+    "kept file elsewhere": (
+        _kept_elsewhere, r"callbacks/ModelCheckpoint.*names '/etc/passwd.safetensors', which is not a checkpoint file under"
+    ),
+    "metric sums": (_set("loop/metrics/means/loss", "lots"), r"'loop/metrics' does not fit"),
+    "data position": (_set("loop/data/consumed", -2), r"'consumed' must be an integer >= 0"),
+    "history": (_set("callbacks/History/epoch", 3), r"'callbacks/History' does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_value_is_refused_naming_file_and_field_and_changes_nothing(tmp_path: Path, case: str) -> None:
+    path, tensors, metadata = _backup(tmp_path)
+    edit, message = HOSTILE[case]
+    _rewrite(path, tensors, metadata, edit)
+    model, optimizer = _setup(5)
+    before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    ckpt = tc.ModelCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.safetensors"), monitor="loss", max_to_keep=1)
+    callbacks = tc.CallbackList([ckpt, tc.History(), tc.BackupAndRestore(tmp_path / "b", save_freq=3)],
+                                model=model, optimizer=optimizer)
+    data = tc.EpochIterator(make_regression(shuffle=True))
+    callbacks.loop.track("data", data)
+    from torchcallbacks.training.metrics import MetricTracker
+
+    callbacks.loop.track("metrics", MetricTracker({}))
+    with pytest.raises(tc.CheckpointError, match=message) as error:
+        callbacks.on_train_begin()
+    assert str(path) in str(error.value)
+    assert all(torch.equal(a, b) for a, b in zip(before[0].values(), model.state_dict().values(), strict=True))
+    assert optimizer.state_dict() == before[1]
+    assert ckpt.best_path is None and ckpt._kept == []  # the callbacks got nothing either
+
+
+@pytest.mark.parametrize("text", ['{"format_version": 2, "epoch": NaN}', '{"format_version": 2, "format_version": 2}'])
+def test_metadata_that_is_not_strict_json_is_refused(tmp_path: Path, text: str) -> None:
+    path, tensors, metadata = _backup(tmp_path)
+    _rewrite(path, tensors, metadata, text=text)
+    with pytest.raises(tc.CheckpointError, match="not strict JSON"):
+        read_training_state(path)
+
+
+def test_every_refusal_falls_back_to_the_previous_backup(tmp_path: Path) -> None:
+    path, tensors, metadata = _backup(tmp_path, double=True)
+    _rewrite(path, tensors, metadata, _set("optimizer_types/0", "torch.optim.sgd.SGD"))
+    backup = tc.BackupAndRestore(tmp_path / "b", save_freq=3, double_checkpoint=True)
+    with pytest.warns(UserWarning, match="falling back to .*previous.safetensors"):
+        _fit([backup, tc.ModelCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.safetensors"), monitor="loss", max_to_keep=1)])
+    assert backup.restored is not None and backup.restored.path.endswith("previous.safetensors")
+
+
+def test_switching_adam_to_sgd_names_the_optimizer(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        _fit([tc.BackupAndRestore(tmp_path, save_freq=2), Crash(5)])
+    model, _ = _setup()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(tc.CheckpointError, match=r"optimizers/0 \(SGD\) holds the state of a torch.optim.adam.Adam"):
+        tc.fit(model, make_regression(), optimizer=sgd, loss=torch.nn.functional.mse_loss, epochs=2, verbose=0,
+               callbacks=[tc.BackupAndRestore(tmp_path, save_freq=2)])
+
+
+# -- the hand-written loop ------------------------------------------------------------------------------
+def _hand_written(backup_dir: Path, crash_at: int | None, seed: int = 0) -> torch.nn.Module:
+    model, optimizer = _setup(seed)
+    loader = make_regression(shuffle=True)
+    callbacks = tc.CallbackList([tc.BackupAndRestore(backup_dir, save_freq=3)], model=model, optimizer=optimizer,
+                                epochs=3, steps=len(loader))
+    batches = tc.EpochIterator(loader)
+    callbacks.loop.track("data", batches)
+    callbacks.on_train_begin()
+    try:
+        for epoch in range(callbacks.loop.initial_epoch, 3):
+            callbacks.on_epoch_begin(epoch)
+            for i, (x, y) in batches.epoch():
+                callbacks.on_train_batch_begin(i)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                callbacks.on_train_batch_end(i, {"loss": loss.detach()})
+                if callbacks.loop.global_step == crash_at:
+                    raise RuntimeError("crash")
+            callbacks.on_epoch_end(epoch, {})
+    except BaseException as exc:
+        callbacks.end_after_error("on_train_end", exc)
+        raise
+    callbacks.on_train_end()
+    return model
+
+
+def test_a_hand_written_loop_resumes_exactly_through_the_same_state(tmp_path: Path) -> None:
+    reference = _hand_written(tmp_path / "ref", None)
+    with pytest.raises(RuntimeError):
+        _hand_written(tmp_path / "b", 7)
+    assert _same(reference, _hand_written(tmp_path / "b", None, seed=4))
+
+
+# -- the model carries no loop, a CallbackList is reused, errors do not leak ----------------------------
+def test_deep_copies_of_the_model_during_and_after_fit(tmp_path: Path) -> None:
+    copies: list[torch.nn.Module] = []
+
+    class CopyModel(tc.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            copies.append(copy.deepcopy(self.model))  # a TensorBoard in the list holds thread locks
+
+    model = _fit([tc.TensorBoard(str(tmp_path / "tb")), CopyModel()], epochs=2)
+    assert len(copies) == 2
+    after = copy.deepcopy(model)
+
+    def reachable(value: Any, seen: set[int]) -> bool:
+        if id(value) in seen:
+            return False
+        seen.add(id(value))
+        if isinstance(value, torch.optim.Optimizer | tc.Callback):
+            return True
+        children = value.values() if isinstance(value, dict) else vars(value).values() if hasattr(value, "__dict__") else []
+        return any(reachable(child, seen) for child in children if not isinstance(child, torch.Tensor))
+
+    assert not reachable(after, set())
+    assert after.history.history["loss"] == model.history.history["loss"]
+
+
+def test_a_callback_list_passed_to_fit_is_the_one_used() -> None:
+    callbacks = tc.CallbackList([tc.EarlyStopping(monitor="loss")])
+    loop = callbacks.loop
+    model, optimizer = _setup()
+    history = tc.fit(model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=2,
+                     verbose=0, callbacks=callbacks)
+    assert callbacks.history is history and callbacks.loop is loop and callbacks.optimizer is optimizer
+    assert callbacks.loop.global_step == 8
+
+
+def test_the_exception_of_a_failed_evaluate_does_not_leak_into_the_next() -> None:
+    seen: list[Any] = []
+    spy = tc.LambdaCallback(on_test_end=lambda logs: seen.append(spy.loop.exception))
+    model, _ = _setup()
+
+    def broken(batch: Any) -> Any:
+        raise RuntimeError("broken")
+
+    callbacks = tc.CallbackList([spy])
+    with pytest.raises(RuntimeError):
+        tc.evaluate(model, make_regression(), test_step=broken, verbose=0, callbacks=callbacks)
+    tc.evaluate(model, make_regression(), loss=torch.nn.functional.mse_loss, verbose=0, callbacks=callbacks)
+    assert isinstance(seen[0], RuntimeError) and seen[1] is None
+
+
+def test_loop_state_round_trip_without_a_file() -> None:
+    model, optimizer = _setup()
+    callbacks = tc.CallbackList([tc.EarlyStopping(monitor="loss")], model=model, optimizer=optimizer)
+    tc.fit(model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=1, verbose=0,
+           callbacks=callbacks)
+    state = callbacks.loop.state_dict()
+    other, other_optimizer = _setup(3)
+    fresh = tc.CallbackList([tc.EarlyStopping(monitor="loss"), tc.History()], model=other, optimizer=other_optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.loop.load_state_dict(state, "memory")
+    assert _same(model, other) and fresh.loop.resumed and fresh.loop.position == (1, 0)
+    assert fresh.callbacks[0].state_dict()["best"] == callbacks.callbacks[0].state_dict()["best"]
