@@ -1,0 +1,113 @@
+"""Resuming a pass over a loader part-way through: skip the batches already trained, cheaply and exactly.
+
+On a mid-epoch resume the loop needs `iter(loader)` positioned after the batches the interrupted run
+already trained. Fetching those batches and throwing them away is exact but costs what loading them
+costs. For a single-process `DataLoader` over a map-style dataset the batches are fully determined by
+the index sampler, so `iterate_from` advances only the sampler: no sample is loaded, no batch collated.
+
+Exactness: the batches yielded after the skip are the ones an uninterrupted pass yields next, provided
+the caller restored the random state the pass started with before calling `iterate_from` (that is what
+`iter(loader)` and the sampler draw their seeds from). Work that the skipped batches would have done in
+`__getitem__` or `collate_fn` (e.g. random augmentation) is not done on the fast path, so random draws
+made there are not replayed: the caller restores the random state captured after the skipped batches
+(the checkpoint's) once `iterate_from` returns, as it does after fetching them the old way.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from torchcallbacks.checks import check_count
+
+try:  # private names of torch's DataLoader; without them every skip takes the slow path
+    from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
+except ImportError:  # pragma: no cover - torch 2.3 to 2.13 all have them
+    _DatasetKind = None  # type: ignore[assignment,misc]
+    _SingleProcessDataLoaderIter = None  # type: ignore[assignment,misc]
+
+
+def iterate_from(data: Iterable[Any], skip: int) -> Iterator[Any]:
+    """iter(data), positioned after its first `skip` batches.
+
+    `iter(data)` is called exactly once, so the random numbers a `DataLoader` draws when an iterator is
+    created (its base seed) are drawn as in an uninterrupted pass. Then:
+
+    - fast path, a `DataLoader` with `num_workers == 0` over a map-style dataset (any sampler or
+      `batch_sampler`, `RandomSampler` with or without a generator, `DistributedSampler`,
+      `loader.generator`, `drop_last`, also `batch_size=None`): the iterator's index sampler is
+      advanced `skip` times; no sample is loaded and no batch is collated. The sampler draws its random
+      numbers (e.g. the shuffle seed) exactly as it would while yielding those batches.
+    - slow path, everything else (worker processes, which prefetch at `iter()` and draw random numbers
+      per sample on their side; an `IterableDataset`; a generator; a list of batches; a `DataLoader`
+      subclass with its own iterator): `skip` batches are fetched and discarded.
+
+    The fast path relies on two private attributes of torch's single-process iterator,
+    `_sampler_iter` (through `_next_index()`) and `_num_yielded`; where they are missing (another torch
+    version) the slow path is taken.
+
+    Args:
+        data: an iterable of batches, e.g. a `torch.utils.data.DataLoader`.
+        skip: the number of leading batches to leave out (>= 0). 0 returns `iter(data)` itself; a skip
+            at or beyond the end of the data returns an exhausted iterator.
+
+    Returns:
+        An iterator whose first item is batch number `skip` of the pass `iter(data)` starts.
+
+    Raises:
+        ValueError: `skip` is not an integer >= 0.
+
+    Example:
+
+    ```python
+    torch.set_rng_state(state["rng_at_epoch_start"])  # the random state the pass started with
+    batches = iterate_from(loader, skip=state["batch"])
+    torch.set_rng_state(state["rng_at_checkpoint"])  # as after training the skipped batches
+    for batch in batches:
+        train(batch)
+    ```
+    """
+    check_count(skip, "skip")
+    iterator = iter(data)
+    if skip == 0:
+        return iterator
+    if _can_skip_indices(data, iterator):
+        return _skip_indices(iterator, skip)
+    return _skip_fetching(iterator, skip)
+
+
+def _can_skip_indices(data: Iterable[Any], iterator: Iterator[Any]) -> bool:
+    """Whether `iterator` is torch's single-process iterator over a map-style dataset, with the private
+    attributes the fast path touches. The exact type is required: a subclass may load data differently."""
+    return (
+        _SingleProcessDataLoaderIter is not None
+        and isinstance(data, DataLoader)
+        and type(iterator) is _SingleProcessDataLoaderIter
+        and getattr(iterator, "_dataset_kind", None) == getattr(_DatasetKind, "Map", object())
+        and getattr(iterator, "_sampler_iter", None) is not None
+        and callable(getattr(iterator, "_next_index", None))
+        and isinstance(getattr(iterator, "_num_yielded", None), int)
+    )
+
+
+def _skip_indices(iterator: Any, skip: int) -> Iterator[Any]:
+    """Advance the index sampler of a `_SingleProcessDataLoaderIter` by `skip` batches (`_next_index` is
+    `next(self._sampler_iter)` in torch 2.x) and count them in `_num_yielded`, as `__next__` would have.
+    """
+    for done in range(skip):
+        try:
+            iterator._next_index()
+        except StopIteration:
+            iterator._num_yielded += done
+            return iter(())
+    iterator._num_yielded += skip
+    return iterator
+
+
+def _skip_fetching(iterator: Iterator[Any], skip: int) -> Iterator[Any]:
+    """Fetch and discard `skip` batches (all there are, if fewer)."""
+    remaining = sum(1 for _ in itertools.islice(iterator, skip))
+    return iterator if remaining == skip else iter(())
