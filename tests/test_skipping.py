@@ -3,6 +3,7 @@ no skipped sample."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from torchcallbacks.training.skipping import iterate_from
+from torchcallbacks.training.skipping import _advance, iterate_from
 
 N = 42  # not a multiple of the batch size, so the last batch is short (or dropped)
 SEED = 1234
@@ -77,6 +78,10 @@ class RandomBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:  # not exact (sizes are random); DataLoader only needs it for len()
         return self.n
+
+
+class SubclassedBatchSampler(BatchSampler):
+    """Not exactly torch's BatchSampler: skipped one batch at a time, not by index."""
 
 
 class RandomStream(IterableDataset[torch.Tensor]):
@@ -180,6 +185,21 @@ def test_drop_last() -> None:
     assert all(len(x) == 4 for x, _ in resumed)
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sequential_loader(drop_last: bool) -> None:
+    resumed = check_resume(lambda: DataLoader(numbered(), batch_size=4, drop_last=drop_last), skip=3)
+    assert torch.cat([x for x, _ in resumed]).tolist() == list(range(12, 40 if drop_last else N))
+
+
+def test_batch_sampler_given_as_sampler_with_batch_size_none() -> None:
+    def make() -> DataLoader:
+        dataset = numbered()
+        sampler = BatchSampler(RandomSampler(dataset), batch_size=5, drop_last=True)
+        return DataLoader(dataset, batch_size=None, sampler=sampler)
+
+    check_resume(make, skip=3)
+
+
 def test_no_batching_batch_size_none() -> None:
     check_resume(lambda: DataLoader(numbered(), batch_size=None, shuffle=True), skip=10)
 
@@ -203,13 +223,24 @@ def test_worker_processes_take_the_slow_path_and_stay_exact() -> None:
     check_resume(make, skip=4)
 
 
-def test_fast_path_loads_no_skipped_sample() -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"batch_size": 4, "shuffle": True},
+        {"batch_size": 4},
+        {"batch_size": 4, "drop_last": True, "generator": torch.Generator().manual_seed(2)},
+        {"batch_sampler": RandomBatches(N)},
+        {"batch_size": 2, "sampler": DistributedSampler(CountingDataset(), num_replicas=2, rank=1)},
+        {"batch_size": None, "shuffle": True},
+    ],
+    ids=["shuffled", "sequential", "drop-last-generator", "custom-batch-sampler", "distributed", "unbatched"],
+)
+def test_fast_path_loads_no_skipped_sample(options: dict[str, Any]) -> None:
     dataset = CountingDataset()
-    iterator = iterate_from(DataLoader(dataset, batch_size=4, shuffle=True), 7)
+    iterator = iterate_from(DataLoader(dataset, **options), 7)
     assert dataset.calls == 0
     batch = next(iterator)
-    assert dataset.calls == 4
-    assert batch.shape == (4, 1)
+    assert dataset.calls == batch.shape[0]  # only the batch handed out was loaded
     assert iterator._num_yielded == 8  # type: ignore[attr-defined]  # consistent with 8 __next__ calls
 
 
@@ -280,10 +311,13 @@ def test_skip_zero_is_iter() -> None:
     "make",
     [
         lambda: DataLoader(CountingDataset(), batch_size=4, shuffle=True),  # fast path
+        lambda: DataLoader(CountingDataset(), batch_size=4),  # fast path, range iterator moved at once
+        # fast path, one batch at a time (not torch's own BatchSampler)
+        lambda: DataLoader(CountingDataset(), batch_sampler=SubclassedBatchSampler(range(N), 4, False)),
         lambda: DataLoader(RandomStream(), batch_size=4),  # slow path
         lambda: list(range(11)),  # slow path
     ],
-    ids=["map-style", "iterable-dataset", "list"],
+    ids=["shuffled", "sequential", "custom-batch-sampler", "iterable-dataset", "list"],
 )
 @pytest.mark.parametrize("skip", [11, 12, 100])
 def test_skip_at_or_beyond_the_end_gives_an_exhausted_iterator(
@@ -292,6 +326,19 @@ def test_skip_at_or_beyond_the_end_gives_an_exhausted_iterator(
     iterator = iterate_from(make(), skip)  # 11 batches in each
     assert next(iterator, None) is None
     assert next(iterator, None) is None
+
+
+@pytest.mark.parametrize("numbers", [range(10), range(3, 30, 4), range(10, 0, -2), range(2**64, 2**64 + 10)])
+def test_range_iterators_are_moved_like_any_iterator(numbers: range) -> None:
+    for done in (0, 2):
+        for count in (1, 3, 7, 8, 10, 11):
+            moved, stepped = iter(numbers), iter(numbers)
+            for _ in range(done):
+                next(moved), next(stepped)
+            complete = _advance(moved, count)
+            taken = len(list(itertools.islice(stepped, count)))
+            assert complete == (taken == count)
+            assert list(moved) == list(stepped)
 
 
 def test_skip_must_be_a_count() -> None:

@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from torchcallbacks.checks import check_count
 
@@ -39,15 +39,19 @@ def iterate_from(data: Iterable[Any], skip: int) -> Iterator[Any]:
     - fast path, a `DataLoader` with `num_workers == 0` over a map-style dataset (any sampler or
       `batch_sampler`, `RandomSampler` with or without a generator, `DistributedSampler`,
       `loader.generator`, `drop_last`, also `batch_size=None`): the iterator's index sampler is
-      advanced `skip` times; no sample is loaded and no batch is collated. The sampler draws its random
-      numbers (e.g. the shuffle seed) exactly as it would while yielding those batches.
+      advanced `skip` times (torch's own `BatchSampler`: its sampler by `skip * batch_size` indices,
+      then the rest is batched as before); no sample is loaded and no batch is collated. The sampler
+      draws its random numbers (e.g. the shuffle seed) exactly as it would while yielding those batches.
     - slow path, everything else (worker processes, which prefetch at `iter()` and draw random numbers
       per sample on their side; an `IterableDataset`; a generator; a list of batches; a `DataLoader`
       subclass with its own iterator): `skip` batches are fetched and discarded.
 
-    The fast path relies on two private attributes of torch's single-process iterator,
-    `_sampler_iter` (through `_next_index()`) and `_num_yielded`; where they are missing (another torch
-    version) the slow path is taken.
+    The fast path relies on private parts of torch's DataLoader: the class
+    `_SingleProcessDataLoaderIter` (the exact type of the iterator) and `_DatasetKind`, and the
+    iterator's attributes `_dataset_kind`, `_index_sampler`, `_sampler_iter` (what `_next_index()`
+    reads; advanced, or replaced by the rest of the same index stream) and `_num_yielded` (counts the
+    skipped batches as `__next__` would). Where they are missing (another torch version) the slow path
+    is taken.
 
     Args:
         data: an iterable of batches, e.g. a `torch.utils.data.DataLoader`.
@@ -88,26 +92,59 @@ def _can_skip_indices(data: Iterable[Any], iterator: Iterator[Any]) -> bool:
         and type(iterator) is _SingleProcessDataLoaderIter
         and getattr(iterator, "_dataset_kind", None) == getattr(_DatasetKind, "Map", object())
         and getattr(iterator, "_sampler_iter", None) is not None
-        and callable(getattr(iterator, "_next_index", None))
         and isinstance(getattr(iterator, "_num_yielded", None), int)
     )
 
 
 def _skip_indices(iterator: Any, skip: int) -> Iterator[Any]:
-    """Advance the index sampler of a `_SingleProcessDataLoaderIter` by `skip` batches (`_next_index` is
-    `next(self._sampler_iter)` in torch 2.x) and count them in `_num_yielded`, as `__next__` would have.
+    """Advance the index sampler of a `_SingleProcessDataLoaderIter` by `skip` batches and count them in
+    `_num_yielded`, as `__next__` would have. `__next__` takes each batch of indices from
+    `_sampler_iter` (`iter(index sampler)`) through `_next_index()`; the exact type check in
+    `_can_skip_indices` keeps both torch's own. A skip past the end returns an empty iterator.
     """
-    for done in range(skip):
-        try:
-            iterator._next_index()
-        except StopIteration:
-            iterator._num_yielded += done
-            return iter(())
+    batch_sampler = getattr(iterator, "_index_sampler", None)
+    if type(batch_sampler) is BatchSampler:
+        complete = _skip_in_batch_sampler(iterator, batch_sampler, skip)
+    else:
+        complete = _advance(iterator._sampler_iter, skip)
+    if not complete:
+        return iter(())
     iterator._num_yielded += skip
     return iterator
 
 
+def _skip_in_batch_sampler(iterator: Any, batch_sampler: BatchSampler, skip: int) -> bool:
+    """torch's own `BatchSampler` cuts the index stream of its sampler into consecutive chunks of
+    `batch_size` (dropping a short last one with `drop_last`), one Python generator step per batch.
+    Skipping `skip * batch_size` indices of the stream and batching the rest with a new `BatchSampler`
+    gives the same batches, without a Python step per skipped batch. `iter(batch_sampler)` (the
+    iterator's `_sampler_iter`) has not started, so it has not called `iter(sampler)` yet; that is done
+    here, once, as it would have been. False when the pass ends within the skip."""
+    indices = iter(batch_sampler.sampler)
+    complete = _advance(indices, skip * batch_sampler.batch_size)
+    iterator._sampler_iter = iter(BatchSampler(indices, batch_sampler.batch_size, batch_sampler.drop_last))
+    return complete
+
+
+def _advance(iterator: Iterator[Any], count: int) -> bool:
+    """Advance `iterator` by `count` >= 1 items (all there are, if fewer), in C; False if there were fewer.
+
+    A range iterator (what `SequentialSampler` returns) is moved in one step through its pickle
+    protocol (`__reduce__` gives the range and the position, `__setstate__` sets the position) instead
+    of creating the `count` int objects it would yield."""
+    if type(iterator) in _RANGE_ITERATORS:
+        moved: Any = iterator
+        _, (numbers,), position = moved.__reduce__()
+        target = min(position + count, len(numbers))
+        moved.__setstate__(target)
+        return target == position + count
+    return next(itertools.islice(iterator, count - 1, None), _END) is not _END
+
+
 def _skip_fetching(iterator: Iterator[Any], skip: int) -> Iterator[Any]:
     """Fetch and discard `skip` batches (all there are, if fewer)."""
-    remaining = sum(1 for _ in itertools.islice(iterator, skip))
-    return iterator if remaining == skip else iter(())
+    return iterator if _advance(iterator, skip) else iter(())
+
+
+_END = object()
+_RANGE_ITERATORS = (type(iter(range(1))), type(iter(range(2**64, 2**64 + 1))))
