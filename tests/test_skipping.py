@@ -20,6 +20,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from torchcallbacks.training import skipping
 from torchcallbacks.training.skipping import _advance, iterate_from
 
 N = 42  # not a multiple of the batch size, so the last batch is short (or dropped)
@@ -242,6 +243,24 @@ def test_fast_path_loads_no_skipped_sample(options: dict[str, Any]) -> None:
     batch = next(iterator)
     assert dataset.calls == batch.shape[0]  # only the batch handed out was loaded
     assert iterator._num_yielded == 8  # type: ignore[attr-defined]  # consistent with 8 __next__ calls
+
+
+def test_torchs_batch_sampler_is_skipped_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[type] = []
+    original = skipping._skip_in_batch_sampler
+
+    def spy(iterator: Any, batch_sampler: BatchSampler, skip: int) -> bool:
+        taken.append(type(batch_sampler))
+        return original(iterator, batch_sampler, skip)
+
+    monkeypatch.setattr(skipping, "_skip_in_batch_sampler", spy)
+    check_resume(lambda: DataLoader(numbered(), batch_size=4, shuffle=True), skip=3)
+    assert taken == [BatchSampler]
+    taken.clear()
+    # A subclass may batch differently: it is advanced batch by batch.
+    make = lambda: DataLoader(numbered(), batch_sampler=SubclassedBatchSampler(range(N), 4, False))  # noqa: E731
+    check_resume(make, skip=3)
+    assert taken == []
 
 
 def test_slow_path_for_a_loader_subclass_with_its_own_iterator() -> None:

@@ -15,6 +15,7 @@ made there are not replayed: the caller restores the random state captured after
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from torchcallbacks.checks import check_count
 
 try:  # private names of torch's DataLoader; without them every skip takes the slow path
     from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
-except ImportError:  # pragma: no cover - torch 2.3 to 2.13 all have them
+except ImportError:  # pragma: no cover - torch 2.13 has them
     _DatasetKind = None  # type: ignore[assignment,misc]
     _SingleProcessDataLoaderIter = None  # type: ignore[assignment,misc]
 
@@ -103,7 +104,7 @@ def _skip_indices(iterator: Any, skip: int) -> Iterator[Any]:
     `_can_skip_indices` keeps both torch's own. A skip past the end returns an empty iterator.
     """
     batch_sampler = getattr(iterator, "_index_sampler", None)
-    if type(batch_sampler) is BatchSampler:
+    if type(batch_sampler) is BatchSampler and _not_started(iterator._sampler_iter, BatchSampler.__iter__):
         complete = _skip_in_batch_sampler(iterator, batch_sampler, skip)
     else:
         complete = _advance(iterator._sampler_iter, skip)
@@ -118,12 +119,23 @@ def _skip_in_batch_sampler(iterator: Any, batch_sampler: BatchSampler, skip: int
     `batch_size` (dropping a short last one with `drop_last`), one Python generator step per batch.
     Skipping `skip * batch_size` indices of the stream and batching the rest with a new `BatchSampler`
     gives the same batches, without a Python step per skipped batch. `iter(batch_sampler)` (the
-    iterator's `_sampler_iter`) has not started, so it has not called `iter(sampler)` yet; that is done
-    here, once, as it would have been. False when the pass ends within the skip."""
+    iterator's `_sampler_iter`, checked by `_not_started`) has not run, so it has not called
+    `iter(sampler)` yet; that is done here, once, as it would have been. False when the pass ends within
+    the skip."""
     indices = iter(batch_sampler.sampler)
     complete = _advance(indices, skip * batch_sampler.batch_size)
     iterator._sampler_iter = iter(BatchSampler(indices, batch_sampler.batch_size, batch_sampler.drop_last))
     return complete
+
+
+def _not_started(iterator: Any, function: Any) -> bool:
+    """Whether `iterator` is a generator made by calling the generator function `function` that has not
+    run yet (so nothing in its body, e.g. `iter(sampler)`, has happened)."""
+    return (
+        inspect.isgenerator(iterator)
+        and iterator.gi_code is getattr(function, "__code__", None)
+        and inspect.getgeneratorstate(iterator) == inspect.GEN_CREATED
+    )
 
 
 def _advance(iterator: Iterator[Any], count: int) -> bool:
