@@ -315,3 +315,36 @@ def test_loop_state_round_trip_without_a_file() -> None:
         fresh.loop.load_state_dict(state, "memory")
     assert _same(model, other) and fresh.loop.resumed and fresh.loop.position == (1, 0)
     assert fresh.callbacks[0].state_dict()["best"] == callbacks.callbacks[0].state_dict()["best"]
+
+
+# -- fast resume --------------------------------------------------------------------------------------
+class Counting(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.x = torch.randn(64, 4, generator=generator)
+        self.y = self.x.sum(dim=1, keepdim=True)
+        self.loaded = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.loaded += 1
+        return self.x[i] + 0.01 * torch.randn(4), self.y[i]  # augmentation from the global generator
+
+
+def test_a_resumed_epoch_skips_its_trained_batches_without_loading_them(tmp_path: Path) -> None:
+    def run(callbacks: list[tc.Callback], seed: int = 0) -> tuple[torch.nn.Module, Counting]:
+        model, optimizer = _setup(seed)
+        dataset = Counting()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+        tc.fit(model, loader, optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=2, verbose=0,
+               callbacks=callbacks)
+        return model, dataset
+
+    reference, _ = run([])
+    with pytest.raises(RuntimeError):
+        run([tc.BackupAndRestore(tmp_path, save_freq=5), Crash(6)])  # backup after batch 5 of epoch 0
+    resumed, dataset = run([tc.BackupAndRestore(tmp_path, save_freq=5)], seed=2)
+    assert dataset.loaded == 64 * 2 - 5 * 8  # the 5 trained batches were skipped by index, not loaded
+    assert _same(reference, resumed)  # and the augmentation drawn after them is the same

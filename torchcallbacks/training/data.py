@@ -3,7 +3,6 @@ position in the data as part of the training state (exact resume)."""
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.validate import check_counter, check_generator_state, check_rng_state
+from torchcallbacks.training.skipping import iterate_from
 
 
 def check_steps(value: int | None, name: str) -> int | None:
@@ -63,14 +63,6 @@ def _generators(data: Any) -> list[torch.Generator]:
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
     return found
-
-
-def _iterate_from(data: Iterable[Any], skip: int) -> Iterator[Any]:
-    """`iter(data)` positioned after its first `skip` batches."""
-    iterator = iter(data)
-    for _ in itertools.islice(iterator, skip):
-        pass
-    return iterator
 
 
 def _uses_own_state(data: Any) -> bool:
@@ -200,7 +192,7 @@ class EpochIterator:
         elif state["pass_rng"] is not None:
             self._restore_rng(state["pass_rng"])
             self._pass_rng = state["pass_rng"]
-            self._iterator, self._consumed = _iterate_from(self.data, state["consumed"]), state["consumed"]
+            self._iterator, self._consumed = iterate_from(self.data, state["consumed"]), state["consumed"]
         else:
             self._iterator, self._consumed, self._pass_rng = None, 0, None
         self._restore_rng(state["rng"])
