@@ -348,3 +348,68 @@ def test_a_resumed_epoch_skips_its_trained_batches_without_loading_them(tmp_path
     resumed, dataset = run([tc.BackupAndRestore(tmp_path, save_freq=5)], seed=2)
     assert dataset.loaded == 64 * 2 - 5 * 8  # the 5 trained batches were skipped by index, not loaded
     assert _same(reference, resumed)  # and the augmentation drawn after them is the same
+
+
+# -- every optimizer ------------------------------------------------------------------------------------
+def test_callbacks_see_every_optimizer_and_lr_callbacks_act_on_all_of_them() -> None:
+    model = make_model()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    seen: list[Any] = []
+    spy = tc.LambdaCallback(on_train_begin=lambda logs: seen.append((spy.optimizer, list(spy.optimizers))))
+    reduce = tc.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, mode="max")  # "max": reduces every epoch
+    schedule = tc.LearningRateScheduler(lambda epoch, lr: lr * 0.1 if epoch == 1 else lr)
+    only_first = tc.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, mode="max", optimizers=first)
+    only_first.state_key = "only-first"
+    tc.fit(model, make_regression(), optimizer=[first, second], loss=torch.nn.functional.mse_loss, epochs=2,
+           verbose=0, callbacks=[spy, reduce, schedule, only_first])
+    assert seen == [(first, [first, second])]
+    # epoch 1: x0.1 (schedule, both), x0.5 (reduce: the loss fell, "max" sees no improvement), x0.5 (first only)
+    assert first.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1 * 0.5 * 0.5)
+    assert second.param_groups[0]["lr"] == pytest.approx(0.01 * 0.1 * 0.5)
+    with pytest.raises(TypeError, match="optimizers must be None"):
+        tc.ReduceLROnPlateau(optimizers="first")
+
+
+def test_a_scheduler_of_another_optimizer_is_named() -> None:
+    model = make_model()
+    other = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    callback = tc.LearningRateScheduler(torch.optim.lr_scheduler.StepLR(other, step_size=1))
+    with pytest.raises(ValueError, match="built on an optimizer that is not one of the loop's"):
+        tc.fit(model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+               loss=torch.nn.functional.mse_loss, epochs=1, verbose=0, callbacks=[callback])
+
+
+def test_a_backup_never_names_a_checkpoint_whose_asynchronous_write_is_unfinished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, ModelCheckpoint(async_save=True) recorded best_path as soon as the write was handed to
+    its thread: a backup taken then, and a kill before the write ended, resumed with a best_path
+    that never appeared."""
+    from torchcallbacks.checkpoint import writer
+
+    real = writer.atomic_save_file
+
+    def slow(tensors: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        if "best" in str(path):
+            import time
+
+            time.sleep(0.3)
+        real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(writer, "atomic_save_file", slow)
+    found: list[bool] = []
+
+    class AfterTheBackup(tc.Callback):
+        dispatch_order = 3  # after BackupAndRestore (2): what a kill right after the backup leaves
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            state = read_training_state(tmp_path / "b" / "latest.safetensors")
+            key = next(k for k in state["callbacks"] if k.startswith("ModelCheckpoint"))
+            best = state["callbacks"][key]["best_path"]
+            found.append(best is not None and Path(best).exists())
+
+    ckpt = tc.ModelCheckpoint(str(tmp_path / "best-{epoch}.safetensors"), monitor="loss", save_best_only=True,
+                              save_weights_only=True, async_save=True)
+    _fit([AfterTheBackup(), ckpt, tc.BackupAndRestore(tmp_path / "b")], epochs=2)
+    assert found == [True, True]
