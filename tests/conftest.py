@@ -9,6 +9,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from torchcallbacks import Callback
+
+
+class Crash(Callback):
+    """Raises RuntimeError("crash") after training batch `at_step` (counted over the run): a crash
+    whose backups stay, for the resume tests."""
+
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self.at_step = at_step
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.loop.global_step == self.at_step:
+            raise RuntimeError("crash")
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

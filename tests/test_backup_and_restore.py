@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_model, make_regression
+from conftest import Crash, make_model, make_regression
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -118,16 +118,6 @@ def test_sigterm_writes_a_mid_epoch_backup_and_exits(tmp_path: Path, baseline: P
 
 
 # -- in process ---------------------------------------------------------------------------------------
-class Crash(tc.Callback):
-    def __init__(self, at_step: int) -> None:
-        super().__init__()
-        self.at_step = at_step
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.loop.global_step == self.at_step:
-            raise RuntimeError("crash")
-
-
 class EpochRecorder(tc.Callback):
     def __init__(self) -> None:
         super().__init__()

@@ -9,20 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import Crash, make_model
 from torch.utils.data import TensorDataset
 
 import torchcallbacks as tc
-
-
-class Crash(tc.Callback):
-    def __init__(self, at_step: int) -> None:
-        super().__init__()
-        self.at_step = at_step
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.loop.global_step == self.at_step:
-            raise RuntimeError("crash")
 
 
 def _data() -> TensorDataset:

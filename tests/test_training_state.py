@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_model, make_regression
+from conftest import Crash, make_model, make_regression
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -21,16 +21,6 @@ from torchcallbacks.checkpoint import read_training_state
 from torchcallbacks.checkpoint.files import STATE_KEY
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-class Crash(tc.Callback):
-    def __init__(self, at_step: int) -> None:
-        super().__init__()
-        self.at_step = at_step
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.loop.global_step == self.at_step:
-            raise RuntimeError("crash")
 
 
 def _setup(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
