@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -50,15 +51,17 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """`timed` for each function, taking turns, so that drifts of the machine hit all of them alike.
 
-    The order rotates every round: on this machine's file system the first write after another
-    method's large unsynced write costs 3-4x more whichever method it is, so a fixed order would
-    charge that to one method.
+    Each round runs the functions in a new (seeded) random order: on this machine's file system the
+    write after another method's large write or file deletion can cost several times more whichever
+    method it is. A fixed order would charge that to one method, and so would a rotation: it keeps
+    the cyclic order, so each method follows the same other method in every round but the first.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
             times[name] += timed(fns[name], 1)
     return times
 

@@ -1,7 +1,8 @@
 """Atomic safetensors writes, synchronous or on a background thread.
 
 `atomic_save_file` writes a temp file in the target's directory with `safetensors.torch.save_file`
-(which writes each tensor straight from its memory, no serialised copy of the file), flushes and
+(which writes each tensor straight from its memory, no serialised copy of the file; tensors on an
+accelerator are first copied to host memory, all of them before the file is written), flushes and
 fsyncs it, moves it over the target with `os.replace` and fsyncs the directory: a crash at any instant
 leaves the old file or the new one, never a torn one. On an error (a full disk, say) the temp file is
 removed and the previous file is left as it was.
