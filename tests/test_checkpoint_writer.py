@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import torchcallbacks as tc
-from torchcallbacks.checkpoint import CheckpointWriter, atomic_save_file, writer
+from torchcallbacks.checkpoint import CheckpointWriter, atomic_save_file, read_file, writer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "save_loop_script.py"
@@ -82,7 +83,7 @@ def test_full_disk_keeps_the_previous_file_and_removes_the_temp_file(tmp_path: P
             f.write(b"\x00" * 16)  # part of the file got written
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "_serialize", disk_full)
+    monkeypatch.setattr(writer, "save_file", disk_full)
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(OSError) as info:
@@ -104,7 +105,7 @@ def test_async_write_copies_tensors_before_returning(tmp_path: Path) -> None:
 
 def test_async_keeps_one_write_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     active, peak, lock = [0], [0], threading.Lock()
-    real = writer._serialize
+    real = writer.save_file
 
     def slow(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
         with lock:
@@ -115,7 +116,7 @@ def test_async_keeps_one_write_in_flight(tmp_path: Path, monkeypatch: pytest.Mon
         with lock:
             active[0] -= 1
 
-    monkeypatch.setattr(writer, "_serialize", slow)
+    monkeypatch.setattr(writer, "save_file", slow)
     w = CheckpointWriter(async_save=True)
     for i in range(4):
         w.write(tmp_path / f"{i}.safetensors", {"t": torch.full((10,), float(i))})
@@ -128,7 +129,7 @@ def test_async_error_is_raised_on_the_training_thread(tmp_path: Path, monkeypatc
     def fail(tensors: Any, filename: str, metadata: Any = None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "_serialize", fail)
+    monkeypatch.setattr(writer, "save_file", fail)
     w = CheckpointWriter(async_save=True)
     w.write(tmp_path / "a.safetensors", {"t": torch.zeros(3)})
     with pytest.raises(OSError, match="No space"):
@@ -141,7 +142,7 @@ def test_async_error_surfaces_at_train_end(tmp_path: Path, monkeypatch: pytest.M
     def fail(tensors: Any, filename: str, metadata: Any = None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "_serialize", fail)
+    monkeypatch.setattr(writer, "save_file", fail)
     model = torch.nn.Linear(4, 1)
     data = [(torch.randn(8, 4), torch.randn(8, 1))]
     ckpt = tc.ModelCheckpoint(str(tmp_path / "m.safetensors"), async_save=True, save_weights_only=True)
@@ -160,15 +161,150 @@ def test_keep_previous_and_delete_after(tmp_path: Path) -> None:
     assert not stale.exists()
 
 
-def test_temp_files_of_dead_writers_are_removed_at_the_next_save(tmp_path) -> None:
-    """A writer SIGKILLed mid-write leaves `.<name>.<pid>.<hex>.tmp`; the next save in that directory
-    removes it, but never a temp file of a process that is still running."""
+def _dead_pid() -> int:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".best-01.safetensors.{dead.pid}.0123abcd.tmp"
-    alive = tmp_path / f".best-02.safetensors.{os.getppid()}.0123abcd.tmp"
-    unrelated = tmp_path / ".notes.tmp"
-    for path in (stale, alive, unrelated):
-        path.write_bytes(b"partial")
+    return dead.pid
+
+
+def _temp(directory: Path, base: str, host: str, pid: int, age: float = 0.0) -> Path:
+    path = directory / f".{base}.{host}.{pid}.0123abcd.tmp"
+    path.write_bytes(b"partial")
+    if age:
+        old = time.time() - age
+        os.utime(path, (old, old))
+    return path
+
+
+def test_temp_names_carry_the_sanitised_host_and_the_pid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names: list[str] = []
+    real = writer.save_file
+
+    def spy(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
+        names.append(os.path.basename(filename))
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(writer, "save_file", spy)
+    monkeypatch.setattr(writer.socket, "gethostname", lambda: "node_7.cluster.example")
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert len(names) == 1
+    match = re.fullmatch(r"\.w\.safetensors\.node-7-cluster-example\.(\d+)\.[0-9a-f]{8}\.tmp", names[0])
+    assert match is not None and int(match.group(1)) == os.getpid(), names
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+    # A long file name is shortened in the temp name, never past the 255-byte limit.
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / ("x" * 250))
+    assert len(names[1].encode()) <= 255 and names[1].endswith(f".node-7-cluster-example.{os.getpid()}.{names[1][-12:-4]}.tmp")
+
+
+def test_temp_files_of_dead_writers_on_this_host_are_removed_at_the_next_save(tmp_path: Path) -> None:
+    """A writer SIGKILLed mid-write leaves `.<name>.<host>.<pid>.<hex>.tmp`; the next save in that
+    directory removes it if the host is this one and the process is gone, never a temp file of a
+    process of this host that is still running (nor one of this process)."""
+    host = writer._host_name()
+    stale = _temp(tmp_path, "best-01.safetensors", host, _dead_pid())
+    alive = _temp(tmp_path, "best-02.safetensors", host, os.getppid())
+    own = _temp(tmp_path, "best-02.safetensors", host, os.getpid())
+    impossible = _temp(tmp_path, "best-02.safetensors", host, 10**30)  # no process has that pid
     atomic_save_file({"w": torch.ones(2)}, tmp_path / "best-03.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, unrelated.name, "best-03.safetensors"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, own.name, "best-03.safetensors"])
+    assert not stale.exists() and not impossible.exists()
+
+
+def test_temp_files_of_other_hosts_are_removed_only_once_older_than_the_bound(tmp_path: Path) -> None:
+    """On a shared file system a pid named by another host cannot be checked here (the pid of a dead
+    process here may be a live write there): such a temp file is kept until its mtime is older than
+    STALE_TEMP_SECONDS."""
+    pid, bound = _dead_pid(), writer.STALE_TEMP_SECONDS
+    assert bound == 24 * 60 * 60
+    other = "other-host" if writer._host_name() != "other-host" else "another-host"
+    recent = _temp(tmp_path, "w.safetensors", other, pid)
+    almost = _temp(tmp_path, "w.safetensors", other, pid + 1, age=bound - 600)
+    old = _temp(tmp_path, "w.safetensors", other, pid + 2, age=bound + 600)
+    old_alive_here = _temp(tmp_path, "w.safetensors", writer._host_name(), os.getppid(), age=bound + 600)
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert recent.exists() and almost.exists()
+    assert not old.exists() and not old_alive_here.exists()
+
+
+def test_files_that_are_not_our_temp_files_are_never_touched(tmp_path: Path) -> None:
+    host, pid, age = writer._host_name(), _dead_pid(), 10 * writer.STALE_TEMP_SECONDS
+    others = [
+        ".notes.tmp",
+        "w.safetensors.tmp",
+        f"w.safetensors.{host}.{pid}.0123abcd.tmp",  # no leading dot
+        f".w.safetensors.{host}.{pid}.0123abcd.tmp.bak",
+        f".w.safetensors.{host}.{pid}.0123ABCD.tmp",
+        f".w.safetensors.{host}.{pid}.0123abc.tmp",
+        f".w.safetensors.ho_st.{pid}.0123abcd.tmp",
+        f".w.safetensors.{host}.{pid}x.0123abcd.tmp",
+    ]
+    old = time.time() - age
+    for name in others:
+        (tmp_path / name).write_bytes(b"not ours")
+        os.utime(tmp_path / name, (old, old))
+    # Our temp files, old and of a dead process, but in a directory other than the one written to.
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    nested = [_temp(sub, "w.safetensors", host, pid), _temp(sub, "w.safetensors", "other-host", pid, age=age)]
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "sub", "w.safetensors"])
+    assert all(path.exists() for path in nested)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="this torch build has no float8_e8m0fnu")
+@pytest.mark.parametrize("async_save", [False, True])
+def test_float8_e8m0fnu_round_trips(tmp_path: Path, async_save: bool) -> None:
+    """dtypes safetensors stores but the old hand-written table refused (as "cannot be stored")."""
+    scales = torch.tensor([2.0**-3, 0.5, 1.0, 2.0, 2.0**10]).to(torch.float8_e8m0fnu)
+    state = {"scales": scales, "fnuz": torch.tensor([0.5, -1.5, 3.0]).to(torch.float8_e4m3fnuz)}
+    w = CheckpointWriter(async_save=async_save)
+    tc.save_weights(state, tmp_path / "s.safetensors", writer=w)
+    w.close()
+    for loaded in (load_file(tmp_path / "s.safetensors"), read_file(tmp_path / "s.safetensors")[0]):
+        for name, tensor in state.items():
+            assert loaded[name].dtype == tensor.dtype
+            assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    assert float(load_file(tmp_path / "s.safetensors")["scales"].float()[-1]) == 1024.0
+
+
+def test_a_dtype_safetensors_cannot_store_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"tensor 'z': dtype torch.complex128 cannot be stored in safetensors"):
+        tc.save_weights({"ok": torch.ones(2), "z": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "z.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_close_flushes_and_drops_the_host_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = CheckpointWriter(async_save=True)
+    w.write(tmp_path / "a.safetensors", {"t": torch.ones(1000)})
+    assert set(w._buffers) == {"t"}
+    w.close()
+    assert w._buffers == {}
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["t"], torch.ones(1000))
+    w.write(tmp_path / "b.safetensors", {"t": torch.zeros(10)})  # still usable
+    w.close()
+    assert torch.equal(load_file(tmp_path / "b.safetensors")["t"], torch.zeros(10))
+
+    def fail(tensors: Any, filename: str, metadata: Any = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", fail)
+    w.write(tmp_path / "c.safetensors", {"t": torch.zeros(10)})
+    with pytest.raises(OSError, match="No space"):
+        w.close()  # the write's error is raised, and the buffers are dropped all the same
+    assert w._buffers == {}
+
+
+@pytest.mark.parametrize("callback", ["checkpoint", "backup"])
+def test_after_fit_an_async_writer_holds_no_buffers(tmp_path: Path, callback: str) -> None:
+    model = torch.nn.Linear(4, 1)
+    data = [(torch.randn(8, 4), torch.randn(8, 1))] * 2
+    if callback == "checkpoint":
+        cb: Any = tc.ModelCheckpoint(str(tmp_path / "m.safetensors"), async_save=True, save_weights_only=True)
+    else:
+        cb = tc.BackupAndRestore(str(tmp_path / "backup"), save_freq=1, delete_checkpoint=False, async_save=True)
+    seen: list[int] = []
+    probe = tc.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(len(cb._writer._buffers)))
+    tc.fit(model, data, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=torch.nn.functional.mse_loss,
+           epochs=2, verbose=0, callbacks=[cb, probe])
+    assert max(seen) > 0  # the writer did keep host copies during training
+    assert cb._writer._buffers == {}

@@ -234,7 +234,7 @@ class BackupAndRestore(Callback):
     # -- train end -----------------------------------------------------------------------------------
     def on_train_end(self, logs: Logs | None = None) -> None:
         try:
-            self._writer.flush()
+            self._writer.close()
         finally:
             self._uninstall_sigterm()
             if self.loop.exception is None:

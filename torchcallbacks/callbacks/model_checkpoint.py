@@ -191,7 +191,7 @@ class ModelCheckpoint(MonitorCallback):
             self._save(epoch, None, logs)
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        self._writer.flush()
+        self._writer.close()
         if self.loop.exception is None:
             barrier()  # the last (possibly asynchronous) file is on disk before any process reads it
 

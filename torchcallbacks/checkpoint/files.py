@@ -85,7 +85,8 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     Raises:
         FileNotFoundError: there is no file at `path`.
-        CheckpointError: the file is not a complete safetensors file (truncated, foreign, damaged).
+        CheckpointError: the file is not a complete safetensors file (truncated, foreign, damaged),
+            its header is larger than `reader.MAX_HEADER_BYTES`, or its aliases entry is not strict JSON.
 
     Example:
 
@@ -94,9 +95,12 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     metadata["format"]  # "pt"
     ```
     """
+    from torchcallbacks.checkpoint.reader import check_header_size, loads_strict
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    check_header_size(path)  # before anything parses the header
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -105,10 +109,9 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(
             f"{path!r} is not a readable safetensors file (truncated, damaged or another format): {exc}"
         ) from exc
-    try:
-        aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
-    except ValueError as exc:
-        raise CheckpointError(f"{path!r}: metadata {ALIASES_KEY!r} is not valid JSON: {exc}") from exc
+    aliases = loads_strict(metadata.get(ALIASES_KEY, "{}"), f"{path!r}: metadata {ALIASES_KEY!r}")
+    if not isinstance(aliases, dict) or not all(isinstance(kept, str) for kept in aliases.values()):
+        raise CheckpointError(f"{path!r}: metadata {ALIASES_KEY!r} is not a JSON object of tensor names")
     for alias, kept in aliases.items():
         if kept not in tensors:
             raise CheckpointError(f"{path!r}: tied tensor {alias!r} refers to {kept!r}, which the file does not have")

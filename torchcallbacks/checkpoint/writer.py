@@ -1,26 +1,35 @@
 """Atomic safetensors writes, synchronous or on a background thread.
 
-`atomic_save_file` writes a temp file in the target's directory, flushes and fsyncs it, moves it over
-the target with `os.replace` and fsyncs the directory: a crash at any instant leaves the old file or the
-new one, never a torn one. On an error (a full disk, say) the temp file is removed and the previous
-file is left as it was.
+`atomic_save_file` writes a temp file in the target's directory with `safetensors.torch.save_file`
+(which writes each tensor straight from its memory, no serialised copy of the file; tensors on an
+accelerator are first copied to host memory, all of them before the file is written), flushes and
+fsyncs it, moves it over the target with `os.replace` and fsyncs the directory: a crash at any instant
+leaves the old file or the new one, never a torn one. On an error (a full disk, say) the temp file is
+removed and the previous file is left as it was.
+
+Temp files are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
+characters other than ASCII letters, digits and `-` replaced by `-`). A process killed mid-write leaves
+its temp file behind; after each save, the writer removes such leftovers in the directory it wrote to,
+but only files whose names have that form and, of those, only files of a process of this host that is
+no longer running, or files last modified more than `STALE_TEMP_SECONDS` ago (whatever the host: on a
+shared file system, another host's process cannot be checked from here, and its live writes keep
+their temp file's modification time recent).
 
 `CheckpointWriter` does the same from a background thread when `async_save=True`: the tensors are
 first copied off their live storage on the calling (training) thread, into host buffers that are
-reused from one save to the next; then the file is written while training goes on. At most one write
-is in flight (a new save waits for the previous one); an error of a background write is raised on the
-training thread, at the next save or at `flush()`.
+reused from one save to the next (`close()` drops them); then the file is written while training goes
+on. At most one write is in flight (a new save waits for the previous one); an error of a background
+write is raised on the training thread, at the next save, at `flush()` or at `close()`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import struct
-import sys
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,65 +37,39 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-#: torch dtype -> safetensors dtype name.
-DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-}
+#: A temp file of this writer whose modification time is older than this (in seconds: 24 hours) is
+#: removed by the next save in its directory even if it was named by another host (whose process
+#: cannot be checked from here). No write takes that long: a live write keeps its mtime recent.
+STALE_TEMP_SECONDS = 24 * 60 * 60
 
 
-def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], filename: str, metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write a safetensors file: an 8-byte little-endian header length, the JSON header (padded with
-    spaces to a multiple of 8), then each tensor's bytes, largest element size first as safetensors
-    itself orders them. Each tensor is written straight from its memory (no serialised copy of the
-    whole file, unlike `safetensors.torch.save`), which is what makes the save as fast as a raw write.
-    The file is written in place, not atomically (`atomic_save_file` is the atomic one).
-
-    Args:
-        tensors: name -> tensor (any device; the dtype must be one safetensors stores).
-        filename: the file to write.
-        metadata: safetensors header metadata (strings only).
-
-    Example:
-
-    ```python
-    write_safetensors({"w": torch.ones(2, 3)}, "w.safetensors", {"format": "pt"})
-    safetensors.torch.load_file("w.safetensors")["w"]  # tensor of ones
-    ```
-    """
-    if sys.byteorder != "little":  # safetensors is little-endian; its own writer converts
-        save_file(dict(tensors), filename, metadata=dict(metadata) if metadata is not None else None)
-        return
-    items = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, tensor in items:
-        if tensor.dtype not in DTYPES:
-            raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(filename, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for _, tensor in items:
-            if tensor.numel() == 0:
-                continue
-            data = tensor.detach().cpu().contiguous().reshape(-1)
-            f.write(data.view(torch.uint8).numpy().data)
+def _host_name() -> str:
+    """This machine's host name as it appears in temp file names: only `[A-Za-z0-9-]`, at most 63."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+    return name or "unknown-host"
 
 
-# The function that serialises the tensors into the temp file (a module attribute, so that tests can
-# make it fail like a full disk does).
-_serialize = write_safetensors
+def _temp_name(basename: str) -> str:
+    """A unique temp name for `basename` in the same directory (so that os.replace is a rename on one
+    file system) that says which host and process writes it: `.<name>.<host>.<pid>.<8 hex>.tmp`,
+    `<name>` shortened if needed to keep within the usual 255-byte limit of a file name."""
+    suffix = f".{_host_name()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    while basename[1:] and len(f".{basename}{suffix}".encode()) > 255:
+        basename = basename[:-1]
+    return f".{basename}{suffix}"
+
+
+def _save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None) -> None:
+    """`safetensors.torch.save_file`, with its refusal of a dtype it cannot store (a bare KeyError of
+    the dtype) turned into a TypeError that names the tensor."""
+    try:
+        save_file(tensors, filename, metadata=metadata)
+    except KeyError as exc:
+        dtype = exc.args[0] if exc.args else None
+        names = [name for name, tensor in tensors.items() if tensor.dtype == dtype]
+        if not isinstance(dtype, torch.dtype) or not names:
+            raise
+        raise TypeError(f"tensor {names[0]!r}: dtype {dtype} cannot be stored in safetensors") from exc
 
 
 def _fsync_dir(directory: str) -> None:
@@ -127,11 +110,10 @@ def atomic_save_file(
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # A unique name in the same directory (so that os.replace is a rename on one file system); the
-    # file is created by the serialiser with the usual permissions.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # save_file creates the temp file with the usual permissions.
+    tmp = os.path.join(directory, _temp_name(os.path.basename(path)))
     try:
-        _serialize(dict(tensors), tmp, metadata=dict(metadata) if metadata is not None else None)
+        _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -148,23 +130,41 @@ def atomic_save_file(
     _remove_stale_temp_files(directory)
 
 
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+# `.<name>.<host>.<pid>.<8 hex>.tmp`; the host part has no dots, so the name parses from the right.
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _process_is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process can have that pid
+        return True
+    except OSError:  # exists, but not ours to signal
+        return False
+    return False
 
 
 def _remove_stale_temp_files(directory: str) -> None:
     """Remove temp files of this writer left in `directory` by processes that died mid-write (a
-    SIGKILL, a power cut). Files of processes still running are left alone: they may be writing."""
+    SIGKILL, a power cut): a file is removed only if its name has the writer's temp form and it was
+    named by a process of this host that is not running, or it was last modified more than
+    `STALE_TEMP_SECONDS` ago. Any other file is left alone: it may be a live write of another host."""
+    host, now = _host_name(), time.time()
     for name in os.listdir(directory):
         match = _TEMP_NAME.match(name)
-        if match is None or int(match.group(1)) == os.getpid():
+        if match is None:
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
+        full = os.path.join(directory, name)
+        if match.group("host") == host and _process_is_dead(int(match.group("pid"))):
+            stale = True
+        else:
+            try:
+                stale = now - os.stat(full, follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+            except OSError:  # gone already
+                continue
+        if stale:
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(directory, name))
-        except OSError:  # exists, but not ours to signal
-            continue
+                os.remove(full)
 
 
 def _remove_files(paths: Iterable[str]) -> None:
@@ -186,6 +186,7 @@ class CheckpointWriter:
     writer.write("ckpt.safetensors", {"w": w}, {"format": "pt"})   # returns once w is copied
     ...
     writer.flush()   # waits for the write; raises its error if it failed
+    writer.close()   # at the end: flush, then free the reused host buffers
     ```
     """
 
@@ -284,15 +285,20 @@ class CheckpointWriter:
         if error is not None:
             raise error
 
-    @property
-    def pending(self) -> bool:
-        """Whether a background write is still running.
+    def close(self) -> None:
+        """`flush()`, then drop the host buffers kept for the next asynchronous save (as large as the
+        last file's tensors), also when the write failed. The writer can still be used: a later
+        asynchronous save allocates new buffers.
 
         Example:
 
         ```python
-        if not writer.pending:
-            writer.flush()  # returns at once, or raises the error of the write that failed
+        writer = CheckpointWriter(async_save=True)
+        writer.write("ckpt.safetensors", {"w": w})
+        writer.close()  # the file is complete and the host copy of w is freed
         ```
         """
-        return self._thread is not None and self._thread.is_alive()
+        try:
+            self.flush()
+        finally:
+            self._buffers = {}

@@ -1,0 +1,134 @@
+"""Strict, bounded reading of checkpoint files: checks made before a parser sees the data.
+
+A safetensors file starts with its header length, a little-endian unsigned 64-bit integer, followed
+by that many bytes of JSON. Parsing the header costs memory many times its size (and safetensors
+accepts up to 100 MB), so `check_header_size` refuses a header longer than `MAX_HEADER_BYTES` from
+those first 8 bytes alone, before safetensors or `json` reads any of it; it also refuses a file too
+short to hold the header it announces.
+
+`loads_strict` parses the JSON strings of the header metadata (the training-state document, the
+aliases) as strict JSON: no `NaN` / `Infinity` tokens, no number too large for a float, no object
+with the same key twice (which readers resolve differently, or silently keep the last of).
+
+Both raise `torchcallbacks.CheckpointError` naming the file (or field) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+#: The largest safetensors header (in bytes: 16 MiB) a checkpoint may have. Each tensor takes about
+#: 100 bytes of header, so this holds some 150,000 tensors (a model and its Adam state: 50,000
+#: parameter tensors) plus the training-state document; a weights file of a 100M-parameter model has
+#: a header of a few kB. Parsing a header of this size takes a few seconds and some hundred MB.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+#: The header length field: the first 8 bytes of a safetensors file, a little-endian u64.
+HEADER_LENGTH_BYTES = 8
+
+
+def _checkpoint_error(message: str) -> ValueError:
+    # Imported here: files.py imports this module, and CheckpointError is defined there.
+    from torchcallbacks.checkpoint.files import CheckpointError
+
+    return CheckpointError(message)
+
+
+def check_header_size(path: str | os.PathLike[str]) -> int:
+    """Read the header length of a safetensors file (its first 8 bytes) and check it, reading
+    nothing else: the header must be at most `MAX_HEADER_BYTES` long and fit in the file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The header length in bytes.
+
+    Raises:
+        CheckpointError: the file is shorter than 8 bytes, announces a header larger than
+            `MAX_HEADER_BYTES`, or is too short to hold the header it announces (the message names
+            the file and both sizes).
+        OSError: the file cannot be opened.
+
+    Example:
+
+    ```python
+    check_header_size("model.safetensors")  # e.g. 1024; raises CheckpointError for a foreign file
+    ```
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        prefix = f.read(HEADER_LENGTH_BYTES)
+        file_size = os.fstat(f.fileno()).st_size
+    if len(prefix) < HEADER_LENGTH_BYTES:
+        raise _checkpoint_error(
+            f"{path!r} is not a readable safetensors file: it has {file_size} bytes, fewer than the "
+            f"{HEADER_LENGTH_BYTES} of the header length field"
+        )
+    header_size = int.from_bytes(prefix, "little")
+    if header_size > MAX_HEADER_BYTES:
+        raise _checkpoint_error(
+            f"{path!r} is not a readable safetensors file: its header length field says {header_size} bytes, "
+            f"more than the limit of {MAX_HEADER_BYTES} bytes (torchcallbacks.checkpoint.reader.MAX_HEADER_BYTES); "
+            "a foreign or damaged file, or one with far more tensors than a checkpoint has"
+        )
+    available = file_size - HEADER_LENGTH_BYTES
+    if header_size > available:
+        raise _checkpoint_error(
+            f"{path!r} is not a readable safetensors file: truncated header (its header length field says "
+            f"{header_size} bytes, only {available} follow)"
+        )
+    return header_size
+
+
+def loads_strict(text: str, where: str) -> Any:
+    """`json.loads` for strict JSON: refuses `NaN`, `Infinity` and `-Infinity`, numbers that
+    overflow a float (`1e999`), and objects with a repeated key.
+
+    Args:
+        text: the JSON text.
+        where: what is parsed, for the error message (e.g. `"'c.safetensors': metadata 'torchcallbacks.state'"`).
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        CheckpointError: (a ValueError) `text` is not strict JSON; the message starts with `where`
+            and names the token or key.
+
+    Example:
+
+    ```python
+    loads_strict('{"epoch": 3}', "state")  # {'epoch': 3}
+    loads_strict('{"best": NaN}', "state")  # CheckpointError: state: NaN is not allowed ...
+    ```
+    """
+
+    def constant(token: str) -> Any:
+        raise _checkpoint_error(f"{where}: {token} is not allowed (strict JSON has no NaN or Infinity)")
+
+    def number(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise _checkpoint_error(f"{where}: the number {token[:50]} does not fit a float")
+        return value
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise _checkpoint_error(f"{where}: duplicate key {key!r} in a JSON object")
+            result[key] = value
+        return result
+
+    from torchcallbacks.checkpoint.files import CheckpointError
+
+    try:
+        return json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=unique)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise _checkpoint_error(f"{where}: not valid JSON: {exc}") from exc
