@@ -236,9 +236,7 @@ def test_unreadable_backup_without_fallback_raises(tmp_path: Path) -> None:
         _train(tc.BackupAndRestore(tmp_path), [])
 
 
-def test_save_freq_false_is_rejected() -> None:
-    with pytest.raises(ValueError, match="save_freq"):
-        tc.BackupAndRestore("x", save_freq=False)
+def test_save_freq_zero_is_rejected() -> None:
     with pytest.raises(ValueError, match="save_freq"):
         tc.BackupAndRestore("x", save_freq=0)
     with pytest.raises(ValueError, match="backup_dir"):
@@ -307,3 +305,15 @@ def test_resume_with_swap_ema_weights_is_exact(tmp_path: Path, swap_on_epoch: bo
     for (_, a), (_, b) in zip(reference_ema._pairs, resumed_ema._pairs, strict=True):
         assert torch.equal(a, b)
     assert resumed_history.history["val_loss"] == reference_history.history["val_loss"][-len(resumed_history.epoch):]
+
+
+def test_constructor_messages_begin_as_keras_and_save_freq_false_is_accepted() -> None:
+    assert tc.BackupAndRestore("x", save_freq=False).save_freq is False  # Keras: only at preemption
+    for bad in (0, True, "batch", 1.5, None):
+        with pytest.raises(ValueError, match=r"^Invalid value for argument `save_freq`\. Received: save_freq="):
+            tc.BackupAndRestore("x", save_freq=bad)
+    for empty in ("", None):
+        with pytest.raises(ValueError, match=r"^Empty `backup_dir` argument passed"):
+            tc.BackupAndRestore(empty)
+    with pytest.raises(TypeError, match="backup_dir"):
+        tc.BackupAndRestore(3)

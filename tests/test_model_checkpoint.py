@@ -164,3 +164,9 @@ def test_missing_key_fails_at_first_save_listing_available_keys(tmp_path: Path) 
     ckpt = tc.ModelCheckpoint(str(tmp_path / "m-{val_acc:.2f}.safetensors"))
     with pytest.raises(KeyError, match=r"\{val_acc\}, which is not in the logs; available keys: epoch, loss"):
         _fit([ckpt], epochs=1)
+
+
+@pytest.mark.parametrize("save_freq", [False, True, 0, -1, "batch", 2.0, None])
+def test_bad_save_freq_message_begins_as_keras(save_freq: object) -> None:
+    with pytest.raises(ValueError, match=r"^Unrecognized save_freq: "):
+        tc.ModelCheckpoint("m.safetensors", save_freq=save_freq)

@@ -10,7 +10,6 @@ import warnings
 from typing import Any
 
 from torchcallbacks.callbacks.callback import Callback, Logs
-from torchcallbacks.callbacks.model_checkpoint import check_save_freq
 from torchcallbacks.checkpoint.files import CheckpointError, TrainingState, load_checkpoint, save_loop_state
 from torchcallbacks.checkpoint.rng import (
     capture_rng_state,
@@ -19,6 +18,7 @@ from torchcallbacks.checkpoint.rng import (
     rng_state_to_json,
 )
 from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.checks import check_save_freq
 from torchcallbacks.distributed import (
     all_gather_json,
     any_process,
@@ -97,8 +97,10 @@ class BackupAndRestore(Callback):
         save_on_sigterm: bool = True,
     ) -> None:
         super().__init__()
+        if not backup_dir:
+            raise ValueError(f"Empty `backup_dir` argument passed: BackupAndRestore needs a directory, received {backup_dir!r}")
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
-            raise ValueError(f"BackupAndRestore: backup_dir must be a non-empty path, received {backup_dir!r}")
+            raise TypeError(f"BackupAndRestore: backup_dir must be a non-empty path, received {backup_dir!r}")
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = check_save_freq(save_freq, "BackupAndRestore")
         self.double_checkpoint = bool(double_checkpoint)

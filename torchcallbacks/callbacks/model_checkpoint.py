@@ -11,15 +11,9 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_loop_state, save_weights
 from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.checks import check_save_freq
 from torchcallbacks.distributed import barrier, main_process_only, mean_over_processes, print_main
 from torchcallbacks.logs import to_floats
-
-
-def check_save_freq(save_freq: Any, owner: str) -> str | int:
-    """`"epoch"` or a positive int (a bool is rejected: Keras takes `False` for 0 and saves every batch)."""
-    if save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1):
-        return save_freq
-    raise ValueError(f"{owner}: save_freq must be 'epoch' or an integer >= 1 (batches), received {save_freq!r}")
 
 
 def _template_fields(filepath: str) -> list[str]:
