@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.learning_rate import check_lr, get_lr, lr_logs, require_optimizer, set_lr
 from torchcallbacks.callbacks.monitor import MonitorCallback
+from torchcallbacks.checks import check_verbose
 from torchcallbacks.distributed import mean_over_processes, print_main
 
 # torch warns when a scheduler steps before the optimizer has. This callback steps its scheduler only
@@ -116,7 +117,7 @@ class LearningRateScheduler(MonitorCallback):
                 "schedule: expected a function schedule(epoch, lr) -> lr (or schedule(epoch)) or a "
                 f"torch.optim.lr_scheduler.LRScheduler, received {type(schedule).__name__}"
             )
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose, "LearningRateScheduler: verbose")
         self.per_batch = bool(per_batch)
         #: The epoch (global step with `per_batch`) the schedule was last applied at; None before.
         self.last_applied: int | None = None

@@ -11,7 +11,7 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_loop_state, save_weights
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.checks import check_save_freq
+from torchcallbacks.checks import check_save_freq, check_verbose
 from torchcallbacks.distributed import barrier, main_process_only, mean_over_processes, print_main
 from torchcallbacks.logs import to_floats
 
@@ -98,6 +98,7 @@ class ModelCheckpoint(MonitorCallback):
         mode: str = "auto",
         save_freq: str | int = "epoch",
         initial_value_threshold: float | None = None,
+        *,
         max_to_keep: int | None = None,
         async_save: bool = False,
     ) -> None:
@@ -121,7 +122,7 @@ class ModelCheckpoint(MonitorCallback):
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"ModelCheckpoint: max_to_keep must be None or an integer >= 1, received {max_to_keep!r}")
         self.filepath = filepath
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose, "ModelCheckpoint: verbose")
         self.save_best_only = bool(save_best_only)
         self.save_weights_only = bool(save_weights_only)
         self.initial_value_threshold = initial_value_threshold

@@ -151,7 +151,7 @@ class ProgbarLogger(Callback):
 
     stops_in_sync = True  # batch hooks: draws only (see Callback.stops_in_sync)
 
-    def __init__(self, file: TextIO | None = None, interval: float = 0.05, interval_no_tty: float = 10.0) -> None:
+    def __init__(self, *, file: TextIO | None = None, interval: float = 0.05, interval_no_tty: float = 10.0) -> None:
         super().__init__()
         self.file = file
         self.interval = interval

@@ -67,6 +67,7 @@ class RemoteMonitor(Callback):
         field: str = "data",
         headers: Mapping[str, str] | None = None,
         send_as_json: bool = False,
+        *,
         timeout: float = 10.0,
     ) -> None:
         super().__init__()

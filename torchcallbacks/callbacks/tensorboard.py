@@ -169,6 +169,7 @@ class TensorBoard(Callback):
         profile_batch: int | str | Sequence[int] = 0,
         embeddings_freq: int = 0,
         embeddings_metadata: MetadataSource | Mapping[str, MetadataSource] | None = None,
+        *,
         write_grads: bool = False,
     ) -> None:
         super().__init__()

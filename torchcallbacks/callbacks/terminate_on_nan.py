@@ -44,7 +44,7 @@ class TerminateOnNaN(Callback):
 
     stops_in_sync = True  # batch hooks: decides with any_process (see Callback.stops_in_sync)
 
-    def __init__(self, raise_error: bool = False, check_every: int = 1) -> None:
+    def __init__(self, raise_error: bool = False, *, check_every: int = 1) -> None:
         super().__init__()
         self.raise_error = bool(raise_error)
         self.check_every = check_count(check_every, "check_every", minimum=1)
