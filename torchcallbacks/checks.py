@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+import tempfile
 
 
 def check_count(value: object, name: str, minimum: int = 0, note: str = "") -> int:
@@ -98,3 +100,33 @@ def check_save_freq(save_freq: object, owner: str) -> str | int | bool:
             f"BackupAndRestore expects {expected}."
         )
     raise ValueError(f"Unrecognized save_freq: {save_freq!r}. {owner} expects {expected}.")
+
+
+def check_writable_dir(path: str | os.PathLike[str], name: str) -> str:
+    """`path` as a string once it is a directory this process can write to, created if needed.
+
+    Writability is verified by creating and removing a probe file in it, so a read-only mount, a
+    missing permission or a path that is a file fails here, before training, instead of at the first
+    save. The error is an OSError naming the argument, the path and the reason.
+
+    Args:
+        path: the directory.
+        name: the argument it came from, for the message (e.g. `"ModelCheckpoint: filepath"`).
+
+    Example:
+
+    ```python
+    check_writable_dir("ckpt/run1", "ModelCheckpoint: filepath")
+    ```
+    """
+    directory = os.fspath(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".torchcallbacks-probe-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"{name}: cannot write to the directory {directory!r} ({exc.strerror or exc})"
+        ) from exc
+    return directory

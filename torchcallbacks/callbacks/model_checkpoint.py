@@ -11,8 +11,15 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_loop_state, save_weights
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.checks import check_save_freq, check_verbose
-from torchcallbacks.distributed import barrier, main_process_only, mean_over_processes, print_main
+from torchcallbacks.checks import check_save_freq, check_verbose, check_writable_dir
+from torchcallbacks.distributed import (
+    any_process,
+    barrier,
+    is_main_process,
+    main_process_only,
+    mean_over_processes,
+    print_main,
+)
 from torchcallbacks.logs import to_floats
 
 
@@ -48,7 +55,8 @@ class ModelCheckpoint(MonitorCallback):
         filepath: a path ending in `.safetensors`, possibly a template formatted with `epoch` (1-based),
             `batch` (1-based, batch-level saves only) and the logs' values, e.g.
             `"ckpt/model-{epoch:02d}-{val_loss:.3f}.safetensors"`. A bad format spec fails here; a key
-            not in the logs fails at the first save, listing the keys available.
+            not in the logs fails at the first save, listing the keys available. The directory (up to
+            its first template field) is created and checked to be writable at train begin.
         monitor: the logged value that decides "best" (`save_best_only`, `max_to_keep`, `best_path`).
         verbose: 0 silent, 1 prints a message at each save (and each non-improvement).
         save_best_only: only save when `monitor` improves on the best so far. If the value is missing from
@@ -143,6 +151,30 @@ class ModelCheckpoint(MonitorCallback):
         self._kept = [list(item) for item in state_dict.get("kept", [])]
 
     # -- hooks ------------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        super().on_train_begin(logs)
+        # An unwritable directory fails now, not after the first epoch. The main process checks (it is
+        # the one that writes); the others learn of a failure through one all-reduce and raise too.
+        error: OSError | None = None
+        if is_main_process():
+            try:
+                check_writable_dir(self._fixed_dir(), "ModelCheckpoint: filepath")
+            except OSError as exc:
+                error = exc
+        if any_process(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError("ModelCheckpoint: the main process cannot write the checkpoint directory")
+
+    def _fixed_dir(self) -> str:
+        """The directory part of `filepath` above its first template field ("." when there is none)."""
+        parts = []
+        for part in os.path.dirname(self.filepath).split(os.sep):
+            if "{" in part:
+                break
+            parts.append(part)
+        return os.sep.join(parts) or (os.sep if self.filepath.startswith(os.sep) else ".")
+
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
             # Batch logs are this process's running means; their mean over processes makes "is this
