@@ -60,7 +60,9 @@ class ModelCheckpoint(MonitorCallback):
         monitor: the logged value that decides "best" (`save_best_only`, `max_to_keep`, `best_path`).
         verbose: 0 silent, 1 prints a message at each save (and each non-improvement).
         save_best_only: only save when `monitor` improves on the best so far. If the value is missing from
-            the logs, warns (once) and saves anyway, as Keras 3 does.
+            the logs: with `mode="auto"` a ValueError naming it and the available keys, except for a `val_`
+            monitor while nothing was validated (batch logs, epochs without validation), which, like
+            any missing value with an explicit `mode`, warns (once) and saves anyway, as Keras 3 does.
         save_weights_only: True saves the weights only; False the whole training state.
         mode: "auto", "min" or "max": how `monitor` improves (see `MonitorCallback`).
         save_freq: "epoch", or an integer: save every that many training batches (counted over the whole
