@@ -30,7 +30,8 @@ class PatienceState(tc.MonitorCallback):
 
     def on_train_begin(self, logs: Any = None) -> None:
         super().on_train_begin()
-        self.wait, self.best, self.record = 0, None, []
+        if not self.loop.resumed:  # the restore phase ran before: keep a restored state
+            self.wait, self.best, self.record = 0, None, []
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         current = self.get_monitor_value(logs)

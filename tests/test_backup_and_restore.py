@@ -236,20 +236,48 @@ def test_unreadable_backup_without_fallback_raises(tmp_path: Path) -> None:
         _train(tc.BackupAndRestore(tmp_path), [])
 
 
-def test_save_freq_zero_is_rejected() -> None:
+def test_bad_save_freq_and_backup_dir_are_rejected() -> None:
     with pytest.raises(ValueError, match="save_freq"):
         tc.BackupAndRestore("x", save_freq=0)
+    with pytest.raises(ValueError, match="save_freq"):
+        tc.BackupAndRestore("x", save_freq=True)
     with pytest.raises(ValueError, match="backup_dir"):
         tc.BackupAndRestore("")
+
+
+class SendSigterm(tc.Callback):
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self.at_step = at_step
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.loop.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_save_freq_false_backs_up_only_on_sigterm(tmp_path: Path) -> None:
+    """Keras' save_freq=False: no periodic backup; a SIGTERM still gets one, at the batch it reached."""
+    with pytest.raises(RuntimeError, match="crash"):
+        _train(tc.BackupAndRestore(tmp_path, save_freq=False), [Crash(9)])
+    assert not (tmp_path / "latest.safetensors").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        _train(tc.BackupAndRestore(tmp_path, save_freq=False), [SendSigterm(6)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    state = tc.checkpoint.read_training_state(tmp_path / "latest.safetensors")
+    assert (state["epoch"], state["batch"], state["global_step"]) == (1, 2, 6)
+    reference = _train(None, [])
+    resumed = _train(tc.BackupAndRestore(tmp_path, save_freq=False), [], seed=9)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_batch_backups_are_counted_over_the_run(tmp_path: Path) -> None:
     saved: list[tuple[int, int]] = []
 
     class Spy(tc.BackupAndRestore):
-        def _save(self, epoch: int, batch: int) -> None:
-            saved.append((epoch, batch))
-            super()._save(epoch, batch)
+        def _save(self) -> None:
+            saved.append(self.loop.position)
+            super()._save()
 
     _train(Spy(tmp_path, save_freq=3), [], epochs=3)
     assert saved == [(0, 3), (1, 2), (2, 1), (2, 4)]  # global steps 3, 6, 9, 12 with 4 batches per epoch
@@ -264,19 +292,42 @@ def test_async_backups_resume_the_same(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_warns_when_a_stateful_callback_comes_after_it(tmp_path: Path) -> None:
-    ckpt = tc.ModelCheckpoint(str(tmp_path / "m.safetensors"), monitor="loss")
-    with pytest.warns(UserWarning, match="put BackupAndRestore last"):
-        _train(None, [tc.BackupAndRestore(tmp_path / "b"), ckpt], epochs=1)
+@pytest.mark.parametrize("backup_first", [True, False])
+def test_the_place_in_the_list_does_not_matter(tmp_path: Path, backup_first: bool) -> None:
+    """Before, a BackupAndRestore placed before a stateful callback saved that callback's state before
+    its epoch-end update and loaded it before its on_train_begin reset (and warned about it)."""
+
+    def run(backup: tc.BackupAndRestore | None, extra: list[tc.Callback], seed: int = 0) -> tc.EarlyStopping:
+        stopper = tc.EarlyStopping(monitor="loss", patience=10, restore_best_weights=True)
+        listed: list[tc.Callback] = [stopper, *extra]
+        if backup is not None:
+            listed = [backup, *listed] if backup_first else [*listed, backup]
+        _train(None, listed, epochs=4, seed=seed)
+        return stopper
+
+    reference = run(None, [])
+    with pytest.raises(RuntimeError):
+        run(tc.BackupAndRestore(tmp_path), [Crash(13)])
+    resumed = run(tc.BackupAndRestore(tmp_path), [], seed=3)
+    assert (resumed.best, resumed.best_epoch, resumed.wait) == (reference.best, reference.best_epoch, reference.wait)
+    assert reference.best_weights is not None and resumed.best_weights is not None
+    assert all(torch.equal(reference.best_weights[k], resumed.best_weights[k]) for k in reference.best_weights)
 
 
-def test_running_means_of_a_backup_from_more_processes_are_merged() -> None:
-    """A backup written by 2 processes, resumed by 1: its running sums and weights are added up, so
-    the resumed epoch's means still cover every sample of the trained batches."""
-    saved = [{"loss": [2.0, 4.0]}, {"loss": [6.0, 4.0], "mae": [1.0, 4.0]}]
-    assert tc.BackupAndRestore._own_metrics(saved) == {"loss": [8.0, 8.0], "mae": [1.0, 4.0]}
-    assert tc.BackupAndRestore._own_metrics([{"loss": [2.0, 4.0]}]) == {"loss": [2.0, 4.0]}
-    assert tc.BackupAndRestore._own_metrics(None) is None
+def test_a_mid_epoch_backup_of_more_processes_is_refused_naming_both_counts() -> None:
+    """Its batches to skip are counted in the old run's per-process batches: resuming it on another
+    number of processes would train samples twice or never; say so instead of diverging silently."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callbacks = tc.CallbackList(model=model, optimizer=optimizer)
+    state = callbacks.loop.state_dict()
+    own = {"rng": state["rng"], "loop": {}}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tc.CheckpointError, match=r"2 processes and this run has 1"):
+        callbacks.loop.load_state_dict({**state, "batch": 3, "ranks": [own, own]}, "two.safetensors")
+    with pytest.warns(UserWarning, match="random states of process 0"):  # at an epoch end: a warning only
+        callbacks.loop.load_state_dict({**state, "batch": 0, "ranks": [own, own]}, "two.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("swap_on_epoch", [False, True])

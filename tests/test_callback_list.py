@@ -108,7 +108,7 @@ def test_state_dict_collects_stateful_callbacks() -> None:
     callbacks.on_epoch_end(0)
     callbacks.on_epoch_end(1)
     state = callbacks.state_dict()
-    assert state == {"1:Counter": {"count": 2}}
+    assert state == {"Counter": {"count": 2}}  # by state key, not by position
     fresh = CallbackList([Recorder(), Counter()])
     fresh.load_state_dict(state)
     assert fresh.callbacks[1].count == 2

@@ -121,17 +121,17 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     with safe_open(path, framework="pt") as f:
         names = set(f.keys())
         document = json.loads(f.metadata()[STATE_KEY])
-        exp_avg = f.get_tensor("@optimizer/0/state/0/exp_avg")
+        exp_avg = f.get_tensor("@optimizers/0/state/0/exp_avg")
     assert set(model.state_dict()) <= names
     assert "@rng/current/torch" in names
     assert torch.equal(exp_avg, optimizers[0].state_dict()["state"][0]["exp_avg"])
-    assert document["format"] == "torchcallbacks.training_state" and document["format_version"] == 1
+    assert document["format"] == "torchcallbacks.training_state" and document["format_version"] == 2
     assert (document["epoch"], document["batch"], document["global_step"]) == (3, 2, 14)
     assert document["library_version"] == tc.__version__
     assert document["optimizers"][1]["param_groups"][0]["momentum"] == 0.9
     assert document["schedulers"][0]["last_epoch"] == 3
     assert document["scaler"]["scale"] == scaler.get_scale()
-    assert document["callbacks"]["0:Stateful"]["best"] == {"__float__": "inf"}
+    assert document["callbacks"]["Stateful"]["best"] == {"__float__": "inf"}
     assert len(document["rng"]["current"]["numpy"]["key"]) == 624
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # the header is strict JSON
@@ -225,7 +225,7 @@ def test_key_and_shape_mismatch_name_the_keys(tmp_path: Path) -> None:
 def test_optimizer_count_mismatch(tmp_path: Path) -> None:
     model, optimizers, _, _ = _trained()
     tc.save_checkpoint(tmp_path / "c.safetensors", model, optimizers)
-    with pytest.raises(tc.CheckpointError, match="holds 2 optimizer state"):
+    with pytest.raises(tc.CheckpointError, match=r"'optimizers' holds 2 item\(s\), 1 expected"):
         tc.load_checkpoint(tmp_path / "c.safetensors", model, optimizers[0])
 
 
@@ -234,7 +234,7 @@ def test_unstorable_state_is_named(tmp_path: Path) -> None:
         def state_dict(self) -> dict:
             return {"fn": print}
 
-    with pytest.raises(TypeError, match=r"@callbacks/0:Bad/fn.*builtin_function_or_method"):
+    with pytest.raises(TypeError, match=r"@callbacks/Bad/fn.*builtin_function_or_method"):
         tc.save_checkpoint(tmp_path / "c.safetensors", make_model(), callbacks=tc.CallbackList([Bad()]))
     assert not list(tmp_path.iterdir())
 

@@ -106,7 +106,9 @@ def test_history_holds_epoch_means_weighted_by_batch_size_and_val_values() -> No
     for key, expected in [("loss", expected_loss), ("l1_loss", expected_mae),
                           ("val_loss", expected_loss), ("val_l1_loss", expected_mae)]:
         assert history.history[key] == pytest.approx([expected, expected], rel=1e-6)
-    assert model.history is history
+    # Keras' model.history: the same record, detached from the loop (no callbacks, no optimizer)
+    assert model.history.history is history.history and model.history.epoch is history.epoch
+    assert not isinstance(model.history, tc.Callback)
 
 
 def test_validation_freq_int_and_list() -> None:

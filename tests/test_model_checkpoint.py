@@ -51,7 +51,7 @@ def test_full_state_is_the_default(tmp_path: Path) -> None:
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         document = json.loads(f.metadata()[STATE_KEY])
     assert (document["epoch"], document["batch"], document["global_step"]) == (2, 0, 8)
-    assert document["callbacks"]["0:ModelCheckpoint"]["last_path"] == str(tmp_path / "m.safetensors")
+    assert document["callbacks"][ckpt.state_key]["last_path"] == str(tmp_path / "m.safetensors")
     other = make_model()
     tc.load_weights(other, tmp_path / "m.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))

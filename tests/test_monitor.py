@@ -139,16 +139,6 @@ def test_monitor_value_reads_tensors() -> None:
     assert callback.get_monitor_value({"loss": torch.tensor(0.5)}) == 0.5
 
 
-def test_state_loaded_mark_is_taken_once_and_cleared_at_train_end() -> None:
-    callback = MonitorCallback("loss")
-    callback._mark_state_loaded()
-    assert callback._take_state_loaded()
-    assert not callback._take_state_loaded()
-    callback._mark_state_loaded()  # loaded during a run (a restoring callback after this one)
-    callback.on_train_end()
-    assert not callback._take_state_loaded()
-
-
 def test_argument_checks_name_the_argument() -> None:
     with pytest.raises(TypeError, match="monitor"):
         MonitorCallback("")

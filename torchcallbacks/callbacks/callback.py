@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 import torch
 
+from torchcallbacks.callbacks.loop_state import LoopState
 from torchcallbacks.distributed import unwrap_model
-
-if TYPE_CHECKING:
-    from torchcallbacks.callbacks.callback_list import CallbackList
 
 Logs = MutableMapping[str, Any]
 
@@ -37,47 +34,6 @@ HOOKS = (
 HOOK_ALIASES = {"on_train_batch_begin": "on_batch_begin", "on_train_batch_end": "on_batch_end"}
 
 
-@dataclass
-class LoopState:
-    """Counters and handles of the running loop, shared by a `CallbackList` and all its callbacks.
-
-    The `CallbackList` keeps the counters up to date from the hooks it dispatches, so they are right in
-    `fit` and in a hand-written loop alike.
-
-    Attributes:
-        epoch: the current epoch, 0-based (set by `on_epoch_begin`).
-        batch: index of the current training batch within the epoch; -1 before the first one.
-        global_step: training batches completed since training started (restored on resume).
-        initial_epoch: the epoch training starts at. A callback may move it in `on_train_begin`
-            (`BackupAndRestore` does, to resume); `fit` reads it after `on_train_begin`.
-        initial_batch: batches of `initial_epoch` already trained before a resume; `fit` skips them.
-        resume_hook: called by `fit` once those batches are skipped, right before the next batch is
-            fetched (`BackupAndRestore` restores the random state there, so that the data loader's
-            per-batch draws match the interrupted run). Reset to None at every `fit` call.
-        exception: the exception that ended training, or None. Set before `on_train_end` runs, so
-            callbacks can tell a normal finish from a crash.
-        scaler: the `torch.amp.GradScaler` in use, if any.
-        metrics_state: returns `fit`'s running means of the epoch in progress as JSON-able data
-            (kept in mid-epoch backups); None outside `fit`. A function, not the tracker itself, so
-            that `copy.deepcopy(model)` (which reaches this state through `model.history`) never
-            copies the loss tensors it holds.
-        load_metrics_state: puts back what `metrics_state` returned; None outside `fit`.
-        callbacks: the `CallbackList` that owns this state.
-    """
-
-    epoch: int = 0
-    batch: int = -1
-    global_step: int = 0
-    initial_epoch: int = 0
-    initial_batch: int = 0
-    resume_hook: Callable[[], None] | None = None
-    exception: BaseException | None = None
-    scaler: Any = None
-    metrics_state: Callable[[], dict[str, Any]] | None = None
-    load_metrics_state: Callable[[dict[str, Any]], None] | None = None
-    callbacks: CallbackList | None = field(default=None, repr=False)
-
-
 class Callback:
     """Base class for callbacks; every hook does nothing until a subclass overrides it.
 
@@ -92,8 +48,11 @@ class Callback:
     end of every epoch; a callback that may stop in a training-batch hook makes the `CallbackList`
     combine it after every batch too, unless it sets `stops_in_sync = True` (see below).
 
-    Stateful callbacks override `state_dict()` / `load_state_dict()` with JSON-able content, so that
-    a resumed run continues with the same state.
+    Stateful callbacks override `state_dict()` / `load_state_dict()`, so that a resumed run continues
+    with the same state. A state holds numbers, strings, lists, dicts and tensors (tensors are stored
+    as tensors in training-state files). It is saved under `state_key` and loaded in the restore
+    phase, before any callback's `on_train_begin`: `load_state_dict` must only keep the state (the
+    model is loaded after it), and `on_train_begin` starts afresh unless `self.loop.resumed`.
 
     Example:
 
@@ -115,11 +74,18 @@ class Callback:
     #: Set it on a class or an instance (e.g. a `LambdaCallback` that only prints).
     stops_in_sync: bool = False
 
+    #: Where the callback's hooks run among the others: lower first, list order within one value.
+    #: `SwapEMAWeights` (-1) swaps weights before anyone reads them; `ModelCheckpoint` (1) and
+    #: `BackupAndRestore` (2) save after every other callback's update, so no list order matters.
+    dispatch_order: int = 0
+
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
         self._model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []
         self.loop: LoopState = LoopState()
+        self._state_key: str | None = None
 
     # -- wiring ---------------------------------------------------------------------------------
     def set_params(self, params: dict[str, Any]) -> None:
@@ -128,8 +94,10 @@ class Callback:
     def set_model(self, model: torch.nn.Module | None) -> None:
         self._model = unwrap_model(model) if model is not None else None
 
-    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        self.optimizer = optimizer
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None) -> None:
+        """Set `self.optimizers` (every optimizer) and `self.optimizer` (the first, or None)."""
+        self.optimizers = optimizer_list(optimizer)
+        self.optimizer = self.optimizers[0] if self.optimizers else None
 
     def set_loop(self, loop: LoopState) -> None:
         self.loop = loop
@@ -143,12 +111,38 @@ class Callback:
         return self._model
 
     # -- state ----------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """The key this callback's state is saved under: the class name and the arguments that tell
+        two instances apart (`identity()`), e.g. `"EarlyStopping[monitor=val_loss]"`. Assign a string to
+        choose another (a `CallbackList` adds `#2`, `#3` to keys that repeat)."""
+        if self._state_key is not None:
+            return self._state_key
+        args = ",".join(f"{k}={v}" for k, v in self.identity().items())
+        return f"{type(self).__name__}[{args}]" if args else type(self).__name__
+
+    @state_key.setter
+    def state_key(self, value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"state_key: expected a non-empty string, received {value!r}")
+        self._state_key = value
+
+    def identity(self) -> dict[str, Any]:
+        """The arguments that tell this callback apart from another of its class (for `state_key`)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state that a resumed run needs. Empty for stateless callbacks."""
+        """The state a resumed run needs (numbers, strings, lists, dicts, tensors). Empty for
+        stateless callbacks."""
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what `state_dict()` returned."""
+        """Keep what `state_dict()` returned (called in the restore phase, before the model is loaded)."""
+
+    def restore(self) -> None:
+        """The restore phase: called by `CallbackList.on_train_begin` before any callback's
+        `on_train_begin`. A callback that resumes runs (`BackupAndRestore`) loads the training state here
+        with `self.loop.load_state_dict(...)`."""
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
@@ -212,3 +206,20 @@ def overrides(callback: Callback, hook: str) -> bool:
         return True
     alias = HOOK_ALIASES.get(hook)
     return alias is not None and overrides(callback, alias)
+
+
+def optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """`None`, one optimizer or a sequence of them, as a list.
+
+    Args:
+        optimizer: what `fit(optimizer=...)` or `CallbackList(optimizer=...)` was given.
+
+    Example:
+
+    ```python
+    optimizer_list(torch.optim.SGD(model.parameters(), lr=0.1))  # a list of one
+    ```
+    """
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from torchcallbacks.callbacks.callback import HOOKS, Callback, Logs, LoopState, overrides
+from torchcallbacks.callbacks.callback import HOOKS, Callback, Logs, overrides
 from torchcallbacks.callbacks.history import History
+from torchcallbacks.callbacks.loop_state import LoopState, apply_states
 from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
 from torchcallbacks.distributed import any_process, is_distributed, unwrap_model
 
@@ -43,7 +44,8 @@ class CallbackList(Callback):
         add_history: append a `History` unless one is already in the list.
         add_progbar: append a `ProgbarLogger` unless one is already in the list.
         model: the model the callbacks act on (a DDP-wrapped model is unwrapped for them).
-        optimizer: the optimizer the callbacks may read or adjust (e.g. its learning rate).
+        optimizer: the optimizer the callbacks may read or adjust (e.g. its learning rate), or a list
+            of them (callbacks see all as `self.optimizers`, the first as `self.optimizer`).
         **params: the run's parameters, e.g. `epochs`, `steps`, `verbose`.
 
     Example:
@@ -71,7 +73,7 @@ class CallbackList(Callback):
         add_history: bool = False,
         add_progbar: bool = False,
         model: torch.nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         **params: Any,
     ) -> None:
         super().__init__()
@@ -84,9 +86,27 @@ class CallbackList(Callback):
         self._progbar: ProgbarLogger | None = None
         self.params = dict(params)
         self._model = unwrap_model(model) if model is not None else None
-        self.optimizer = optimizer
+        self.loop.model = self._model
+        self.set_optimizer(optimizer)
         for callback in _flatten(callbacks or []):
             self._add(callback)
+        self.add_defaults(add_history, add_progbar)
+
+    def add_defaults(self, add_history: bool, add_progbar: bool) -> None:
+        """Append a `History` / a `ProgbarLogger` unless the list has one (what `fit` asks for).
+
+        Args:
+            add_history: add a `History` when there is none.
+            add_progbar: add a `ProgbarLogger` when there is none.
+
+        Example:
+
+        ```python
+        callbacks = CallbackList([EarlyStopping()])
+        callbacks.add_defaults(add_history=True, add_progbar=False)
+        callbacks.history  # the History that was added
+        ```
+        """
         if add_history:
             self._history = next((c for c in self.callbacks if isinstance(c, History)), None)
             if self._history is None:
@@ -109,12 +129,14 @@ class CallbackList(Callback):
         callback.set_loop(self.loop)
         callback.set_params(self.params)
         callback.set_model(self._model)
-        callback.set_optimizer(self.optimizer)
+        callback.set_optimizer(self.optimizers)
         self.callbacks.append(callback)
 
     def _rebuild_dispatch(self) -> None:
+        # Lower `dispatch_order` first, list order within one value (sorted() is stable).
+        ordered = sorted(self.callbacks, key=lambda c: c.dispatch_order)
         self._dispatch = {
-            hook: [getattr(c, hook) for c in self.callbacks if overrides(c, hook)] for hook in HOOKS
+            hook: [getattr(c, hook) for c in ordered if overrides(c, hook)] for hook in (*HOOKS, "restore")
         }
         # A callback that may stop in a training-batch hook on one process only needs the flag
         # combined after every batch under torch.distributed (see the class docstring).
@@ -151,16 +173,19 @@ class CallbackList(Callback):
 
     def set_model(self, model: torch.nn.Module | None) -> None:
         super().set_model(model)
+        self.loop.model = self._model
         for callback in self.callbacks:
             callback.set_model(model)
 
-    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        self.optimizer = optimizer
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None) -> None:
+        super().set_optimizer(optimizer)
+        self.loop.optimizers = self.optimizers
         for callback in self.callbacks:
-            callback.set_optimizer(optimizer)
+            callback.set_optimizer(self.optimizers)
 
     def set_loop(self, loop: LoopState) -> None:
         loop.callbacks = self
+        loop.model, loop.optimizers = self._model, self.optimizers
         self.loop = loop
         for callback in self.callbacks:
             callback.set_loop(loop)
@@ -205,27 +230,81 @@ class CallbackList(Callback):
             warnings.warn(f"{hook} raised {end_error!r} while ending after {error!r}", stacklevel=3)
 
     # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """State of every callback that has some, keyed by position and class name."""
-        states = {}
-        for i, callback in enumerate(self.callbacks):
-            state = callback.state_dict()
-            if state:
-                states[f"{i}:{type(callback).__name__}"] = state
-        return states
+    def _stateful(self) -> dict[str, Callback]:
+        """Every callback that overrides `state_dict`, by its unique state key (`#2`, `#3` appended
+        to keys that repeat, in list order)."""
+        keyed: dict[str, Callback] = {}
+        for callback in self.callbacks:
+            if type(callback).state_dict is Callback.state_dict:
+                continue
+            key, n = callback.state_key, 1
+            while key in keyed:
+                n += 1
+                key = f"{callback.state_key}#{n}"
+            keyed[key] = callback
+        return keyed
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for i, callback in enumerate(self.callbacks):
-            key = f"{i}:{type(callback).__name__}"
-            if key in state_dict:
-                callback.load_state_dict(state_dict[key])
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every stateful callback, by its `state_key`."""
+        return {key: callback.state_dict() for key, callback in self._stateful().items()}
+
+    def match_states(
+        self, states: Mapping[str, Any], by_position: bool = False, source: str = "the state"
+    ) -> list[tuple[str, Callback, Any]]:
+        """Pair saved callback states with the callbacks that take them, by state key, and warn once,
+        naming every saved state that nothing takes and every stateful callback that gets nothing.
+
+        Args:
+            states: what `state_dict()` returned (e.g. read back from a file).
+            by_position: the keys are `"{index}:{ClassName}"` (files of format 1).
+            source: where the states come from, for the warning.
+
+        Returns:
+            `(field, callback, state)` for each callback that gets a state.
+
+        Example:
+
+        ```python
+        for field, callback, state in callbacks.match_states(saved):
+            callback.load_state_dict(state)
+        ```
+        """
+        if by_position:
+            keyed = {f"{i}:{type(c).__name__}": c for i, c in enumerate(self.callbacks)}
+            keyed = {k: c for k, c in keyed.items() if k in states or type(c).state_dict is not Callback.state_dict}
+        else:
+            keyed = self._stateful()
+        pairs = [(f"callbacks/{key}", callback, states[key]) for key, callback in keyed.items() if key in states]
+        unused = [key for key in states if key not in keyed]
+        missing = [key for key in keyed if key not in states]
+        if unused or missing:
+            parts = []
+            if unused:
+                parts.append(f"saved states that no callback takes: {', '.join(unused)}")
+            if missing:
+                parts.append(f"callbacks that get no saved state (they start afresh): {', '.join(missing)}")
+            warnings.warn(f"{source}: " + "; ".join(parts), stacklevel=4)
+        return pairs
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Give each callback its saved state (matched by `state_key`; see `match_states`), all or
+        nothing: when one callback rejects its state, the others keep theirs."""
+        apply_states("the callback states", self.match_states(state_dict))
 
     # -- dispatch -------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        """Resets `stop_training` (as `fit` does before it), then calls every callback's hook."""
-        self.loop.exception = None
+        """Resets `stop_training` (as `fit` does before it), runs the restore phase (each callback's
+        `restore()`: `BackupAndRestore` loads the training state there), then calls every callback's
+        `on_train_begin`. So every state is in place before any callback starts, wherever it is in the
+        list."""
+        loop = self.loop
+        loop.exception = None
+        loop.resumed = False
+        loop.position = (loop.initial_epoch, loop.initial_batch)
         # A hand-written loop has no fit to reset a flag left by an earlier run on the same model.
         self.stop_training = False
+        for restore in self._dispatch["restore"]:
+            restore()
         for hook in self._dispatch["on_train_begin"]:
             hook(logs)
 
@@ -243,12 +322,16 @@ class CallbackList(Callback):
             raise error
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
-        self.loop.epoch = epoch
-        self.loop.batch = -1
+        loop = self.loop
+        loop.epoch = epoch
+        loop.batch = -1
+        if loop.position[0] != epoch:  # a resumed epoch keeps its position until its next batch
+            loop.position = (epoch, 0)
         for hook in self._dispatch["on_epoch_begin"]:
             hook(epoch, logs)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        self.loop.position = (epoch + 1, 0)
         for hook in self._dispatch["on_epoch_end"]:
             hook(epoch, logs)
         if is_distributed():
@@ -260,7 +343,9 @@ class CallbackList(Callback):
             hook(batch, logs)
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        self.loop.global_step += 1
+        loop = self.loop
+        loop.global_step += 1
+        loop.position = (loop.epoch, batch + 1)
         for hook in self._dispatch["on_train_batch_end"]:
             hook(batch, logs)
         if self._batch_stop_sync and is_distributed():

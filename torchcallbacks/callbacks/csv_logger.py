@@ -35,6 +35,11 @@ class CSVLogger(Callback):
     The file is flushed after every row and closed when training ends, also when it ends by an
     exception. Under a distributed run only rank 0 writes.
 
+    Its state (the header and the file's length after the last row) is part of every backup: a run
+    resumed by `BackupAndRestore` cuts the file back to the rows of the backed-up epochs and goes on
+    from there, so after a crash and a rerun the file has exactly the rows of an uninterrupted run
+    (whatever `append` says: a resumed run continues its own file).
+
     Args:
         filename: path of the CSV file (a missing parent directory is created).
         separator: the one-character string that separates cells.
@@ -63,12 +68,38 @@ class CSVLogger(Callback):
         self.csv_file: IO[str] | None = None
         self.writer: csv.DictWriter[str] | None = None
         self.append_header = True
+        self._size = 0
+        self._resume: tuple[list[str] | None, int] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"filename": self.filename}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": self.keys, "size": self._size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keys, size = state_dict["keys"], state_dict["size"]
+        if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise TypeError(f"CSVLogger state 'keys': expected None or a list of strings, received {keys!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"CSVLogger state 'size': expected an integer >= 0, received {size!r}")
+        self._resume = (keys, size)
 
     @main_process_only
     def on_train_begin(self, logs: Logs | None = None) -> None:
         directory = os.path.dirname(self.filename)
         if directory:
             os.makedirs(directory, exist_ok=True)
+        resume, self._resume = self._resume, None
+        if resume is not None and self.loop.resumed and resume[1] <= self._file_size():
+            # Continue the file of the interrupted run: rows written after its backup go.
+            self.csv_file = open(self.filename, "r+", newline="", encoding="utf-8")  # noqa: SIM115 (closed in on_train_end)
+            self.csv_file.truncate(resume[1])
+            self.csv_file.seek(resume[1])
+            self.keys, self._size = resume
+            self.append_header = resume[1] == 0
+            self.writer = None
+            return
         if self.append:
             self.append_header = not (os.path.exists(self.filename) and os.path.getsize(self.filename) > 0)
             mode = "a"
@@ -78,6 +109,10 @@ class CSVLogger(Callback):
         self.csv_file = open(self.filename, mode, newline="", encoding="utf-8")  # noqa: SIM115 (closed in on_train_end)
         self.writer = None
         self.keys = None
+        self._size = self.csv_file.tell()
+
+    def _file_size(self) -> int:
+        return os.path.getsize(self.filename) if os.path.exists(self.filename) else -1
 
     @main_process_only
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
@@ -101,6 +136,7 @@ class CSVLogger(Callback):
         row.update((key, _cell(values.get(key, "NA"))) for key in self.keys)
         self.writer.writerow(row)
         self.csv_file.flush()
+        self._size = self.csv_file.tell()
 
     @main_process_only
     def on_train_end(self, logs: Logs | None = None) -> None:

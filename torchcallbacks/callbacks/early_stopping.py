@@ -29,10 +29,8 @@ class EarlyStopping(MonitorCallback):
     loaded back into the model when training ends: after an early stop, when training runs to its
     last epoch, and when it ends by an exception.
 
-    `state_dict()` holds `wait`, `best`, `best_epoch` and `stopped_epoch` (JSON-able), so a resumed
-    run continues the same patience count. The best *weights* are not part of it: after a resume the
-    snapshot starts again from the first epoch the resumed run monitors (keep the best weights on
-    disk with `ModelCheckpoint(save_best_only=True)` when that matters).
+    `state_dict()` holds `wait`, `best`, `best_epoch`, `stopped_epoch` and the best-weights snapshot
+    (as tensors), so a resumed run continues the same patience count and restores the same weights.
 
     Args:
         monitor: the logged value to watch. Defaults to "val_loss".
@@ -101,9 +99,9 @@ class EarlyStopping(MonitorCallback):
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)
-        if not self._take_state_loaded():
+        if not self.loop.resumed:
             self._reset()
-        self.best_weights = None
+            self.best_weights = None
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         current = self.get_monitor_value(logs)
@@ -140,12 +138,20 @@ class EarlyStopping(MonitorCallback):
             "best": self.best,
             "best_epoch": self.best_epoch,
             "stopped_epoch": self.stopped_epoch,
+            "best_weights": self.best_weights,
+            "best_weights_epoch": self._best_weights_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.wait = int(state_dict["wait"])
         best = state_dict["best"]
+        weights = state_dict.get("best_weights")
+        if weights is not None and not (
+            isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())
+        ):
+            raise TypeError("EarlyStopping state 'best_weights': expected None or a dict of tensors")
+        self.wait = check_count(state_dict["wait"], "wait")
         self.best = None if best is None else float(best)
-        self.best_epoch = int(state_dict["best_epoch"])
-        self.stopped_epoch = int(state_dict["stopped_epoch"])
-        self._mark_state_loaded()
+        self.best_epoch = check_count(state_dict["best_epoch"], "best_epoch")
+        self.stopped_epoch = check_count(state_dict["stopped_epoch"], "stopped_epoch")
+        self.best_weights = weights
+        self._best_weights_epoch = check_count(state_dict.get("best_weights_epoch", 0), "best_weights_epoch")

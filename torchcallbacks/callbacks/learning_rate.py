@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,15 +17,52 @@ from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.logs import to_float
 
 
-def require_optimizer(callback: Callback) -> torch.optim.Optimizer:
-    """The optimizer the callback acts on, or a TypeError that says how to provide one."""
-    optimizer = callback.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
+def target_optimizers(callback: Callback, chosen: Sequence[torch.optim.Optimizer] | None = None) -> list[torch.optim.Optimizer]:
+    """The optimizers a learning-rate callback acts on: `chosen` when given, else every optimizer of
+    the loop (`callback.optimizers`); a TypeError that says how to provide one when there is none.
+
+    Args:
+        callback: the callback (its `optimizers` are the loop's).
+        chosen: the optimizers the callback was told to act on, or None for all.
+
+    Example:
+
+    ```python
+    for optimizer in target_optimizers(self, self.chosen_optimizers):
+        ...
+    ```
+    """
+    optimizers = list(chosen) if chosen is not None else callback.optimizers
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
         raise TypeError(
             f"{type(callback).__name__}: needs the optimizer; pass it to fit(optimizer=...) or to "
-            f"CallbackList(..., optimizer=...), received {optimizer!r}"
+            f"CallbackList(..., optimizer=...), received {optimizers!r}"
         )
-    return optimizer
+    return optimizers
+
+
+def check_optimizers_argument(value: Any, owner: str) -> list[torch.optim.Optimizer] | None:
+    """A callback's `optimizers` argument: None (act on all), an optimizer, or a list of them.
+
+    Args:
+        value: the argument as given.
+        owner: the callback's class name, for the message.
+
+    Example:
+
+    ```python
+    self.chosen_optimizers = check_optimizers_argument(optimizers, "ReduceLROnPlateau")
+    ```
+    """
+    if value is None:
+        return None
+    chosen = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not chosen or not all(isinstance(o, torch.optim.Optimizer) for o in chosen):
+        raise TypeError(
+            f"{owner}: optimizers must be None (every optimizer), a torch.optim.Optimizer or a list of them, "
+            f"received {value!r}"
+        )
+    return chosen
 
 
 def get_lr(group: dict[str, Any]) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,9 +12,16 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 
 from torchcallbacks.callbacks.callback import Logs
-from torchcallbacks.callbacks.learning_rate import check_lr, get_lr, lr_logs, require_optimizer, set_lr
+from torchcallbacks.callbacks.learning_rate import (
+    check_lr,
+    check_optimizers_argument,
+    get_lr,
+    lr_logs,
+    set_lr,
+    target_optimizers,
+)
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checks import check_verbose
+from torchcallbacks.checks import check_count, check_verbose
 from torchcallbacks.distributed import mean_over_processes, print_main
 
 # torch warns when a scheduler steps before the optimizer has. This callback steps its scheduler only
@@ -45,8 +52,8 @@ class LearningRateScheduler(MonitorCallback):
     `schedule` is one of:
 
     - a function `schedule(epoch, lr) -> new_lr`, called at the start of every epoch for each
-      parameter group of the optimizer with that group's current learning rate, so groups keep
-      their own rates (e.g. `lambda epoch, lr: lr * 0.9`);
+      parameter group of every optimizer (or of those given as `optimizers`) with that group's
+      current learning rate, so groups keep their own rates (e.g. `lambda epoch, lr: lr * 0.9`);
     - a function `schedule(epoch) -> new_lr` (one argument; decided from its signature), whose
       result is set on every parameter group;
     - a ready `torch.optim.lr_scheduler.LRScheduler` (StepLR, CosineAnnealingLR, OneCycleLR,
@@ -75,6 +82,8 @@ class LearningRateScheduler(MonitorCallback):
         verbose: 1 prints the new learning rate whenever the schedule sets it (per epoch only).
         per_batch: apply the schedule per batch (global step) instead of per epoch.
         monitor: the logged value passed to torch's `ReduceLROnPlateau.step()`; unused otherwise.
+        optimizers: the optimizer(s) a function schedule sets; None (the default) for every optimizer
+            of the loop. A torch scheduler acts on its own optimizer, which must be one of the loop's.
 
     Example:
 
@@ -103,8 +112,10 @@ class LearningRateScheduler(MonitorCallback):
         *,
         per_batch: bool = False,
         monitor: str = "val_loss",
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         super().__init__(monitor=monitor)
+        self.chosen_optimizers = check_optimizers_argument(optimizers, "LearningRateScheduler")
         self.scheduler: LRScheduler | None = None
         self.schedule: Callable[..., Any] | None = None
         if isinstance(schedule, LRScheduler):
@@ -127,10 +138,10 @@ class LearningRateScheduler(MonitorCallback):
         assert self.schedule is not None
         if self.last_applied == position:
             return  # already applied before a resume: the optimizer's restored lr is the scheduled one
-        optimizer = require_optimizer(self)
+        optimizers = target_optimizers(self, self.chosen_optimizers)
         name = "step" if self.per_batch else "epoch"
         shared: float | None = None
-        for group in optimizer.param_groups:
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             if self._two_arguments:
                 lr = get_lr(group)
                 value = check_lr(self.schedule(position, lr), f"schedule({name}={position}, lr={lr})")
@@ -142,7 +153,7 @@ class LearningRateScheduler(MonitorCallback):
         self.last_applied = position
         if self.verbose > 0 and not self.per_batch:
             print_main(
-                f"\nEpoch {position + 1}: LearningRateScheduler setting learning rate to {lr_logs(optimizer)}."
+                f"\nEpoch {position + 1}: LearningRateScheduler setting learning rate to {lr_logs(optimizers[0])}."
             )
 
     # -- torch schedulers ---------------------------------------------------------------------------
@@ -165,11 +176,18 @@ class LearningRateScheduler(MonitorCallback):
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)
-        if not self._take_state_loaded():
+        if not self.loop.resumed:
             self.last_applied = None
+        if self.scheduler is not None and self.optimizers and self.scheduler.optimizer not in self.optimizers:
+            raise ValueError(
+                f"LearningRateScheduler: the {type(self.scheduler).__name__} was built on an optimizer that is not "
+                "one of the loop's (fit's optimizer=...); build it on that optimizer, or it sets learning rates "
+                "the model never uses"
+            )
         if self.schedule is not None:
-            for group in require_optimizer(self).param_groups:
-                group.setdefault("initial_lr", get_lr(group))
+            for optimizer in target_optimizers(self, self.chosen_optimizers):
+                for group in optimizer.param_groups:
+                    group.setdefault("initial_lr", get_lr(group))
 
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
         if self.schedule is not None and not self.per_batch:
@@ -184,16 +202,20 @@ class LearningRateScheduler(MonitorCallback):
             self._step_scheduler(logs)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        optimizer = self.scheduler.optimizer if self.scheduler is not None else require_optimizer(self)
+        optimizer = self.scheduler.optimizer if self.scheduler is not None else target_optimizers(self, self.chosen_optimizers)[0]
         if logs is not None:
             logs["learning_rate"] = lr_logs(optimizer)
         if self.scheduler is not None and not self.per_batch:
             self._step_scheduler(logs)
 
     # -- state ------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        kind = type(self.scheduler).__name__ if self.scheduler is not None else "function"
+        return {"schedule": kind, "per_batch": self.per_batch}
+
     def state_dict(self) -> dict[str, Any]:
         if self.scheduler is not None:
-            return {"scheduler": _plain(self.scheduler.state_dict())}
+            return {"scheduler": self.scheduler.state_dict()}
         return {"last_applied": self.last_applied}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -201,16 +223,5 @@ class LearningRateScheduler(MonitorCallback):
             self.scheduler.load_state_dict(state_dict["scheduler"])
         else:
             last = state_dict["last_applied"]
-            self.last_applied = None if last is None else int(last)
-        self._mark_state_loaded()
+            self.last_applied = None if last is None else check_count(last, "last_applied")
 
-
-def _plain(value: Any) -> Any:
-    """A torch scheduler's state with tensors turned into numbers/lists, so that it is JSON-able."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value

@@ -9,7 +9,8 @@ from typing import Any
 
 from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checkpoint.files import save_loop_state, save_weights
+from torchcallbacks.checkpoint.files import save_weights
+from torchcallbacks.checkpoint.state_file import write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
 from torchcallbacks.checks import check_save_freq, check_verbose, check_writable_dir
 from torchcallbacks.distributed import (
@@ -97,6 +98,7 @@ class ModelCheckpoint(MonitorCallback):
     """
 
     stops_in_sync = True  # batch hooks: saves only (see Callback.stops_in_sync)
+    dispatch_order = 1  # saves after the other callbacks' updates (and SwapEMAWeights' swap)
 
     def __init__(
         self,
@@ -143,14 +145,44 @@ class ModelCheckpoint(MonitorCallback):
         self._writer = CheckpointWriter(async_save)
 
     # -- state ------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return {"filepath": self.filepath, "monitor": self.monitor}
+
     def state_dict(self) -> dict[str, Any]:
+        """`best`, `best_path`, `last_path` and the files kept. An asynchronous write in flight is
+        waited for first, so that a saved state never names a file that is not on disk yet."""
+        self._writer.flush()
         return {"best": self.best, "best_path": self.best_path, "last_path": self.last_path, "kept": self._kept}
 
+    def _own_file(self, path: Any, field: str) -> str | None:
+        """`path` when it is None or a file this callback could have written: under the fixed
+        directory part of `filepath`, ending in `.safetensors`. A state read from a file must never
+        name files elsewhere (they would be deleted at the next rotation)."""
+        if path is None:
+            return None
+        if not isinstance(path, str):
+            raise TypeError(f"ModelCheckpoint state {field!r}: expected a path string or None, received {path!r}")
+        fixed = self.filepath.split("{", 1)[0]
+        root = os.path.realpath(os.path.dirname(fixed) or ".")
+        real = os.path.realpath(path)
+        if not real.endswith(".safetensors") or os.path.commonpath([root, real]) != root:
+            raise ValueError(
+                f"ModelCheckpoint state {field!r} names {path!r}, which is not a checkpoint file under {root!r} "
+                f"(this callback's filepath is {self.filepath!r}); refusing a state that points elsewhere"
+            )
+        return path
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
-        self.best_path = state_dict.get("best_path")
-        self.last_path = state_dict.get("last_path")
-        self._kept = [list(item) for item in state_dict.get("kept", [])]
+        best = state_dict.get("best")
+        if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+            raise TypeError(f"ModelCheckpoint state 'best': expected a number or None, received {best!r}")
+        kept = state_dict.get("kept", [])
+        if not isinstance(kept, list) or not all(isinstance(item, (list, tuple)) and len(item) == 2 for item in kept):
+            raise TypeError(f"ModelCheckpoint state 'kept': expected a list of [path, value] pairs, received {kept!r}")
+        checked = [[self._own_file(path, "kept"), value] for path, value in kept]
+        best_path = self._own_file(state_dict.get("best_path"), "best_path")
+        last_path = self._own_file(state_dict.get("last_path"), "last_path")
+        self.best, self.best_path, self.last_path, self._kept = best, best_path, last_path, checked
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
@@ -234,17 +266,18 @@ class ModelCheckpoint(MonitorCallback):
         stale = self._keep(filepath, current)
         if self.best_path in stale:
             self.best_path = None
-        done = (epoch, batch + 1) if batch is not None else (epoch + 1, 0)
-        self._write(filepath, done, stale)
+        # The whole training state is gathered on every process (random states of each); one writes.
+        state = None if self.save_weights_only else self.loop.state_dict()
+        self._write(filepath, state, stale)
         barrier()  # every process reaches here (decisions are on identical values); nobody reads early
 
     @main_process_only
-    def _write(self, filepath: str, done: tuple[int, int], stale: list[str]) -> None:
+    def _write(self, filepath: str, state: dict[str, Any] | None, stale: list[str]) -> None:
         """Write the file (the main process only: the weights are the same on every process)."""
-        if self.save_weights_only:
+        if state is None:
             save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
         else:
-            save_loop_state(self, filepath, epoch=done[0], batch=done[1], writer=self._writer, delete_after=stale)
+            write_training_state(filepath, state, writer=self._writer, delete_after=stale)
 
     def _keep(self, filepath: str, value: float | None) -> list[str]:
         """Record `filepath` and return the files to delete so that at most `max_to_keep` remain."""

@@ -95,7 +95,6 @@ class MonitorCallback(Callback):
         self.monitor_op: Callable[[float, float], bool] | None = None
         self._resolved_mode = mode
         self._warned_missing = False
-        self._state_loaded = False
 
     def _set_monitor_op(self) -> None:
         mode = self.mode
@@ -158,22 +157,10 @@ class MonitorCallback(Callback):
             )
         return None
 
-    def _mark_state_loaded(self) -> None:
-        """Call from `load_state_dict`: the next `on_train_begin` keeps the loaded state (a resume)
-        instead of starting fresh, whichever order the restoring callback and this one run in."""
-        self._state_loaded = True
-
-    def _take_state_loaded(self) -> bool:
-        """True (once) when a state was loaded since the last `on_train_begin`; call from
-        `on_train_begin` to decide between resuming and resetting for a new run."""
-        loaded, self._state_loaded = self._state_loaded, False
-        return loaded
+    def identity(self) -> dict[str, str]:
+        """`monitor` (and `mode` unless "auto"): two monitors of one class keep separate states."""
+        return {"monitor": self.monitor} if self.mode == "auto" else {"monitor": self.monitor, "mode": self.mode}
 
     # The "warned once" flag is per run.
     def on_train_begin(self, logs: Logs | None = None) -> None:
         self.reset_monitor()
-
-    # A state loaded during this run (by a restoring callback that runs after this one) must not
-    # carry the "resume" mark into the next run.
-    def on_train_end(self, logs: Logs | None = None) -> None:
-        self._state_loaded = False

@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from torchcallbacks.callbacks.callback import Logs
-from torchcallbacks.callbacks.learning_rate import get_lr, lr_logs, require_optimizer, set_lr
+from torchcallbacks.callbacks.learning_rate import (
+    check_optimizers_argument,
+    get_lr,
+    lr_logs,
+    set_lr,
+    target_optimizers,
+)
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checks import check_count, check_number, check_verbose
 from torchcallbacks.distributed import print_main
@@ -17,10 +25,11 @@ class ReduceLROnPlateau(MonitorCallback):
 
     At every epoch end the learning rate of the epoch is written into the logs as `learning_rate`
     (callbacks after this one, e.g. a CSV logger, see it). When the monitored value has not improved
-    (by more than `min_delta`) for `patience` epochs, every parameter group of the optimizer whose
-    learning rate is above its `min_lr` gets `max(lr * factor, min_lr)`; then `cooldown` epochs
-    pass before counting starts again. Parameter groups keep their own learning rates (a group at
-    1e-3 and one at 1e-4 become 1e-4 and 1e-5 with `factor=0.1`).
+    (by more than `min_delta`) for `patience` epochs, every parameter group of every optimizer (or of
+    those given as `optimizers`) whose learning rate is above its `min_lr` gets
+    `max(lr * factor, min_lr)`; then `cooldown` epochs pass before counting starts again. Parameter
+    groups keep their own learning rates (a group at 1e-3 and one at 1e-4 become 1e-4 and 1e-5 with
+    `factor=0.1`). `learning_rate` in the logs is the first optimizer's first group's.
 
     Unlike Keras, unknown keyword arguments are an error rather than silently ignored.
 
@@ -32,7 +41,9 @@ class ReduceLROnPlateau(MonitorCallback):
         mode: "min", "max" or "auto" (inferred from the name or the metric's declared direction).
         min_delta: the smallest change that counts as an improvement.
         cooldown: number of epochs to wait after a reduction before counting again.
-        min_lr: lower bound on the learning rate; a number, or one per parameter group.
+        min_lr: lower bound on the learning rate; a number, or one per parameter group (of each
+            optimizer it acts on).
+        optimizers: the optimizer(s) to act on; None (the default) for every optimizer of the loop.
 
     Attributes:
         best: the best monitored value so far.
@@ -58,6 +69,8 @@ class ReduceLROnPlateau(MonitorCallback):
         min_delta: float = 1e-4,
         cooldown: int = 0,
         min_lr: float | Sequence[float] = 0.0,
+        *,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta)
         factor = check_number(factor, "factor")
@@ -75,6 +88,7 @@ class ReduceLROnPlateau(MonitorCallback):
             bad = [self.min_lr] if self.min_lr < 0 else []
         if bad:
             raise ValueError(f"min_lr: expected values >= 0, received {min_lr!r}")
+        self.chosen_optimizers = check_optimizers_argument(optimizers, "ReduceLROnPlateau")
         self.wait = 0
         self.cooldown_counter = 0
         self.best = None
@@ -98,13 +112,13 @@ class ReduceLROnPlateau(MonitorCallback):
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)
-        if not self._take_state_loaded():
+        if not self.loop.resumed:
             self._reset()
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        optimizer = require_optimizer(self)
+        optimizers = target_optimizers(self, self.chosen_optimizers)
         if logs is not None:
-            logs["learning_rate"] = lr_logs(optimizer)
+            logs["learning_rate"] = lr_logs(optimizers[0])
         current = self.get_monitor_value(logs)
         if current is None:
             return
@@ -117,16 +131,17 @@ class ReduceLROnPlateau(MonitorCallback):
         elif not self.in_cooldown():
             self.wait += 1
             if self.wait >= self.patience:
-                self._reduce(optimizer, epoch)
+                self._reduce(optimizers, epoch)
 
-    def _reduce(self, optimizer: Any, epoch: int) -> None:
+    def _reduce(self, optimizers: list[torch.optim.Optimizer], epoch: int) -> None:
         reduced = []
-        for group, min_lr in zip(optimizer.param_groups, self._min_lrs(len(optimizer.param_groups)), strict=True):
-            old_lr = get_lr(group)
-            if old_lr > min_lr:
-                new_lr = max(old_lr * self.factor, min_lr)
-                set_lr(group, new_lr)
-                reduced.append(new_lr)
+        for optimizer in optimizers:
+            for group, min_lr in zip(optimizer.param_groups, self._min_lrs(len(optimizer.param_groups)), strict=True):
+                old_lr = get_lr(group)
+                if old_lr > min_lr:
+                    new_lr = max(old_lr * self.factor, min_lr)
+                    set_lr(group, new_lr)
+                    reduced.append(new_lr)
         if reduced:
             if self.verbose > 0:
                 rates = ", ".join(f"{lr:.4g}" for lr in reduced)
@@ -140,6 +155,5 @@ class ReduceLROnPlateau(MonitorCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         best = state_dict["best"]
         self.best = None if best is None else float(best)
-        self.wait = int(state_dict["wait"])
-        self.cooldown_counter = int(state_dict["cooldown_counter"])
-        self._mark_state_loaded()
+        self.wait = check_count(state_dict["wait"], "wait")
+        self.cooldown_counter = check_count(state_dict["cooldown_counter"], "cooldown_counter")

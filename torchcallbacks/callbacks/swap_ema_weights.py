@@ -31,13 +31,12 @@ class SwapEMAWeights(Callback):
     At the end of training the training weights are put back, or, with `use_ema_at_end=True`, the
     EMA weights are left in the model (what Keras' `use_ema` optimizers do).
 
-    Put it first in the callback list, so that other callbacks that touch the weights at the same
-    hooks (`EarlyStopping(restore_best_weights=True)` at train end) act after it.
+    Its hooks run before every other callback's (`dispatch_order = -1`), wherever it is in the list:
+    callbacks that read or replace the weights at the same hooks (`ModelCheckpoint` at epoch end,
+    `EarlyStopping(restore_best_weights=True)` at train end) act after the swap.
 
     Before the first training run there is no EMA, and evaluate/predict run with the model's own
-    weights. `state_dict()` is empty: the EMA tensors are not JSON; save `ema_model.state_dict()`
-    yourself (e.g. with safetensors) if a resumed run needs them, else the EMA restarts from the
-    weights at the resume.
+    weights. The average is part of `state_dict()` (as tensors), so a resumed run continues it.
 
     Args:
         swap_on_epoch: also swap the EMA weights in at epoch end and out at the next epoch begin.
@@ -61,6 +60,7 @@ class SwapEMAWeights(Callback):
     """
 
     stops_in_sync = True  # batch hooks: averages only (see Callback.stops_in_sync)
+    dispatch_order = -1  # swaps the weights before any other callback reads them
 
     def __init__(
         self,
@@ -178,9 +178,9 @@ class SwapEMAWeights(Callback):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the average. Load the model's weights first (as `BackupAndRestore` does): when the
-        state says the EMA weights were in the model, they are swapped back out right away, so that
-        training resumes with the training weights."""
+        """Restore the average. When the state says the EMA weights were in the model (a backup taken
+        at an epoch end with `swap_on_epoch`), they are swapped out at `on_train_begin`, once the
+        model's weights are loaded too, so that training resumes with the training weights."""
         if not state_dict:
             return
         if self.ema_model is None or self._source is not self.model:
@@ -198,7 +198,6 @@ class SwapEMAWeights(Callback):
         self.ema_model.n_averaged.fill_(self.num_updates)
         self._ema_in_model = bool(state_dict["ema_in_model"])
         self._swapped_for = None
-        self.swap_out()
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:

@@ -1,16 +1,16 @@
 """The safetensors checkpoint format (weights-only and full training state) and the atomic / async
 writer. Loading never unpickles. See docs/checkpoint-format.md."""
 
-from torchcallbacks.checkpoint.files import (
-    CheckpointError,
+from torchcallbacks.checkpoint.errors import CheckpointError
+from torchcallbacks.checkpoint.files import load_weights, read_file, save_weights
+from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.state_file import (
     TrainingState,
     load_checkpoint,
-    load_weights,
-    read_file,
+    read_training_state,
     save_checkpoint,
-    save_weights,
+    write_training_state,
 )
-from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter, atomic_save_file
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "read_file",
+    "read_training_state",
     "restore_rng_state",
     "save_checkpoint",
     "save_weights",
+    "write_training_state",
 ]

@@ -14,6 +14,7 @@ by `{"__tensor__": name}`. Values that JSON cannot hold exactly are tagged (see 
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -105,3 +106,49 @@ def decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         if tag == "__float__":
             return float(inner)
     return {k: decode(v, tensors) for k, v in value.items()}
+
+
+def to_json(value: Any) -> Any:
+    """`value` as plain JSON data, tensors included (as base64 bytes with dtype and shape), to send
+    it to another process without pickle; `from_json` is the inverse.
+
+    Args:
+        value: what `encode` takes.
+
+    Example:
+
+    ```python
+    text = json.dumps(to_json({"w": torch.ones(2), "step": 3}))
+    from_json(json.loads(text))  # {"w": tensor([1., 1.]), "step": 3}
+    ```
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    document = encode(value, "t", tensors)
+    return {
+        "document": document,
+        "tensors": {
+            name: [str(t.dtype).removeprefix("torch."), list(t.shape),
+                   base64.b64encode(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).decode("ascii")]
+            for name, t in tensors.items()
+        },
+    }
+
+
+def from_json(data: Any) -> Any:
+    """The inverse of `to_json`.
+
+    Args:
+        data: what `to_json` returned (e.g. read back with `json.loads`).
+
+    Example:
+
+    ```python
+    from_json(to_json({"w": torch.ones(2)}))["w"]  # tensor([1., 1.])
+    ```
+    """
+    tensors = {
+        name: torch.frombuffer(bytearray(base64.b64decode(raw)), dtype=torch.uint8)
+        .view(getattr(torch, dtype)).reshape(shape).clone()
+        for name, (dtype, shape, raw) in data["tensors"].items()
+    }
+    return decode(data["document"], tensors)

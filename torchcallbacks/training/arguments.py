@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -101,20 +101,22 @@ def resolve_device(model: torch.nn.Module, device: torch.device | str | None) ->
 def make_callback_list(
     callbacks: Iterable[Callback] | CallbackList | None,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
     add_history: bool,
     add_progbar: bool,
     params: dict[str, Any],
 ) -> CallbackList:
-    """A `CallbackList` wired to this run; a `CallbackList` passed in is reused with its callbacks.
+    """A `CallbackList` wired to this run.
 
-    A `CallbackList` passed in keeps its `loop` (so a hand-written loop sees the same counters);
-    a single `Callback` is taken as a list of one; anything else is a `TypeError`.
+    A `CallbackList` passed in is the one used: it is wired to this run's model, optimizers and
+    parameters (and gets the default History / ProgbarLogger if it lacks them), keeping its `loop`
+    and everything tracked there. A single `Callback` is taken as a list of one; anything else is a
+    `TypeError`.
 
     Args:
         callbacks: the `callbacks` argument of `fit`, `evaluate` or `predict`.
         model: the model the callbacks act on.
-        optimizer: the optimizer they may read or adjust (None outside `fit`).
+        optimizer: the optimizer(s) they may read or adjust (None outside `fit`).
         add_history: append a `History` unless one is in the list.
         add_progbar: append a `ProgbarLogger` unless one is in the list.
         params: the run's parameters (`epochs`, `steps`, `verbose`, ...).
@@ -127,9 +129,13 @@ def make_callback_list(
     ```
     """
     if isinstance(callbacks, CallbackList):
-        callback_list = CallbackList(callbacks.callbacks, add_history, add_progbar, model, optimizer, **params)
-        callback_list.set_loop(callbacks.loop)
-        return callback_list
+        callbacks.set_model(model)
+        if optimizer is not None:
+            callbacks.set_optimizer(optimizer)
+        callbacks.params.clear()
+        callbacks.params.update(params)
+        callbacks.add_defaults(add_history, add_progbar)
+        return callbacks
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         if not isinstance(callbacks, (Callback, Iterable)):
             raise TypeError(

@@ -1,11 +1,17 @@
-"""Turning a loader into epochs of numbered batches: `steps_per_epoch`, endless iterables, resume skips."""
+"""Turning a loader into epochs of numbered batches: `steps_per_epoch`, endless iterables, and the
+position in the data as part of the training state (exact resume)."""
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
+
+import torch
+
+from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.validate import check_counter, check_generator_state, check_rng_state
 
 
 def check_steps(value: int | None, name: str) -> int | None:
@@ -47,12 +53,47 @@ def known_length(data: Iterable[Any]) -> int | None:
         return None
 
 
+def _generators(data: Any) -> list[torch.Generator]:
+    """The loader's own random generators (its `generator`, its sampler's and its batch sampler's
+    sampler's), each once, in a fixed order: with the global ones they decide the data order."""
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for owner in (data, getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _iterate_from(data: Iterable[Any], skip: int) -> Iterator[Any]:
+    """`iter(data)` positioned after its first `skip` batches."""
+    iterator = iter(data)
+    for _ in itertools.islice(iterator, skip):
+        pass
+    return iterator
+
+
+def _uses_own_state(data: Any) -> bool:
+    """A loader that saves and restores its own position (torchdata's `StatefulDataLoader`)."""
+    return callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+
+
 class EpochIterator:
-    """Numbered batches, one epoch at a time.
+    """Numbered batches, one epoch at a time, with the position in the data as state.
 
     Without `steps`, each epoch is one full pass (`iter(data)` anew). With `steps`, each epoch takes
     that many batches from one iterator that carries over between epochs, starting a new pass when a
     pass ends, as Keras does; a loader that runs dry (a generator) ends training with a warning.
+
+    Its `state_dict()` is the position: the batches taken from the current pass and in the current
+    epoch, the random state the pass's order was drawn from (torch's, numpy's and Python's global
+    generators and the loader's and sampler's own `generator`s, captured right before `iter(data)`),
+    and the random state at the time of saving. After `load_state_dict`, the next `epoch()` restores
+    the pass's random state, creates the iterator, skips the batches already taken (without loading
+    them for a DataLoader over a map-style dataset without workers; with workers they are loaded, so
+    that worker-side random draws match), restores the random state of the moment of saving, and
+    yields the rest of the interrupted epoch. A loader with its own `state_dict()` /
+    `load_state_dict()` (torchdata's `StatefulDataLoader`) is positioned through them instead.
 
     Args:
         data: an iterable of batches, e.g. a `torch.utils.data.DataLoader`.
@@ -63,13 +104,14 @@ class EpochIterator:
 
     ```python
     batches = EpochIterator(loader, steps=100, name="x")
+    callbacks.loop.track("data", batches)  # backups hold the position; a resume continues from it
     for epoch in range(epochs):
         for index, batch in batches.epoch():
             train(batch)
     ```
     """
 
-    def __init__(self, data: Iterable[Any], steps: int | None, name: str) -> None:
+    def __init__(self, data: Iterable[Any], steps: int | None = None, name: str = "x") -> None:
         if not isinstance(data, Iterable):
             raise TypeError(
                 f"{name}: expected an iterable of batches (e.g. a torch.utils.data.DataLoader), "
@@ -78,58 +120,151 @@ class EpochIterator:
         self.data = data
         self.steps = steps
         self.name = name
-        self._iterator: Iterator[Any] | None = None
         self.exhausted = False
+        self._iterator: Iterator[Any] | None = None
+        self._consumed = 0  # batches taken from the current pass
+        self._epoch_batch = 0  # batches yielded in the current epoch
+        self._pass_rng: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None
 
-    def epoch(self, skip: int = 0, after_skip: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
-        """Yield `(index, batch)` for one epoch, leaving out the first `skip` batches (a resume);
-        `after_skip()` is called once they are consumed, before the next batch is fetched.
+    # -- the position as state ----------------------------------------------------------------
+    def _rng(self) -> dict[str, Any]:
+        return {"global": capture_rng_state(), "generators": [g.get_state() for g in _generators(self.data)]}
 
-        The skipped batches are fetched (consumed), not just counted, so that the ones trained are
-        the ones an uninterrupted run would have trained.
+    def _restore_rng(self, state: Mapping[str, Any]) -> None:
+        restore_rng_state(state["global"])
+        for generator, saved in zip(_generators(self.data), state["generators"], strict=True):
+            generator.set_state(saved)
 
-        Args:
-            skip: batches of this epoch already trained; the first index yielded is `skip`.
-            after_skip: called once after the skipped batches (not called when `skip` is 0).
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the data (see the class docstring); tensors are random states.
 
         Example:
 
         ```python
-        for index, batch in batches.epoch(skip=state.batch):
-            train(batch)  # index runs from state.batch
+        state = batches.state_dict()
+        state["epoch_batch"]  # batches of the current epoch taken so far
         ```
         """
-        if self.steps is None:
-            batches = enumerate(self.data)
-            if skip:
-                for _ in itertools.islice(batches, skip):
-                    pass
-                if after_skip is not None:
-                    after_skip()
-            yield from batches
-            return
-        for index in range(self.steps):
-            if index == skip and skip and after_skip is not None:
-                after_skip()
-            batch = self._next()
-            if batch is _END:
-                self.exhausted = True
-                warnings.warn(
-                    f"{self.name} ran out of data after {index} of {self.steps} steps in this epoch; "
-                    "training stops. Make sure the loader can provide steps_per_epoch * epochs batches.",
-                    stacklevel=4,
+        state: dict[str, Any] = {"epoch_batch": self._epoch_batch, "rng": self._rng()}
+        if _uses_own_state(self.data):
+            state["loader"] = self.data.state_dict()  # type: ignore[attr-defined]
+            return state
+        in_pass = self._iterator is not None
+        state["consumed"] = self._consumed if in_pass else 0
+        state["pass_rng"] = self._pass_rng if in_pass else None
+        return state
+
+    def _check(self, state: Mapping[str, Any]) -> None:
+        where = f"{self.name} position"
+        check_counter(state.get("epoch_batch"), where, "epoch_batch")
+        for name in ("rng", *(["pass_rng"] if state.get("pass_rng") is not None else [])):
+            rng = state.get(name)
+            if not isinstance(rng, Mapping):
+                raise ValueError(f"{where}: field {name!r} must be a random state, found {rng!r}")
+            check_rng_state(rng.get("global"), where, f"{name}/global")
+            saved = rng.get("generators")
+            if not isinstance(saved, list) or len(saved) != len(_generators(self.data)):
+                raise ValueError(
+                    f"{where}: field '{name}/generators' holds {len(saved) if isinstance(saved, list) else saved!r} "
+                    f"generator state(s); the loader has {len(_generators(self.data))}"
                 )
+            for i, generator_state in enumerate(saved):
+                check_generator_state(generator_state, where, f"{name}/generators/{i}")
+        if "loader" not in state:
+            check_counter(state.get("consumed"), where, "consumed")
+        elif not _uses_own_state(self.data):
+            raise ValueError(f"{where}: the state was saved by a loader with its own state_dict; {self.name} has none")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check a position from `state_dict()` and resume from it at the next `epoch()`.
+
+        Example:
+
+        ```python
+        batches.load_state_dict(saved)
+        for index, batch in batches.epoch():  # index starts at saved["epoch_batch"]
+            ...
+        ```
+        """
+        self._check(state)
+        self._resume = dict(state)
+
+    def _apply_resume(self) -> None:
+        state, self._resume = self._resume, None
+        assert state is not None
+        self._epoch_batch = state["epoch_batch"]
+        if "loader" in state:
+            self.data.load_state_dict(state["loader"])  # type: ignore[attr-defined]
+            self._iterator, self._consumed, self._pass_rng = iter(self.data), 0, None
+        elif state["pass_rng"] is not None:
+            self._restore_rng(state["pass_rng"])
+            self._pass_rng = state["pass_rng"]
+            self._iterator, self._consumed = _iterate_from(self.data, state["consumed"]), state["consumed"]
+        else:
+            self._iterator, self._consumed, self._pass_rng = None, 0, None
+        self._restore_rng(state["rng"])
+
+    # -- iteration ------------------------------------------------------------------------------
+    def _new_pass(self) -> Iterator[Any]:
+        self._pass_rng = self._rng() if not _uses_own_state(self.data) else None
+        self._consumed = 0
+        self._iterator = iter(self.data)
+        return self._iterator
+
+    def epoch(self) -> Generator[tuple[int, Any], None, None]:
+        """Yield `(index, batch)` for one epoch (after a `load_state_dict`, the rest of the interrupted
+        epoch, from the index it stopped at).
+
+        Example:
+
+        ```python
+        for index, batch in batches.epoch():
+            train(batch)
+        ```
+        """
+        if self._resume is not None:
+            self._apply_resume()
+            start = self._epoch_batch
+        else:
+            start = self._epoch_batch = 0
+        try:
+            if self.steps is None:
+                iterator = self._iterator if self._iterator is not None else self._new_pass()
+                for index, batch in enumerate(iterator, start):
+                    self._consumed += 1
+                    self._epoch_batch = index + 1
+                    yield index, batch
                 return
-            if index >= skip:
+            for index in range(start, self.steps):
+                batch = self._next()
+                if batch is _END:
+                    self.exhausted = True
+                    warnings.warn(
+                        f"{self.name} ran out of data after {index} of {self.steps} steps in this epoch; "
+                        "training stops. Make sure the loader can provide steps_per_epoch * epochs batches.",
+                        stacklevel=4,
+                    )
+                    return
+                self._epoch_batch = index + 1
                 yield index, batch
+        finally:
+            # The epoch is over (done, or left by a stop or an error): the next one starts at its first
+            # batch, and without steps with a new pass.
+            self._epoch_batch = 0
+            if self.steps is None:
+                self._iterator = None
 
     def _next(self) -> Any:
         if self._iterator is not None:
             batch = next(self._iterator, _END)
             if batch is not _END:
+                self._consumed += 1
                 return batch
-        self._iterator = iter(self.data)
-        return next(self._iterator, _END)
+        batch = next(self._new_pass(), _END)
+        if batch is not _END:
+            self._consumed += 1
+        return batch
 
 
 _END = object()

@@ -19,6 +19,7 @@ from torchcallbacks.training.arguments import (
 )
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
+from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
 
 
@@ -53,13 +54,12 @@ def run_evaluation(
     """
     model, tracker = stepper.model, stepper.tracker
     assert tracker is not None
-    was_training = model.training
-    model.eval()
     tracker.reset()
     setattr(callbacks.model, "stop_evaluating", False)  # noqa: B010
     seen = 0
-    try:
-        callbacks.on_test_begin()
+    # On an error on_test_end still runs (e.g. SwapEMAWeights swaps the weights back).
+    with run_hooks(callbacks, model, "on_test_begin", "on_test_end") as run:
+        model.eval()
         with torch.no_grad():
             for index, batch in EpochIterator(data, steps, name).epoch():
                 callbacks.on_test_batch_begin(index)
@@ -70,13 +70,7 @@ def run_evaluation(
                     break
         if seen == 0:
             raise ValueError(f"{name}: the data yielded no batches; evaluation needs at least one")
-        logs = to_floats(tracker.reduced_result())  # means over every process's samples under DDP
-    except BaseException as exc:
-        callbacks.end_after_error("on_test_end", exc)  # e.g. SwapEMAWeights swaps the weights back
-        raise
-    finally:
-        model.train(was_training)
-    callbacks.on_test_end(logs)
+        logs = run.logs = to_floats(tracker.reduced_result())  # means over every process's samples under DDP
     return logs
 
 
@@ -133,7 +127,7 @@ def evaluate(
     steps = check_steps(steps, "steps")
     device = resolve_device(model, device)
     named_metrics = normalize_metrics(metrics)
-    stepper = Stepper(model, device, MetricTracker(named_metrics), loss=loss, amp_dtype=amp_dtype, test_step=test_step)
+    stepper = Stepper(model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step)
     callback_list = make_callback_list(
         callbacks, model, None, add_history=False, add_progbar=verbose != 0,
         params={"verbose": verbose, "epochs": 1, "steps": steps if steps is not None else known_length(x)},

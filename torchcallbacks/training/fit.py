@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from torchcallbacks.training.arguments import (
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_direction, normalize_metrics
+from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
 
 
@@ -136,18 +138,8 @@ def fit(
     history.history["val_accuracy"]
     ```
     """
-    check_model(model, "fit")
+    _check_arguments(model, loss, train_step, test_step, validation_data, epochs, initial_epoch, clip_grad_norm)
     optimizers = check_optimizers(optimizer)
-    check_callable(train_step, "train_step")
-    check_callable(test_step, "test_step")
-    if check_callable(loss, "loss") is None and train_step is None:
-        raise TypeError("fit: loss is required (loss(y_pred, y) -> scalar tensor), or pass a train_step")
-    if validation_data is not None and loss is None and test_step is None:
-        raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
-    check_count(epochs, "epochs", minimum=1)
-    check_count(initial_epoch, "initial_epoch")
-    if clip_grad_norm is not None and not _is_positive(clip_grad_norm):
-        raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
     verbose = check_verbose(verbose)
     steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
     validation_steps = check_steps(validation_steps, "validation_steps")
@@ -158,68 +150,104 @@ def fit(
     device = resolve_device(model, device)
     if grad_scaler is None and amp_dtype == torch.float16:
         grad_scaler = torch.amp.GradScaler(device.type)
-    train_data = EpochIterator(x, steps_per_epoch, "x")
 
+    # -- wiring: the step, the data, the callbacks and the loop's own state -------------------------
+    tracker = MetricTracker(named_metrics, device)
     stepper = Stepper(
-        model, device, MetricTracker(named_metrics), loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
+        model, device, tracker, loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
         scaler=grad_scaler, clip_grad_norm=clip_grad_norm, train_step=train_step, test_step=test_step,
     )
+    train_data = EpochIterator(x, steps_per_epoch, "x")
     params = {
         "verbose": verbose,
         "epochs": epochs,
         "steps": steps_per_epoch if steps_per_epoch is not None else known_length(x),
         "metric_directions": {name: metric_direction(m) for name, m in named_metrics.items()},
     }
-    callback_list = make_callback_list(callbacks, model, optimizers[0], True, verbose != 0, params)
+    callback_list = make_callback_list(callbacks, model, optimizers, True, verbose != 0, params)
     loop = callback_list.loop
     loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
-    loop.resume_hook = None
     loop.scaler = grad_scaler
-    tracker = stepper.tracker
-    assert tracker is not None
-    loop.metrics_state = lambda: tracker.state_dict()
-    loop.load_metrics_state = lambda state: tracker.load_state_dict(state, device)
+    loop.track("metrics", tracker)
+    loop.track("data", train_data)
     callback_list.stop_training = False
 
-    was_training = model.training
-    epoch_logs: dict[str, Any] = {}
+    def validate(epoch: int) -> dict[str, float]:
+        if validation_data is None or not _validation_due(epoch, validation_freq):
+            return {}
+        val_logs = run_evaluation(stepper, validation_data, validation_steps, callback_list, "validation_data")
+        return {"val_" + name: value for name, value in val_logs.items()}
+
     try:
-        callback_list.on_train_begin()
-        skip = loop.initial_batch
-        for epoch in range(loop.initial_epoch, epochs):
-            tracker.reset()
-            model.train()
-            callback_list.on_epoch_begin(epoch)
-            set_sampler_epoch(x, epoch)  # a DistributedSampler's shuffle order for this epoch
-            seen = 0
-            batch_logs = callback_list.has_hook("on_train_batch_end")
-            for index, batch in train_data.epoch(skip, loop.resume_hook):
-                callback_list.on_train_batch_begin(index)
-                stepper.train(batch)
-                seen += 1
-                callback_list.on_train_batch_end(index, tracker.batch_logs() if batch_logs else None)
-                if callback_list.stop_training:
+        with run_hooks(callback_list, model, "on_train_begin", "on_train_end") as run:
+            run.logs = {}
+            for epoch in range(loop.initial_epoch, epochs):
+                resumed = loop.initial_batch if epoch == loop.initial_epoch else 0  # batches trained before a resume
+                if not _train_epoch(epoch, resumed, model, x, train_data, stepper, tracker, callback_list):
                     break
-            if seen == 0 and not skip:
-                if train_data.exhausted:
+                run.logs = to_floats(tracker.reduced_result())
+                run.logs.update(validate(epoch))
+                callback_list.on_epoch_end(epoch, run.logs)
+                if callback_list.stop_training or train_data.exhausted:
                     break
-                raise ValueError("x: the data yielded no batches; fit needs at least one batch per epoch")
-            skip = 0
-            epoch_logs = to_floats(tracker.reduced_result())
-            if validation_data is not None and _validation_due(epoch, validation_freq):
-                val_logs = run_evaluation(stepper, validation_data, validation_steps, callback_list, "validation_data")
-                epoch_logs.update({"val_" + name: value for name, value in val_logs.items()})
-            callback_list.on_epoch_end(epoch, epoch_logs)
-            if callback_list.stop_training or train_data.exhausted:
-                break
-    except BaseException as exc:
-        callback_list.end_after_error("on_train_end", exc, epoch_logs)
-        raise
-    else:
-        callback_list.on_train_end(epoch_logs)
     finally:
-        model.train(was_training)
-        loop.metrics_state = loop.load_metrics_state = None
+        for name in ("metrics", "data"):
+            loop.parts.pop(name, None)  # the loop keeps no tensors of this run once it is over
     history = callback_list.history
     assert history is not None
     return history
+
+
+def _check_arguments(
+    model: Any, loss: Any, train_step: Any, test_step: Any, validation_data: Any, epochs: Any, initial_epoch: Any,
+    clip_grad_norm: Any,
+) -> None:
+    check_model(model, "fit")
+    check_callable(train_step, "train_step")
+    check_callable(test_step, "test_step")
+    if check_callable(loss, "loss") is None and train_step is None:
+        raise TypeError("fit: loss is required (loss(y_pred, y) -> scalar tensor), or pass a train_step")
+    if validation_data is not None and loss is None and test_step is None:
+        raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
+    check_count(epochs, "epochs", minimum=1)
+    check_count(initial_epoch, "initial_epoch")
+    if clip_grad_norm is not None and not _is_positive(clip_grad_norm):
+        raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
+
+
+def _train_epoch(
+    epoch: int,
+    resumed: int,
+    model: torch.nn.Module,
+    x: Iterable[Any],
+    train_data: EpochIterator,
+    stepper: Stepper,
+    tracker: MetricTracker,
+    callback_list: CallbackList,
+) -> bool:
+    """The training batches of one epoch; False when there were none because the data ran dry.
+
+    `resumed` batches of the epoch were trained before a resume: the running means restored with
+    the training state already hold them, so they are not reset, and the data iterator continues
+    after them.
+    """
+    if not resumed:
+        tracker.reset()
+    model.train()
+    callback_list.on_epoch_begin(epoch)
+    set_sampler_epoch(x, epoch)  # a DistributedSampler's shuffle order for this epoch
+    seen = 0
+    batch_logs = callback_list.has_hook("on_train_batch_end")
+    with contextlib.closing(train_data.epoch()) as batches:  # closed at a stop too: the epoch is over
+        for index, batch in batches:
+            callback_list.on_train_batch_begin(index)
+            stepper.train(batch)
+            seen += 1
+            callback_list.on_train_batch_end(index, tracker.batch_logs() if batch_logs else None)
+            if callback_list.stop_training:
+                break
+    if seen == 0 and not resumed:
+        if train_data.exhausted:
+            return False
+        raise ValueError("x: the data yielded no batches; fit needs at least one batch per epoch")
+    return True

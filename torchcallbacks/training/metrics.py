@@ -118,6 +118,67 @@ def metric_direction(metric: Any) -> str | None:
     return None
 
 
+def metric_state(metric: Any) -> dict[str, Any]:
+    """A stateful metric's state for a checkpoint: torchmetrics' `metric_state` (its accumulated
+    tensors, whatever their persistence), else the metric's own `state_dict()`, else its attributes
+    when all are numbers, strings, None or tensors (a plain update/compute/reset object).
+
+    Args:
+        metric: an object with `update` / `compute` / `reset`.
+
+    Example:
+
+    ```python
+    class Mean:
+        def reset(self): self.total, self.count = 0.0, 0
+        def update(self, y_pred, y): self.total += float(y_pred.sum()); self.count += y_pred.numel()
+        def compute(self): return self.total / max(self.count, 1)
+    metric_state(Mean())  # after reset(): {"attributes": {"total": 0.0, "count": 0}}
+    ```
+    """
+    if isinstance(getattr(metric, "metric_state", None), dict):
+        return {"metric_state": dict(metric.metric_state)}
+    if callable(getattr(metric, "state_dict", None)) and callable(getattr(metric, "load_state_dict", None)):
+        return {"state_dict": metric.state_dict()}
+    attributes = vars(metric) if hasattr(metric, "__dict__") else {}
+    plain = (bool, int, float, str, type(None), torch.Tensor)
+    bad = sorted(k for k, v in attributes.items() if not isinstance(v, plain))
+    if bad:
+        raise TypeError(
+            f"cannot save the state of metric {type(metric).__name__}: give it state_dict() / load_state_dict(), "
+            f"or keep only numbers and tensors in its attributes (found {', '.join(bad)})"
+        )
+    return {"attributes": {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in attributes.items()}}
+
+
+def load_metric_state(metric: Any, state: Mapping[str, Any]) -> None:
+    """Put back what `metric_state` returned.
+
+    Args:
+        metric: the metric object to restore.
+        state: from `metric_state`.
+
+    Example:
+
+    ```python
+    load_metric_state(metric, metric_state(metric))
+    ```
+    """
+    if "metric_state" in state:
+        for name, value in state["metric_state"].items():
+            current = getattr(metric, name)
+            if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+                value = value.to(current.device)
+            setattr(metric, name, value)
+    elif "state_dict" in state:
+        metric.load_state_dict(state["state_dict"])
+    elif "attributes" in state:
+        for name, value in state["attributes"].items():
+            setattr(metric, name, value)
+    else:
+        raise KeyError(f"metric state: expected 'metric_state', 'state_dict' or 'attributes', received {sorted(state)}")
+
+
 class RunningMean:
     """A weighted mean of 0-d tensors that stays on the device.
 
@@ -254,6 +315,7 @@ class MetricTracker:
 
     Args:
         metrics: name -> metric, as `normalize_metrics` returns.
+        device: the training device, where restored running sums go (default: the CPU).
 
     Example:
 
@@ -264,7 +326,9 @@ class MetricTracker:
     ```
     """
 
-    def __init__(self, metrics: Mapping[str, MetricLike]) -> None:
+    def __init__(self, metrics: Mapping[str, MetricLike], device: torch.device | None = None) -> None:
+        #: Where restored running sums go (the training device).
+        self.device = device if device is not None else torch.device("cpu")
         self.metrics = dict(metrics)
         self._stateful = {n: m for n, m in self.metrics.items() if is_stateful_metric(m)}
         self._functions: dict[str, Callable[..., Any]] = {
@@ -396,45 +460,57 @@ class MetricTracker:
         """
         return self._compute({name: mean.snapshot() for name, mean in self._means.items()})
 
-    def state_dict(self) -> dict[str, list[float]]:
-        """The running means as `{name: [weighted sum, total weight]}` (JSON-able; one device sync),
-        so that a run resumed in the middle of an epoch logs the means of all of that epoch's
-        batches. Stateful metrics (update/compute/reset) keep their own state and are not included.
+    def state_dict(self) -> dict[str, Any]:
+        """The state of the epoch in progress: the running means as `{name: [weighted sum, total
+        weight]}` (one device sync) and each stateful metric's own state (see `metric_state`), so that
+        a run resumed in the middle of an epoch logs the values of all of that epoch's batches.
 
         Example:
 
         ```python
-        state = tracker.state_dict()  # e.g. {"loss": [12.5, 50.0]}
+        state = tracker.state_dict()  # e.g. {"means": {"loss": [12.5, 50.0]}, "stateful": {}}
         other = MetricTracker({})
-        other.load_state_dict(state, torch.device("cpu"))
+        other.load_state_dict(state)
         ```
         """
-        out = {}
+        means = {}
         for name, mean in self._means.items():
             total, weight = mean.sum_and_weight()
             if total is not None:
-                out[name] = [float(total), float(weight)]
-        return out
+                means[name] = [float(total), float(weight)]
+        return {"means": means, "stateful": {name: metric_state(m) for name, m in self._stateful.items()}}
 
-    def load_state_dict(self, state: Mapping[str, Sequence[float]], device: torch.device) -> None:
-        """Restore what `state_dict()` returned; the sums are put on `device` (the training device).
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict()` returned; the sums go to `self.device` (the training device).
 
         Args:
-            state: `{name: [weighted sum, total weight]}` from `state_dict()`.
-            device: where the sums go.
+            state: from `state_dict()`.
 
         Example:
 
         ```python
-        tracker.load_state_dict({"loss": [12.5, 50.0]}, torch.device("cpu"))
+        tracker.load_state_dict({"means": {"loss": [12.5, 50.0]}, "stateful": {}})
         tracker.result()["loss"]  # tensor(0.2500, dtype=torch.float64)
         ```
         """
+        means, stateful = state["means"], state.get("stateful") or {}
+        unknown = sorted(set(stateful) - set(self._stateful))
+        if unknown:
+            raise KeyError(f"the state has stateful metrics this run does not have: {', '.join(unknown)}")
+        parsed = {}
+        for name, pair in means.items():
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)):
+                raise TypeError(f"running mean {name!r}: expected [weighted sum, total weight], received {pair!r}")
+            parsed[name] = (float(pair[0]), float(pair[1]))
+        device = self.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        for name, (total, weight) in state.items():
+        self._means = {}
+        for name, (total, weight) in parsed.items():
             mean = self._means[name] = RunningMean()
-            mean._sum = torch.tensor(float(total), dtype=dtype, device=device)
-            mean._weight = float(weight)
+            mean._sum = torch.tensor(total, dtype=dtype, device=device)
+            mean._weight = weight
+        for name, saved in stateful.items():
+            load_metric_state(self._stateful[name], saved)
 
     def reduced_result(self) -> dict[str, Any]:
         """The means over every process's samples (`result()` outside a process group).

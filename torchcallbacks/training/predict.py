@@ -19,6 +19,7 @@ from torchcallbacks.training.arguments import (
     resolve_device,
 )
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
+from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
 
 
@@ -158,10 +159,9 @@ def predict(
     unwrapped = callback_list.model
     setattr(unwrapped, "stop_predicting", False)  # noqa: B010
     outputs: list[Any] = []
-    was_training = model.training
-    model.eval()
-    try:
-        callback_list.on_predict_begin()
+    # On an error on_predict_end still runs (e.g. SwapEMAWeights swaps the weights back).
+    with run_hooks(callback_list, model, "on_predict_begin", "on_predict_end"):
+        model.eval()
         with torch.no_grad():
             for index, batch in EpochIterator(x, steps, "x").epoch():
                 callback_list.on_predict_batch_begin(index)
@@ -172,12 +172,6 @@ def predict(
                     break
         if not outputs:
             raise ValueError("x: the data yielded no batches; predict needs at least one")
-    except BaseException as exc:
-        callback_list.end_after_error("on_predict_end", exc)  # e.g. SwapEMAWeights swaps the weights back
-        raise
-    finally:
-        model.train(was_training)
-    callback_list.on_predict_end()
     result = concatenate(outputs)
     if gather and is_distributed():
         result = _gather(result, x)

@@ -1,0 +1,262 @@
+"""`LoopState`: the loop's counters, and the one owner of the training state.
+
+Everything a resumed run needs is one tree, gathered by `LoopState.state_dict()` and put back by
+`LoopState.load_state_dict()`: the counters, the model, every optimizer, the GradScaler, each
+callback's state under its `state_key`, the loop's own parts (fit's running means and data position,
+or whatever a hand-written loop tracks) and the random states. The checkpoint package only writes
+and reads that tree. Loading checks every part before it applies any, so a state that does not fit
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchcallbacks.checkpoint.encoding import from_json, to_json
+from torchcallbacks.checkpoint.errors import CheckpointError
+from torchcallbacks.checkpoint.files import _check_keys
+from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.validate import (
+    check_counter,
+    check_list,
+    check_optimizer_state,
+    check_rng_state,
+    optimizer_type,
+)
+from torchcallbacks.distributed import all_gather_json, get_rank, get_world_size, is_distributed, unwrap_model
+
+if TYPE_CHECKING:
+    from torchcallbacks.callbacks.callback_list import CallbackList
+
+#: Errors a `load_state_dict` raises for a state that does not fit (turned into `CheckpointError`s).
+_FIT_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError)
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of a state that later changes to the live objects cannot reach (tensors cloned)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
+def apply_states(where: str, items: list[tuple[str, Any, Any]]) -> None:
+    """`obj.load_state_dict(state)` for each `(field, obj, state)`, all or nothing: when one raises,
+    the objects already loaded get their former state back and a `CheckpointError` names the field.
+
+    Args:
+        where: the file (or other source), for the message.
+        items: `(field, object, state)` triples, applied in order.
+
+    Example:
+
+    ```python
+    apply_states("'backup.safetensors'", [("callbacks/EarlyStopping", early_stopping, saved)])
+    ```
+    """
+    done: list[tuple[Any, Any]] = []
+    for name, obj, state in items:
+        before = _snapshot(obj.state_dict())
+        try:
+            obj.load_state_dict(state)
+        except _FIT_ERRORS as exc:
+            for previous, old in reversed([*done, (obj, before)]):
+                try:
+                    previous.load_state_dict(old)
+                except _FIT_ERRORS as undo_error:  # pragma: no cover - a callback that cannot take its own state
+                    warnings.warn(f"could not put back the state of {name}: {undo_error!r}", stacklevel=3)
+            raise CheckpointError(f"{where}: field {name!r} does not fit: {exc!r}") from exc
+        done.append((obj, before))
+
+
+@dataclass(eq=False)
+class LoopState:
+    """Counters and handles of the running loop, shared by a `CallbackList` and all its callbacks, and
+    the owner of the training state.
+
+    The `CallbackList` keeps the counters up to date from the hooks it dispatches, so they are right in
+    `fit` and in a hand-written loop alike.
+
+    Attributes:
+        epoch: the current epoch, 0-based (set by `on_epoch_begin`).
+        batch: index of the current training batch within the epoch; -1 before the first one.
+        global_step: training batches completed since training started (restored on resume).
+        initial_epoch: the epoch training starts at; a restored state moves it (`fit` and a
+            hand-written loop read it after `on_train_begin`).
+        initial_batch: batches of `initial_epoch` already trained before a resume.
+        position: `(epoch, batch)` a state saved now resumes at: `(e, k + 1)` after training batch `k`
+            of epoch `e`, `(e + 1, 0)` from the end of epoch `e` on.
+        resumed: True when the restore phase of this run's `on_train_begin` loaded a state.
+        exception: the exception that ended the run, or None. Set before the end hook runs, so
+            callbacks can tell a normal finish from a crash.
+        scaler: the `torch.amp.GradScaler` in use, if any (part of the state).
+        model: the plain model (part of the state).
+        optimizers: every optimizer (part of the state).
+        parts: the loop's own stateful parts, by name (see `track`): in `fit`, `"metrics"` (the
+            running means and stateful metric objects of the epoch in progress) and `"data"` (the
+            position in the data and the random state its order was drawn from).
+        callbacks: the `CallbackList` that owns this state.
+
+    Example:
+
+    ```python
+    callbacks = CallbackList([BackupAndRestore("backup/")], model=model, optimizer=opt, epochs=10)
+    batches = torchcallbacks.EpochIterator(loader)
+    callbacks.loop.track("data", batches)      # the data position is part of every backup
+    callbacks.on_train_begin()                 # restore phase: everything is loaded here
+    for epoch in range(callbacks.loop.initial_epoch, 10):
+        callbacks.on_epoch_begin(epoch)
+        for i, (x, y) in batches.epoch():      # a resumed epoch starts after its trained batches
+            ...
+    ```
+    """
+
+    epoch: int = 0
+    batch: int = -1
+    global_step: int = 0
+    initial_epoch: int = 0
+    initial_batch: int = 0
+    position: tuple[int, int] = (0, 0)
+    resumed: bool = False
+    exception: BaseException | None = None
+    scaler: Any = None
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list, repr=False)
+    parts: dict[str, Any] = field(default_factory=dict, repr=False)
+    callbacks: CallbackList | None = field(default=None, repr=False)
+
+    # -- the loop's own parts ---------------------------------------------------------------------
+    def track(self, name: str, part: Any) -> None:
+        """Make `part` (anything with `state_dict()` / `load_state_dict()`) part of the training state.
+
+        Args:
+            name: its key in the state; `fit` uses `"metrics"` and `"data"`.
+            part: the object, e.g. an `EpochIterator` or a torchmetrics metric.
+
+        Example:
+
+        ```python
+        callbacks.loop.track("data", torchcallbacks.EpochIterator(loader))
+        ```
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name: expected a non-empty string, received {name!r}")
+        if not (callable(getattr(part, "state_dict", None)) and callable(getattr(part, "load_state_dict", None))):
+            raise TypeError(f"part: expected an object with state_dict() and load_state_dict(), received {type(part).__name__}")
+        self.parts[name] = part
+
+    # -- the state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state as one tree (tensors are the live ones: write or copy it now).
+
+        Under `torch.distributed` every process must call it at the same point: each process's random
+        states and loop parts are gathered under `"ranks"` (one all-gather).
+
+        Example:
+
+        ```python
+        write_training_state("backup.safetensors", callbacks.loop.state_dict())
+        ```
+        """
+        epoch, batch = self.position
+        own = {"rng": {"current": capture_rng_state()}, "loop": {n: p.state_dict() for n, p in self.parts.items()}}
+        state: dict[str, Any] = {
+            "epoch": epoch,
+            "batch": batch,
+            "global_step": self.global_step,
+            "model": unwrap_model(self.model).state_dict() if self.model is not None else {},
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "optimizer_types": [optimizer_type(o) for o in self.optimizers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "callbacks": self.callbacks.state_dict() if self.callbacks is not None else {},
+            **own,
+        }
+        if is_distributed():
+            state["ranks"] = [from_json(part) for part in all_gather_json(to_json(own))]
+        return state
+
+    def _own_part(self, state: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+        ranks = state.get("ranks")
+        if ranks:
+            check_list(ranks, where, "ranks")
+            if len(ranks) == get_world_size():
+                own: Mapping[str, Any] = ranks[get_rank()]
+                return own
+            if state.get("batch"):
+                raise CheckpointError(
+                    f"{where} was written in the middle of an epoch by {len(ranks)} processes and this run has "
+                    f"{get_world_size()}: resume it with {len(ranks)} processes, or from a backup taken at an epoch end"
+                )
+            warnings.warn(
+                f"{where} was written by {len(ranks)} processes and this run has {get_world_size()}: every "
+                "process restores the random states of process 0, so random draws differ from an uninterrupted run",
+                stacklevel=4,
+            )
+        return {"rng": state.get("rng") or {}, "loop": state.get("loop") or {}}
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "the state") -> None:
+        """Check every part of `state`, then apply all of them: callbacks, the loop's parts, model,
+        optimizers, scaler, counters and random states.
+
+        A part that does not fit (keys or shapes of the model, another optimizer type or other
+        parameter groups, counters that are not integers >= 0, random states of the wrong type or size,
+        a callback or loop part that rejects its state) raises a `CheckpointError` naming `source` and
+        the field, and nothing is changed. Saved callback states that no callback takes, and stateful
+        callbacks that get no state, are named in one warning.
+
+        Args:
+            state: a tree from `state_dict()` (e.g. read back with `read_training_state`).
+            source: where it comes from (a file name), for messages.
+
+        Example:
+
+        ```python
+        callbacks.loop.load_state_dict(read_training_state("backup.safetensors"), "backup.safetensors")
+        ```
+        """
+        where = repr(source)
+        epoch = check_counter(state.get("epoch"), where, "epoch")
+        batch = check_counter(state.get("batch"), where, "batch")
+        global_step = check_counter(state.get("global_step"), where, "global_step")
+        own = self._own_part(state, where)
+        model = unwrap_model(self.model) if self.model is not None else None
+        tensors = dict(state.get("model") or {})
+        if model is not None:
+            _check_keys(source, model, tensors, {}, strict=True)
+        saved = check_list(state.get("optimizers"), where, "optimizers", len(self.optimizers))
+        types = state.get("optimizer_types") or [None] * len(saved)
+        for i, (optimizer, optimizer_state) in enumerate(zip(self.optimizers, saved, strict=True)):
+            check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}")
+        scaler_state = state.get("scaler")
+        if scaler_state is not None and not isinstance(scaler_state, Mapping):
+            raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")
+        rng = (own.get("rng") or {}).get("current")
+        if rng is not None:
+            check_rng_state(rng, where, "rng/current")
+
+        items: list[tuple[str, Any, Any]] = []
+        if self.callbacks is not None:
+            items += self.callbacks.match_states(state.get("callbacks") or {}, bool(state.get("callbacks_by_position")), source)
+        parts = own.get("loop") or {}
+        items += [(f"loop/{name}", self.parts[name], parts[name]) for name in parts if name in self.parts]
+        apply_states(where, items)  # all or nothing; the model and optimizers are untouched if it raises
+
+        if model is not None:
+            model.load_state_dict(tensors)
+        for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
+        if rng is not None:
+            restore_rng_state(rng)
+        self.initial_epoch, self.initial_batch, self.global_step = epoch, batch, global_step
+        self.position = (epoch, batch)
+        self.resumed = True

@@ -1,0 +1,215 @@
+"""Checks of a training state read from a file, made before any of it is applied.
+
+Every function raises a `CheckpointError` that names the file (`where`) and the field at fault, so that
+a bad file changes nothing: the caller checks every part first and applies afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torchcallbacks.checkpoint.errors import CheckpointError
+
+#: Bytes of torch's CPU generator state (the Mersenne Twister: 624 words, position, seed).
+TORCH_RNG_BYTES = torch.get_rng_state().numel()
+
+
+def check_counter(value: Any, where: str, field: str) -> int:
+    """`value` when it is an integer >= 0 (not a bool), else a `CheckpointError` naming `field`.
+
+    Args:
+        value: the value read from the file.
+        where: the file, for the message.
+        field: the field's path in the state, e.g. `"epoch"`.
+
+    Example:
+
+    ```python
+    epoch = check_counter(document["epoch"], "backup/latest.safetensors", "epoch")
+    ```
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where}: field {field!r} must be an integer >= 0, found {value!r}")
+    return value
+
+
+def _fail(where: str, field: str, expected: str, found: Any) -> CheckpointError:
+    shown = f"a tensor of shape {tuple(found.shape)} and dtype {found.dtype}" if isinstance(found, torch.Tensor) else repr(found)
+    if len(shown) > 120:
+        shown = shown[:117] + "..."
+    return CheckpointError(f"{where}: field {field!r} must be {expected}, found {shown}")
+
+
+def _ints(value: Any, count: int, low: int, high: int) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, int) and not isinstance(v, bool) and low <= v < high for v in value)
+    )
+
+
+def check_generator_state(value: Any, where: str, field: str) -> torch.Tensor:
+    """A `torch.Generator` state: a 1-d uint8 tensor of torch's CPU generator size.
+
+    Args:
+        value: the value read from the file.
+        where: the file, for the message.
+        field: the field's path in the state.
+
+    Example:
+
+    ```python
+    check_generator_state(torch.Generator().get_state(), "file", "generators/0")
+    ```
+    """
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == (TORCH_RNG_BYTES,)):
+        raise _fail(where, field, f"a uint8 tensor of {TORCH_RNG_BYTES} bytes (a torch generator state)", value)
+    return value
+
+
+def check_rng_state(state: Any, where: str, field: str) -> None:
+    """A random state as `capture_rng_state()` makes it: torch's CPU state, CUDA states, numpy's
+    legacy MT19937 state and Python's `random` state, each of its type and size.
+
+    Args:
+        state: the value read from the file.
+        where: the file, for the message.
+        field: the field's path in the state, e.g. `"rng/current"`.
+
+    Example:
+
+    ```python
+    check_rng_state(capture_rng_state(), "file", "rng/current")
+    ```
+    """
+    if not isinstance(state, Mapping):
+        raise _fail(where, field, "a random state (a dict)", state)
+    check_generator_state(state.get("torch"), where, f"{field}/torch")
+    cuda = state.get("cuda") or []
+    if not isinstance(cuda, list) or not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.ndim == 1 for s in cuda):
+        raise _fail(where, f"{field}/cuda", "a list of uint8 tensors (CUDA generator states)", cuda)
+    numpy_state = state.get("numpy")
+    if numpy_state is not None:
+        ok = (
+            isinstance(numpy_state, Mapping)
+            and numpy_state.get("algorithm") == "MT19937"
+            and _ints(numpy_state.get("key"), 624, 0, 2**32)
+            and _ints([numpy_state.get("pos")], 1, 0, 625)
+            and numpy_state.get("has_gauss") in (0, 1)
+            and isinstance(numpy_state.get("cached_gaussian"), (int, float))
+        )
+        if not ok:
+            raise _fail(where, f"{field}/numpy", "numpy's MT19937 state (algorithm, 624-word key, pos, gauss)", numpy_state)
+    python_state = state.get("python")
+    if python_state is not None:
+        gauss = python_state.get("gauss_next") if isinstance(python_state, Mapping) else None
+        ok = (
+            isinstance(python_state, Mapping)
+            and python_state.get("version") == 3
+            and _ints(python_state.get("internal"), 625, 0, 2**32)
+            and (gauss is None or (isinstance(gauss, float) and math.isfinite(gauss)))
+        )
+        if not ok:
+            raise _fail(where, f"{field}/python", "Python's random state (version 3, 625 words, gauss_next)", python_state)
+
+
+def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class as `module.QualName`, as stored next to its state.
+
+    Args:
+        optimizer: the optimizer.
+
+    Example:
+
+    ```python
+    optimizer_type(torch.optim.Adam(model.parameters()))  # "torch.optim.adam.Adam"
+    ```
+    """
+    kind = type(optimizer)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def check_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: Any, saved_type: str | None, where: str, field: str
+) -> None:
+    """The saved state fits `optimizer`: the same type (when the file records it), the same parameter
+    groups with the same number of parameters, the hyper-parameters this optimizer reads, and state
+    tensors shaped like their parameters.
+
+    Args:
+        optimizer: the optimizer to load into.
+        saved: its `state_dict()` as read from the file.
+        saved_type: the class recorded with it (`optimizer_type`), or None (format 1 files).
+        where: the file, for the message.
+        field: the field's path, e.g. `"optimizers/1"`.
+
+    Example:
+
+    ```python
+    check_optimizer_state(optimizer, optimizer.state_dict(), optimizer_type(optimizer), "file", "optimizers/0")
+    ```
+    """
+    name = f"{field} ({type(optimizer).__name__})"
+    if saved_type is not None and saved_type != optimizer_type(optimizer):
+        raise CheckpointError(
+            f"{where}: {name} holds the state of a {saved_type}, but the optimizer is a {optimizer_type(optimizer)}"
+        )
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), Mapping):
+        raise _fail(where, field, "an optimizer state_dict (state, param_groups)", saved)
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise CheckpointError(
+            f"{where}: {name} has {len(groups)} parameter group(s), the file holds {len(saved_groups)}"
+        )
+    params: dict[int, torch.Tensor] = {}
+    for g, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
+        ids = saved_group.get("params") if isinstance(saved_group, Mapping) else None
+        if not isinstance(ids, list) or len(ids) != len(group["params"]):
+            found = len(ids) if isinstance(ids, list) else ids
+            raise CheckpointError(
+                f"{where}: {name} group {g} has {len(group['params'])} parameters, the file holds {found}"
+            )
+        missing = sorted(k for k in group if k != "params" and k not in saved_group)
+        if missing:
+            raise CheckpointError(
+                f"{where}: {name} group {g} lacks {', '.join(missing)} in the file (the state of another optimizer type?)"
+            )
+        params.update(zip(ids, group["params"], strict=True))
+    for pid, entries in saved["state"].items():
+        if pid not in params:
+            raise CheckpointError(f"{where}: {name} has state for parameter {pid!r}, which no parameter group lists")
+        param = params[pid]
+        for key, value in (entries.items() if isinstance(entries, Mapping) else ()):
+            if isinstance(value, torch.Tensor) and value.ndim == param.ndim and value.ndim > 0 and any(
+                d != p and d != 1 for d, p in zip(value.shape, param.shape, strict=True)
+            ):
+                raise CheckpointError(
+                    f"{where}: {name} state {key!r} of parameter {pid} has shape {tuple(value.shape)}, "
+                    f"the parameter {tuple(param.shape)}"
+                )
+
+
+def check_list(value: Any, where: str, field: str, count: int | None = None) -> Sequence[Any]:
+    """`value` when it is a list (of `count` items, if given), else a `CheckpointError`.
+
+    Args:
+        value: the value read from the file.
+        where: the file, for the message.
+        field: the field's path.
+        count: the number of items expected, if known.
+
+    Example:
+
+    ```python
+    states = check_list(document["optimizers"], "file", "optimizers", count=len(optimizers))
+    ```
+    """
+    if not isinstance(value, list):
+        raise _fail(where, field, "a list", value)
+    if count is not None and len(value) != count:
+        raise CheckpointError(f"{where}: field {field!r} holds {len(value)} item(s), {count} expected")
+    return value
