@@ -161,8 +161,16 @@ def test_arguments_keras_lacks_are_keyword_only() -> None:
         params = inspect.signature(cls.__init__).parameters
         found = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         assert names <= found, cls.__name__
-    for cls in (tc.EarlyStopping, tc.ReduceLROnPlateau):
-        params = inspect.signature(cls.__init__).parameters
-        assert not any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values()), cls.__name__
+    keras_positional = {  # Keras 3's signatures: only these may be passed by position
+        tc.EarlyStopping: ["monitor", "min_delta", "patience", "verbose", "mode", "baseline",
+                           "restore_best_weights", "start_from_epoch"],
+        tc.ReduceLROnPlateau: ["monitor", "factor", "patience", "verbose", "mode", "min_delta", "cooldown", "min_lr"],
+        tc.ModelCheckpoint: ["filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
+                             "save_freq", "initial_value_threshold"],
+    }
+    for cls, names in keras_positional.items():
+        params = inspect.signature(cls.__init__).parameters.values()
+        positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert positional == ["self", *names], cls.__name__
     with pytest.raises(TypeError):
         tc.ModelCheckpoint("m.safetensors", "val_loss", 0, False, False, "auto", "epoch", None, 3)  # type: ignore[misc]
