@@ -189,3 +189,13 @@ def test_numpy_values_are_sent_as_json_numbers(server: Server, send_as_json: boo
         assert "matrix" not in payload and isinstance(payload["loss"], float)
     skipped = [m for m in _monitor_warnings(record) if "matrix" in m]
     assert len(skipped) == 2 and "ndarray" in skipped[0]
+
+
+def test_a_url_that_http_client_rejects_warns_instead_of_crashing(server: Server) -> None:
+    monitor = RemoteMonitor(root=server.root, path="/épochs")  # not ASCII: http.client raises UnicodeEncodeError
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = _fit([monitor], epochs=1)
+    messages = _monitor_warnings(record)
+    assert len(messages) == 1 and messages[0].startswith("Could not reach RemoteMonitor root server")
+    assert history.epoch == [0]

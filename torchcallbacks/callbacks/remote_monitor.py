@@ -128,7 +128,7 @@ class RemoteMonitor(Callback):
                 f"epoch {epoch} was not recorded",
                 stacklevel=2,
             )
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: e.g. InvalidURL
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             warnings.warn(
                 f"Could not reach RemoteMonitor root server at {self.root} ({reason}); "
