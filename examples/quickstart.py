@@ -2,9 +2,15 @@
 
 Uses scikit-learn's bundled digits data set (1,797 8x8 images, no download), trains a small MLP with
 validation in seconds on two CPU cores. Along the way it shows the callbacks a Keras user expects:
-a one-cycle learning-rate schedule stepped per batch, an exponential moving average of the weights
-used for validation and testing, early stopping that restores the best weights, the best model
-saved as safetensors, a backup to resume from if the process is killed, TensorBoard logs and a CSV.
+a live progress bar, a one-cycle learning-rate schedule stepped per batch, an exponential moving
+average (EMA) of the weights used for validation, early stopping that restores the best weights, the
+best model saved as safetensors, a backup to resume from if the process is killed, TensorBoard logs
+and a CSV that a resumed run continues.
+
+Which weights are "the best": validation scores the EMA weights, so `swap_on_epoch=True` keeps them in
+the model at each epoch end, where early stopping and the checkpoint read the model. Both therefore
+keep the EMA weights of the best epoch, the very weights that `val_accuracy` measured. The test below
+loads that file (also right after a resumed run) and scores it.
 
     pip install -e '.[examples]' && python examples/quickstart.py [--out runs/quickstart]
 """
@@ -56,7 +62,9 @@ def main() -> None:
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
-    ema = tc.SwapEMAWeights(decay=0.99)  # first: validation, evaluate and predict use the averaged weights
+    # First in the list: validation uses the averaged weights, and with swap_on_epoch=True so do the
+    # callbacks after it at epoch end (early stopping's best weights, the checkpoint).
+    ema = tc.SwapEMAWeights(swap_on_epoch=True, decay=0.99)
     checkpoint = tc.ModelCheckpoint(args.out / "best-{epoch:02d}-{val_accuracy:.4f}.safetensors",
                                     monitor="val_accuracy", save_best_only=True, save_weights_only=True,
                                     max_to_keep=1)
@@ -68,7 +76,7 @@ def main() -> None:
         metrics={"accuracy": accuracy},
         validation_data=val_loader,
         epochs=args.epochs,
-        verbose=2,
+        verbose=1,  # a live bar on a terminal or in a notebook; a line per epoch in a log
         callbacks=[
             ema,
             tc.LearningRateScheduler(
@@ -79,14 +87,16 @@ def main() -> None:
             tc.TerminateOnNaN(check_every=10),
             checkpoint,
             tc.TensorBoard(log_dir=args.out / "logs", histogram_freq=5),
-            tc.CSVLogger(args.out / "training.csv"),
+            tc.CSVLogger(args.out / "training.csv", append=True),  # a resumed run adds its epochs
             tc.BackupAndRestore(args.out / "backup"),  # kill the script and rerun it: it resumes exactly
         ],
     )
 
+    # Test the saved best model: the EMA weights of the epoch with the best val_accuracy.
+    tc.load_weights(model, checkpoint.best_path)
     results = tc.evaluate(model, test_loader, loss=F.cross_entropy, metrics={"accuracy": accuracy},
-                          return_dict=True, verbose=0, callbacks=[ema])
-    predictions = tc.predict(model, test_loader, verbose=0, callbacks=[ema]).argmax(dim=1)
+                          return_dict=True, verbose=0)
+    predictions = tc.predict(model, test_loader, verbose=0).argmax(dim=1)
     print(f"best val_accuracy: {max(history.history['val_accuracy']):.4f} (saved to {checkpoint.best_path})")
     print(f"test loss: {results['loss']:.4f}  test accuracy: {results['accuracy']:.4f}")
     print(f"first test predictions: {predictions[:10].tolist()}")

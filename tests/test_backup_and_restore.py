@@ -380,3 +380,15 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_backs_up_and_resum
         assert rerun.returncode == 0, err
         expected, resumed = load_file(tmp_path / "plain" / "final.safetensors"), load_file(workdir / "final.safetensors")
         assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_constructor_messages_begin_as_keras_and_save_freq_false_is_accepted() -> None:
+    assert tc.BackupAndRestore("x", save_freq=False).save_freq is False  # Keras: only at preemption
+    for bad in (0, True, "batch", 1.5, None):
+        with pytest.raises(ValueError, match=r"^Invalid value for argument `save_freq`\. Received: save_freq="):
+            tc.BackupAndRestore("x", save_freq=bad)
+    for empty in ("", None):
+        with pytest.raises(ValueError, match=r"^Empty `backup_dir` argument passed"):
+            tc.BackupAndRestore(empty)
+    with pytest.raises(TypeError, match="backup_dir"):
+        tc.BackupAndRestore(3)

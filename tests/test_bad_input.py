@@ -111,3 +111,66 @@ def test_a_non_iterable_callbacks_or_a_non_number_clip_grad_norm_is_named() -> N
         tc.evaluate(make_model(), make_regression(), loss=F.mse_loss, callbacks=5, verbose=0)
     with pytest.raises(ValueError, match=r"clip_grad_norm: expected a positive number, received '1'"):
         _fit(clip_grad_norm="1")
+
+
+_VERBOSE_CALLBACKS = {
+    "EarlyStopping": lambda verbose: tc.EarlyStopping(monitor="loss", verbose=verbose),
+    "ReduceLROnPlateau": lambda verbose: tc.ReduceLROnPlateau(monitor="loss", verbose=verbose),
+    "LearningRateScheduler": lambda verbose: tc.LearningRateScheduler(lambda epoch, lr: lr, verbose=verbose),
+    "ModelCheckpoint": lambda verbose: tc.ModelCheckpoint("m.safetensors", verbose=verbose),
+}
+
+
+@pytest.mark.parametrize("owner", sorted(_VERBOSE_CALLBACKS))
+def test_every_callback_checks_verbose_the_same_way(owner: str) -> None:
+    make = _VERBOSE_CALLBACKS[owner]
+    assert make("auto").verbose == 1 and make(2).verbose == 2 and make(0).verbose == 0
+    for wrong_type in (1.0, True, None, [1]):
+        with pytest.raises(TypeError, match=rf"^{owner}: verbose: expected 'auto', 0, 1 or 2, received "):
+            make(wrong_type)
+    for wrong_value in (3, -1, "1", "silent"):
+        with pytest.raises(ValueError, match=rf"^{owner}: verbose: expected 'auto', 0, 1 or 2, received {wrong_value!r}"):
+            make(wrong_value)
+    with pytest.raises(TypeError, match=r"^verbose: expected"):
+        _fit(verbose=1.5)
+
+
+def test_early_stopping_verbose_auto_restores_the_best_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_model()
+    stopper = tc.EarlyStopping(monitor="loss", verbose="auto", restore_best_weights=True)
+    _fit(model=model, epochs=2, callbacks=[stopper])
+    assert "Restoring model weights from the end of the best epoch" in capsys.readouterr().out
+    assert stopper.best_weights is not None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, stopper.best_weights[key])
+
+
+def test_arguments_keras_lacks_are_keyword_only() -> None:
+    import inspect
+
+    keyword_only = {
+        tc.ModelCheckpoint: {"max_to_keep", "async_save"},
+        tc.TensorBoard: {"write_grads"},
+        tc.TerminateOnNaN: {"check_every"},
+        tc.RemoteMonitor: {"timeout"},
+        tc.SwapEMAWeights: {"decay", "use_buffers", "use_ema_at_end"},
+        tc.ProgbarLogger: {"file", "interval", "interval_no_tty"},
+        tc.LearningRateScheduler: {"per_batch", "monitor"},
+    }
+    for cls, names in keyword_only.items():
+        params = inspect.signature(cls.__init__).parameters
+        found = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert names <= found, cls.__name__
+    keras_positional = {  # Keras 3's signatures: only these may be passed by position
+        tc.EarlyStopping: ["monitor", "min_delta", "patience", "verbose", "mode", "baseline",
+                           "restore_best_weights", "start_from_epoch"],
+        tc.ReduceLROnPlateau: ["monitor", "factor", "patience", "verbose", "mode", "min_delta", "cooldown", "min_lr"],
+        tc.ModelCheckpoint: ["filepath", "monitor", "verbose", "save_best_only", "save_weights_only", "mode",
+                             "save_freq", "initial_value_threshold"],
+    }
+    for cls, names in keras_positional.items():
+        params = inspect.signature(cls.__init__).parameters.values()
+        positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert positional == ["self", *names], cls.__name__
+    with pytest.raises(TypeError):
+        tc.ModelCheckpoint("m.safetensors", "val_loss", 0, False, False, "auto", "epoch", None, 3)  # type: ignore[misc]

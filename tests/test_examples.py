@@ -14,20 +14,60 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_trains_a_good_digits_classifier(tmp_path) -> None:
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_survives_kill_and_rerun_and_tests_the_saved_best_model(tmp_path) -> None:
     pytest.importorskip("sklearn")
+    import signal
+    import time
+
+    import torch
+
+    import torchcallbacks as tc
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path), "--epochs", "8"],
-        capture_output=True, text=True, timeout=300, env=env, check=True,
-    )
-    accuracy = float(re.search(r"test accuracy: (\d\.\d+)", result.stdout).group(1))
-    assert accuracy > 0.9, result.stdout
-    assert (tmp_path / "training.csv").read_text().count("\n") == 9  # header + 8 epochs
+    command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path), "--epochs", "8"]
+    csv = tmp_path / "training.csv"
+    # First run: killed (SIGKILL, no cleanup) once three epochs are logged and backed up.
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while first.poll() is None and time.monotonic() < deadline:
+        if csv.exists() and csv.read_text().count("\n") >= 4 and (tmp_path / "backup" / "latest.safetensors").exists():
+            first.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, first.stderr.read() if first.stderr else ""
+    # The rerun resumes from the backup and finishes.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert "━" in result.stdout  # verbose=1: the live bar (a line per epoch when not on a terminal)
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("epoch,") and sum(line.startswith("epoch,") for line in lines) == 1
+    assert {int(line.split(",")[0]) for line in lines[1:]} == set(range(8))  # both runs' epochs kept
     assert any((tmp_path / "logs" / "train").iterdir())
     (best,) = tmp_path.glob("best-*.safetensors")  # max_to_keep=1
     assert set(load_file(best)) == {"0.weight", "0.bias", "3.weight", "3.bias"}
     assert not any((tmp_path / "backup").glob("*.safetensors"))  # deleted after a normal finish
+    # The scores printed are those of the saved best model, and its val_accuracy is the one in its name.
+    quickstart = _load_example("quickstart")
+    _, val_loader, test_loader = quickstart.load_data()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(128, 10))
+    tc.load_weights(model, best)
+    metrics = {"accuracy": quickstart.accuracy}
+    test = tc.evaluate(model, test_loader, loss=torch.nn.functional.cross_entropy, metrics=metrics, return_dict=True, verbose=0)
+    val = tc.evaluate(model, val_loader, loss=torch.nn.functional.cross_entropy, metrics=metrics, return_dict=True, verbose=0)
+    printed = float(re.search(r"test accuracy: (\d\.\d+)", result.stdout).group(1))
+    assert printed > 0.9, result.stdout
+    assert f"{test['accuracy']:.4f}" == f"{printed:.4f}"
+    assert f"{val['accuracy']:.4f}" == re.search(r"best-\d+-(\d\.\d+)\.safetensors", best.name).group(1)
 
 
 def test_ddp_example_under_torchrun_writes_once_and_agrees(tmp_path) -> None:

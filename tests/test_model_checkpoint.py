@@ -164,3 +164,26 @@ def test_missing_key_fails_at_first_save_listing_available_keys(tmp_path: Path) 
     ckpt = tc.ModelCheckpoint(str(tmp_path / "m-{val_acc:.2f}.safetensors"))
     with pytest.raises(KeyError, match=r"\{val_acc\}, which is not in the logs; available keys: epoch, loss"):
         _fit([ckpt], epochs=1)
+
+
+@pytest.mark.parametrize("save_freq", [False, True, 0, -1, "batch", 2.0, None])
+def test_bad_save_freq_message_begins_as_keras(save_freq: object) -> None:
+    with pytest.raises(ValueError, match=r"^Unrecognized save_freq: "):
+        tc.ModelCheckpoint("m.safetensors", save_freq=save_freq)
+
+
+def test_unwritable_directory_fails_at_train_begin(tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the checkpoint directory should be")
+    epochs: list[int] = []
+    ckpt = tc.ModelCheckpoint(str(blocker / "ckpt" / "m-{epoch}.safetensors"))
+    with pytest.raises(OSError, match=r"ModelCheckpoint: filepath: cannot write to the directory '.*not_a_dir/ckpt'"):
+        _fit([tc.LambdaCallback(on_epoch_end=lambda epoch, logs: epochs.append(epoch)), ckpt])
+    assert epochs == []  # before the first epoch, not after it
+
+
+def test_directory_is_created_and_probed_at_train_begin(tmp_path: Path) -> None:
+    ckpt = tc.ModelCheckpoint(str(tmp_path / "a" / "run-{epoch}" / "m.safetensors"))
+    ckpt.set_model(make_model())
+    ckpt.on_train_begin()
+    assert (tmp_path / "a").is_dir() and list((tmp_path / "a").iterdir()) == []  # the probe file is gone

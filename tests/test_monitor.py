@@ -151,3 +151,83 @@ def test_argument_checks_name_the_argument() -> None:
     with pytest.raises(ValueError, match="patience"):
         check_count(1.5, "patience")
     assert check_number(torch.tensor(1.0).item(), "x") == 1.0
+
+
+def _fit_with(callbacks: list, epochs: int = 3, validation: bool = True, **kwargs):
+    model = make_model()
+    return torchcallbacks.fit(
+        model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.01), loss=F.mse_loss,
+        epochs=epochs, verbose=0, validation_data=make_regression(32) if validation else None,
+        callbacks=callbacks, **kwargs,
+    )
+
+
+class _EpochsSeen(torchcallbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[int] = []
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self.epochs.append(epoch)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda monitor: torchcallbacks.EarlyStopping(monitor=monitor),
+        lambda monitor: torchcallbacks.ReduceLROnPlateau(monitor=monitor),
+        lambda monitor, tmp="m.safetensors": torchcallbacks.ModelCheckpoint(tmp, monitor=monitor, save_best_only=True),
+    ],
+    ids=["EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"],
+)
+@pytest.mark.parametrize("monitor", ["val_acc", "accuracy"])
+def test_missing_monitor_with_auto_mode_raises_at_the_first_epoch_end(make, monitor, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    seen = _EpochsSeen()
+    callback = make(monitor)
+    with pytest.raises(ValueError, match=rf"{type(callback).__name__}: the monitored value '{monitor}' is not in "
+                       r"the logs; available keys: (learning_rate, )?loss, val_loss\. "):
+        _fit_with([seen, callback])
+    assert seen.epochs == [0]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_missing_monitor_with_an_explicit_mode_warns_and_training_goes_on() -> None:
+    stopper = torchcallbacks.EarlyStopping(monitor="val_acc", mode="max", patience=0)
+    with pytest.warns(UserWarning, match="'val_acc' is not in the logs; available keys: loss, val_loss") as record:
+        history = _fit_with([stopper])
+    assert len([w for w in record if "val_acc" in str(w.message)]) == 1
+    assert history.epoch == [0, 1, 2]
+
+
+def test_val_monitor_without_validation_warns_in_auto_mode() -> None:
+    # Nothing validated this epoch (no validation data, or validation_freq): Keras 3 warns here too.
+    stopper = torchcallbacks.EarlyStopping(monitor="val_loss", patience=0)
+    with pytest.warns(UserWarning, match="'val_loss' is not in the logs; available keys: loss"):
+        assert _fit_with([stopper], validation=False).epoch == [0, 1, 2]
+    stopper = torchcallbacks.EarlyStopping(monitor="val_loss", patience=5)
+    with pytest.warns(UserWarning, match="'val_loss' is not in the logs; available keys: loss"):
+        assert _fit_with([stopper], epochs=4, validation_freq=2).epoch == [0, 1, 2, 3]
+    assert stopper.best is not None  # the validated epochs were monitored
+
+
+def test_batch_level_checkpoint_and_torch_scheduler_follow_the_same_rule(tmp_path) -> None:
+    # Batch logs never hold val_ values: save_best_only on val_loss at batch level warns and saves (Keras 3).
+    ckpt = torchcallbacks.ModelCheckpoint(str(tmp_path / "b.safetensors"), save_best_only=True, save_freq=2)
+    with pytest.warns(UserWarning, match="'val_loss' is not in the logs"):
+        _fit_with([ckpt], epochs=1)
+    assert (tmp_path / "b.safetensors").exists()
+    # A misspelt training value is an error at the first save.
+    ckpt = torchcallbacks.ModelCheckpoint(str(tmp_path / "c.safetensors"), monitor="los", save_best_only=True, save_freq=2)
+    with pytest.raises(ValueError, match="'los' is not in the logs; available keys: loss"):
+        _fit_with([ckpt], epochs=1)
+    # LearningRateScheduler feeding torch's ReduceLROnPlateau reads the monitor the same way.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    with pytest.raises(ValueError, match="LearningRateScheduler: the monitored value 'val_los' is not in the logs"):
+        torchcallbacks.fit(
+            model, make_regression(), optimizer=optimizer, loss=F.mse_loss, epochs=2, verbose=0,
+            validation_data=make_regression(32),
+            callbacks=[torchcallbacks.LearningRateScheduler(plateau, monitor="val_los")],
+        )

@@ -102,3 +102,61 @@ def test_progbar_update_without_redraw_reads_no_value() -> None:
     bar = Progbar(10, file=io.StringIO(), interval_no_tty=1e9)
     for step in range(1, 10):
         bar.update(step, Exploding(loss=torch.tensor(1.0)))
+
+
+class KernelStream(io.StringIO):
+    """Like ipykernel's OutStream: not a terminal, yet the notebook redraws a line on a carriage return."""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _fake_kernel(monkeypatch) -> KernelStream:
+    import sys
+    import types
+
+    monkeypatch.delenv("PYCHARM_HOSTED", raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    stream = KernelStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    return stream
+
+
+def test_jupyter_kernel_is_detected_as_keras_does(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.delenv("PYCHARM_HOSTED", raising=False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert not progbar_logger.in_notebook_or_ide()
+    assert not Progbar(4, file=KernelStream()).dynamic
+    stream = _fake_kernel(monkeypatch)
+    assert progbar_logger.in_notebook_or_ide()
+    assert Progbar(4).dynamic and Progbar(4, file=stream).dynamic
+    assert not Progbar(4, file=io.StringIO()).dynamic  # a log file in a notebook is not redrawn
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    monkeypatch.setenv("PYCHARM_HOSTED", "1")
+    assert progbar_logger.in_notebook_or_ide()
+
+
+def test_jupyter_bar_redraws_in_place_reading_values_only_on_its_timer(monkeypatch) -> None:
+    clock = iter(i * 0.1 for i in range(10_000))
+    monkeypatch.setattr(progbar_logger.time, "monotonic", lambda: next(clock))
+    stream = _fake_kernel(monkeypatch)
+    model = make_model()
+    tc.fit(model, make_regression(n=64, batch_size=16), optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+           loss=F.mse_loss, epochs=1, verbose=1)
+    frames = stream.getvalue().split("\r")[1:]
+    assert len(frames) == 5  # four timed redraws and the final line, all on one line
+    assert all("\n" not in frame for frame in frames[:-1]) and frames[-1].endswith("\n")
+    assert "ETA" in frames[0] and "\x1b[32m" in frames[0] and re.search(r"\b4/4\b", frames[-1])
+
+    class Exploding(dict):
+        def __iter__(self):
+            raise AssertionError("values were read")
+
+    written = len(stream.getvalue())
+    bar = Progbar(10, interval=1e9)
+    assert bar.dynamic
+    for step in range(1, 10):
+        bar.update(step, Exploding(loss=torch.tensor(1.0)))  # no redraw due: no value read, nothing written
+    assert len(stream.getvalue()) == written

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model, make_regression
@@ -114,7 +115,7 @@ def test_closed_port_warns_once_per_epoch_and_training_completes() -> None:
         history = _fit([monitor], epochs=3)
     messages = _monitor_warnings(record)
     assert len(messages) == 3
-    assert all("could not reach" in m for m in messages)
+    assert all(m.startswith("Could not reach RemoteMonitor root server at ") for m in messages)
     assert history.epoch == [0, 1, 2]
 
 
@@ -129,7 +130,7 @@ def test_slow_server_times_out_with_a_warning() -> None:
         slow.close()
     assert len(slow.requests) == 1
     messages = _monitor_warnings(record)
-    assert len(messages) == 1 and "could not reach" in messages[0]
+    assert len(messages) == 1 and "Could not reach RemoteMonitor root server" in messages[0]
     assert history.epoch == [0]
 
 
@@ -159,3 +160,42 @@ def test_http_error_status_warns() -> None:
 def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises((TypeError, ValueError), match=name):
         RemoteMonitor(**kwargs)
+
+
+class _NumpyLogs(torchcallbacks.Callback):
+    """Puts numpy values (and one value JSON cannot hold) into the epoch logs, as Keras-ported code does."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        assert logs is not None
+        logs.update({
+            "np_float": np.float32(0.5), "np_int": np.int64(7), "np_bool": np.bool_(True),
+            "np_array": np.array([2.5]), "tensor": torch.tensor([1.5]), "matrix": np.zeros((2, 2)),
+        })
+
+
+@pytest.mark.parametrize("send_as_json", [True, False])
+def test_numpy_values_are_sent_as_json_numbers(server: Server, send_as_json: bool) -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = _fit([_NumpyLogs(), RemoteMonitor(root=server.root, send_as_json=send_as_json)], epochs=2)
+    assert history.epoch == [0, 1]
+    assert len(server.requests) == 2
+    for epoch, request in enumerate(server.requests):
+        body = request["body"].decode("ascii")
+        payload = json.loads(body if send_as_json else urllib.parse.parse_qs(body)["data"][0])
+        assert payload["epoch"] == epoch
+        assert payload["np_float"] == 0.5 and payload["np_int"] == 7 and payload["np_bool"] is True
+        assert payload["np_array"] == 2.5 and payload["tensor"] == 1.5
+        assert "matrix" not in payload and isinstance(payload["loss"], float)
+    skipped = [m for m in _monitor_warnings(record) if "matrix" in m]
+    assert len(skipped) == 2 and "ndarray" in skipped[0]
+
+
+def test_a_url_that_http_client_rejects_warns_instead_of_crashing(server: Server) -> None:
+    monitor = RemoteMonitor(root=server.root, path="/épochs")  # not ASCII: http.client raises UnicodeEncodeError
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = _fit([monitor], epochs=1)
+    messages = _monitor_warnings(record)
+    assert len(messages) == 1 and messages[0].startswith("Could not reach RemoteMonitor root server")
+    assert history.epoch == [0]

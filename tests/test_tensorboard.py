@@ -314,3 +314,29 @@ def test_standalone_evaluate_writes_evaluation_vs_iterations(tmp_path: Path) -> 
 def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises((TypeError, ValueError), match=name):
         TensorBoard(**kwargs)
+
+
+@pytest.mark.parametrize("tensorboard_first", [False, True])
+def test_learning_rate_is_the_one_the_epoch_used_with_an_epoch_scheduler(tmp_path: Path, tensorboard_first: bool) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torchcallbacks.LearningRateScheduler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+    board = torchcallbacks.TensorBoard(tmp_path, write_graph=False)
+    history = torchcallbacks.fit(
+        model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=3, verbose=0,
+        callbacks=[board, scheduler] if tensorboard_first else [scheduler, board],
+    )
+    assert history.history["learning_rate"] == [0.1, 0.05, 0.025]
+    assert _scalars(_run(tmp_path / "train"), "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05, 0.025])))
+
+
+def test_learning_rate_of_a_scheduler_stepped_before_tensorboard_without_logging_it(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    stepper = torchcallbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: step_lr.step())
+    torchcallbacks.fit(
+        model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=3, verbose=0,
+        callbacks=[stepper, torchcallbacks.TensorBoard(tmp_path, write_graph=False)],
+    )
+    assert _scalars(_run(tmp_path / "train"), "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05, 0.025])))

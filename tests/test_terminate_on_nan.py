@@ -46,7 +46,7 @@ def test_nan_loss_stops_after_that_batch(capsys: pytest.CaptureFixture[str]) -> 
     batches, history = fit_counting(TerminateOnNaN(), loader_with_bad_batch(2))
     assert batches == [(0, 0), (0, 1), (0, 2)]
     assert len(history.epoch) == 1
-    assert "Batch 2: invalid loss nan, terminating training" in capsys.readouterr().out
+    assert "Batch 2: Invalid loss, terminating training (loss value: nan)" in capsys.readouterr().out
 
 
 def test_infinite_loss_stops_too() -> None:
@@ -69,7 +69,7 @@ def test_raise_error_raises_and_on_train_end_still_runs() -> None:
             ended.append(self.loop.exception)
 
     model = make_model()
-    with pytest.raises(NonFiniteLossError, match="Batch 2: invalid loss nan") as raised:
+    with pytest.raises(NonFiniteLossError, match=r"^NaN or Inf loss encountered at batch 2 \(loss value: nan\)") as raised:
         torchcallbacks.fit(
             model, loader_with_bad_batch(2), optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
             loss=F.mse_loss, epochs=2, verbose=0, callbacks=[callback, RecordEnd()],
@@ -135,3 +135,14 @@ def test_every_process_stops_at_the_same_batch_under_torchrun(mode: str, tmp_pat
     verb = "raised" if mode == "raise" else "stopped"
     lines = [(tmp_path / f"rank_{rank}.txt").read_text() for rank in range(2)]
     assert lines == [f"rank 0 {verb} after batch 2", f"rank 1 {verb} after batch 2"]
+
+
+def test_messages_begin_as_keras(capsys: pytest.CaptureFixture[str]) -> None:
+    fit_counting(TerminateOnNaN(), loader_with_bad_batch(3))
+    assert capsys.readouterr().out.startswith("Batch 3: Invalid loss, terminating training (loss value: nan)")
+    with pytest.raises(NonFiniteLossError, match=r"^NaN or Inf loss encountered at batch 3 \(loss value: nan\)\."):
+        fit_counting(TerminateOnNaN(raise_error=True), loader_with_bad_batch(3))
+    callback = TerminateOnNaN(raise_error=True)
+    callback.set_model(torch.nn.Linear(1, 1))
+    with pytest.raises(NonFiniteLossError, match=r"^NaN or Inf loss encountered at epoch 2 "):
+        callback.on_epoch_end(1, {"loss": float("nan")})

@@ -183,7 +183,7 @@ def test_a_hostile_value_is_refused_naming_file_and_field_and_changes_nothing(tm
 def test_metadata_that_is_not_strict_json_is_refused(tmp_path: Path, text: str) -> None:
     path, tensors, metadata = _backup(tmp_path)
     _rewrite(path, tensors, metadata, text=text)
-    with pytest.raises(tc.CheckpointError, match="not strict JSON"):
+    with pytest.raises(tc.CheckpointError, match=r"the training-state metadata: (NaN is not allowed|duplicate key .format_version.)"):
         read_training_state(path)
 
 

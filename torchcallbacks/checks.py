@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+import tempfile
 
 
 def check_count(value: object, name: str, minimum: int = 0, note: str = "") -> int:
@@ -42,3 +44,118 @@ def check_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, received {type(value).__name__} ({value!r})")
     return float(value)
+
+
+def check_verbose(verbose: object, name: str = "verbose") -> int:
+    """The verbosity as 0, 1 or 2 (`"auto"` is 1, as in Keras), for `fit` and every callback.
+
+    A value of the wrong type (a float, a bool, None) is a TypeError, an int or string that is not
+    one of the accepted values a ValueError; both name the argument.
+
+    Args:
+        verbose: `"auto"`, 0, 1 or 2.
+        name: the argument's name, for the message (e.g. `"EarlyStopping: verbose"`).
+
+    Example:
+
+    ```python
+    self.verbose = check_verbose(verbose, "EarlyStopping: verbose")  # "auto" -> 1
+    ```
+    """
+    if isinstance(verbose, bool) or not isinstance(verbose, (int, str)):
+        raise TypeError(f"{name}: expected 'auto', 0, 1 or 2, received {type(verbose).__name__} ({verbose!r})")
+    if verbose == "auto":
+        return 1
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"{name}: expected 'auto', 0, 1 or 2, received {verbose!r}")
+    return int(verbose)
+
+
+def check_save_freq(save_freq: object, owner: str) -> str | int | bool:
+    """`save_freq` of `ModelCheckpoint` or `BackupAndRestore`: `"epoch"` or an integer >= 1 (batches).
+
+    `BackupAndRestore` also takes `False` (returned as False): no periodic backup, only the one at
+    preemption (SIGTERM), as Keras documents. `True`, 0 and other values are a ValueError whose message
+    begins as Keras' does for that owner ("Unrecognized save_freq" for ModelCheckpoint, "Invalid value
+    for argument `save_freq`" for BackupAndRestore), so code that matches on it keeps working.
+
+    Args:
+        save_freq: the argument as given.
+        owner: `"ModelCheckpoint"` or `"BackupAndRestore"`: picks the accepted values and the message.
+
+    Example:
+
+    ```python
+    self.save_freq = check_save_freq(save_freq, "BackupAndRestore")  # "epoch", an int, or False
+    ```
+    """
+    if owner == "BackupAndRestore" and save_freq is False:
+        return False
+    if save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1):
+        return save_freq
+    expected = "'epoch', an integer >= 1 (batches)" + (" or False (only at preemption)" if owner == "BackupAndRestore" else "")
+    if owner == "BackupAndRestore":
+        raise ValueError(
+            f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
+            f"BackupAndRestore expects {expected}."
+        )
+    raise ValueError(f"Unrecognized save_freq: {save_freq!r}. {owner} expects {expected}.")
+
+
+def check_writable_dir(path: str | os.PathLike[str], name: str) -> str:
+    """`path` as a string once it is a directory this process can write to, created if needed.
+
+    Writability is verified by creating and removing a probe file in it, so a read-only mount, a
+    missing permission or a path that is a file fails here, before training, instead of at the first
+    save. The error is an OSError naming the argument, the path and the reason.
+
+    Args:
+        path: the directory.
+        name: the argument it came from, for the message (e.g. `"ModelCheckpoint: filepath"`).
+
+    Example:
+
+    ```python
+    check_writable_dir("ckpt/run1", "ModelCheckpoint: filepath")
+    ```
+    """
+    directory = os.fspath(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".torchcallbacks-probe-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"{name}: cannot write to the directory {directory!r} ({exc.strerror or exc})"
+        ) from exc
+    return directory
+
+
+def check_writable_dir_everywhere(path: str | os.PathLike[str], name: str) -> None:
+    """`check_writable_dir` on the main process (the one that writes); under `torch.distributed` the
+    others learn of a failure through one all-reduce and raise too, instead of waiting in a later
+    collective that the failed process never reaches.
+
+    Args:
+        path: the directory.
+        name: the argument it came from, for the message.
+
+    Example:
+
+    ```python
+    check_writable_dir_everywhere("backup/", "BackupAndRestore: backup_dir")  # at train begin
+    ```
+    """
+    from torchcallbacks.distributed import any_process, is_main_process
+
+    error: OSError | None = None
+    if is_main_process():
+        try:
+            check_writable_dir(path, name)
+        except OSError as exc:
+            error = exc
+    if any_process(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{name}: the main process cannot write to {os.fspath(path)!r}")

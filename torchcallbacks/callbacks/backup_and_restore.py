@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
-from torchcallbacks.callbacks.model_checkpoint import check_save_freq
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.checks import check_save_freq, check_writable_dir_everywhere
 from torchcallbacks.distributed import any_process, barrier, is_distributed, main_process_only
 
 
@@ -111,10 +111,12 @@ class BackupAndRestore(Callback):
         save_on_sigterm: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
-            raise ValueError(f"BackupAndRestore: backup_dir must be a non-empty path, received {backup_dir!r}")
+        if not backup_dir:
+            raise ValueError(f"Empty `backup_dir` argument passed: BackupAndRestore needs a directory, received {backup_dir!r}")
+        if not isinstance(backup_dir, (str, os.PathLike)):
+            raise TypeError(f"BackupAndRestore: backup_dir must be a path, received {backup_dir!r}")
         self.backup_dir = os.fspath(backup_dir)
-        self.save_freq = save_freq if save_freq is False else check_save_freq(save_freq, "BackupAndRestore")
+        self.save_freq = check_save_freq(save_freq, "BackupAndRestore")
         self.double_checkpoint = bool(double_checkpoint)
         self.delete_checkpoint = bool(delete_checkpoint)
         self.schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else ([] if scheduler is None else [scheduler])
@@ -133,6 +135,7 @@ class BackupAndRestore(Callback):
     # -- the restore phase ---------------------------------------------------------------------------
     def restore(self) -> None:
         self._sigterm = False
+        check_writable_dir_everywhere(self.backup_dir, "BackupAndRestore: backup_dir")  # now, not at the first backup
         for i, scheduler in enumerate(self.schedulers):
             self.loop.track(f"scheduler/{i}", scheduler)
         self.restored = self._restore()

@@ -9,7 +9,7 @@ import torch
 
 from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checks import check_count
+from torchcallbacks.checks import check_count, check_verbose
 from torchcallbacks.distributed import print_main
 
 
@@ -75,7 +75,7 @@ class EarlyStopping(MonitorCallback):
         super().__init__(monitor=monitor, mode=mode, baseline=baseline, min_delta=min_delta)
         self.patience = check_count(patience, "patience")
         self.start_from_epoch = check_count(start_from_epoch, "start_from_epoch")
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose, "EarlyStopping: verbose")
         self.restore_best_weights = bool(restore_best_weights)
         self.best = None
         self.best_epoch = 0

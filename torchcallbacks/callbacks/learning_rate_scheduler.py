@@ -21,7 +21,7 @@ from torchcallbacks.callbacks.learning_rate import (
     target_optimizers,
 )
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checks import check_count
+from torchcallbacks.checks import check_count, check_verbose
 from torchcallbacks.distributed import mean_over_processes, print_main
 
 # torch warns when a scheduler steps before the optimizer has. This callback steps its scheduler only
@@ -128,7 +128,7 @@ class LearningRateScheduler(MonitorCallback):
                 "schedule: expected a function schedule(epoch, lr) -> lr (or schedule(epoch)) or a "
                 f"torch.optim.lr_scheduler.LRScheduler, received {type(schedule).__name__}"
             )
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose, "LearningRateScheduler: verbose")
         self.per_batch = bool(per_batch)
         #: The epoch (global step with `per_batch`) the schedule was last applied at; None before.
         self.last_applied: int | None = None

@@ -12,15 +12,14 @@ from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_weights
 from torchcallbacks.checkpoint.state_file import write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.distributed import barrier, main_process_only, mean_over_processes, print_main
+from torchcallbacks.checks import check_save_freq, check_verbose, check_writable_dir_everywhere
+from torchcallbacks.distributed import (
+    barrier,
+    main_process_only,
+    mean_over_processes,
+    print_main,
+)
 from torchcallbacks.logs import to_floats
-
-
-def check_save_freq(save_freq: Any, owner: str) -> str | int:
-    """`"epoch"` or a positive int (a bool is rejected: Keras takes `False` for 0 and saves every batch)."""
-    if save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1):
-        return save_freq
-    raise ValueError(f"{owner}: save_freq must be 'epoch' or an integer >= 1 (batches), received {save_freq!r}")
 
 
 def _template_fields(filepath: str) -> list[str]:
@@ -55,11 +54,14 @@ class ModelCheckpoint(MonitorCallback):
         filepath: a path ending in `.safetensors`, possibly a template formatted with `epoch` (1-based),
             `batch` (1-based, batch-level saves only) and the logs' values, e.g.
             `"ckpt/model-{epoch:02d}-{val_loss:.3f}.safetensors"`. A bad format spec fails here; a key
-            not in the logs fails at the first save, listing the keys available.
+            not in the logs fails at the first save, listing the keys available. The directory (up to
+            its first template field) is created and checked to be writable at train begin.
         monitor: the logged value that decides "best" (`save_best_only`, `max_to_keep`, `best_path`).
         verbose: 0 silent, 1 prints a message at each save (and each non-improvement).
         save_best_only: only save when `monitor` improves on the best so far. If the value is missing from
-            the logs, warns (once) and saves anyway, as Keras 3 does.
+            the logs: with `mode="auto"` a ValueError naming it and the available keys, except for a `val_`
+            monitor while nothing was validated (batch logs, epochs without validation), which, like
+            any missing value with an explicit `mode`, warns (once) and saves anyway, as Keras 3 does.
         save_weights_only: True saves the weights only; False the whole training state.
         mode: "auto", "min" or "max": how `monitor` improves (see `MonitorCallback`).
         save_freq: "epoch", or an integer: save every that many training batches (counted over the whole
@@ -106,6 +108,7 @@ class ModelCheckpoint(MonitorCallback):
         mode: str = "auto",
         save_freq: str | int = "epoch",
         initial_value_threshold: float | None = None,
+        *,
         max_to_keep: int | None = None,
         async_save: bool = False,
     ) -> None:
@@ -129,7 +132,7 @@ class ModelCheckpoint(MonitorCallback):
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"ModelCheckpoint: max_to_keep must be None or an integer >= 1, received {max_to_keep!r}")
         self.filepath = filepath
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose, "ModelCheckpoint: verbose")
         self.save_best_only = bool(save_best_only)
         self.save_weights_only = bool(save_weights_only)
         self.initial_value_threshold = initial_value_threshold
@@ -157,8 +160,7 @@ class ModelCheckpoint(MonitorCallback):
             return None
         if not isinstance(path, str):
             raise TypeError(f"ModelCheckpoint state {field!r}: expected a path string or None, received {path!r}")
-        fixed = self.filepath.split("{", 1)[0]
-        root = os.path.realpath(os.path.dirname(fixed) or ".")
+        root = os.path.realpath(self._fixed_dir())
         real = os.path.realpath(path)
         if not real.endswith(".safetensors") or os.path.commonpath([root, real]) != root:
             raise ValueError(
@@ -180,6 +182,19 @@ class ModelCheckpoint(MonitorCallback):
         self.best, self.best_path, self.last_path, self._kept = best, best_path, last_path, checked
 
     # -- hooks ------------------------------------------------------------------------------------
+    def on_train_begin(self, logs: Logs | None = None) -> None:
+        super().on_train_begin(logs)
+        check_writable_dir_everywhere(self._fixed_dir(), "ModelCheckpoint: filepath")  # now, not after an epoch
+
+    def _fixed_dir(self) -> str:
+        """The directory part of `filepath` above its first template field ("." when there is none)."""
+        parts = []
+        for part in os.path.dirname(self.filepath).split(os.sep):
+            if "{" in part:
+                break
+            parts.append(part)
+        return os.sep.join(parts) or (os.sep if self.filepath.startswith(os.sep) else ".")
+
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
             # Batch logs are this process's running means; their mean over processes makes "is this

@@ -126,20 +126,36 @@ class MonitorCallback(Callback):
         self._warned_missing = False
 
     def get_monitor_value(self, logs: Logs | None) -> float | None:
-        """The monitored value as a float, or None (with one warning per run listing the available
-        keys) when the logs do not have it."""
+        """The monitored value as a float, or None when the logs do not have it.
+
+        A missing value is an error with `mode="auto"` (as in Keras 3, where such a monitor stops the
+        run): a ValueError naming the monitor and the available keys, raised at the first epoch (or
+        batch) end whose logs lack it, which catches a misspelt name such as `"val_acc"` for
+        `"val_accuracy"`. One case only warns: a `val_` monitor when the logs hold no `val_` value at
+        all, i.e. validation did not run then (no validation data, `validation_freq > 1`, or batch
+        logs). With an explicit `mode`, or in that case, a missing value warns once per run, listing
+        the available keys, and None is returned: the caller skips this epoch.
+        """
         logs = logs or {}
         value = logs.get(self.monitor)
-        if value is None:
-            if not self._warned_missing:
-                self._warned_missing = True
-                warnings.warn(
-                    f"{type(self).__name__}: the monitored value {self.monitor!r} is not in the logs; "
-                    f"available keys: {', '.join(sorted(logs)) or '(none)'}",
-                    stacklevel=3,
-                )
-            return None
-        return to_float(value)
+        if value is not None:
+            return to_float(value)
+        keys = ", ".join(sorted(logs)) or "(none)"
+        validated = any(key.startswith("val_") for key in logs)
+        if self.mode == "auto" and (validated or not self.monitor.startswith("val_")):
+            raise ValueError(
+                f"{type(self).__name__}: the monitored value {self.monitor!r} is not in the logs; available "
+                f"keys: {keys}. Monitor one of them, or pass mode='min' or mode='max' to warn and skip the "
+                "epochs that lack it instead."
+            )
+        if not self._warned_missing:
+            self._warned_missing = True
+            warnings.warn(
+                f"{type(self).__name__}: the monitored value {self.monitor!r} is not in the logs; "
+                f"available keys: {keys}",
+                stacklevel=3,
+            )
+        return None
 
     def identity(self) -> dict[str, str]:
         """`monitor` (and `mode` unless "auto"): two monitors of one class keep separate states."""

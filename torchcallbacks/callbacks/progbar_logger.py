@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -35,12 +36,37 @@ def _format_per_step(seconds: float) -> str:
     return f"{seconds * 1e6:.0f}us/step"
 
 
+def in_notebook_or_ide() -> bool:
+    """Whether standard output is a Jupyter kernel's (or PyCharm's run console), which redraws a line
+    on `\r` though it is not a terminal. Decided as Keras' `Progbar` does: the `ipykernel` module is
+    loaded (IPython kernels import it: Jupyter, JupyterLab, VS Code and Colab notebooks), or
+    `PYCHARM_HOSTED` is set. (Keras also counts any POSIX system; a CI log is not redrawn here.)
+
+    Example:
+
+    ```python
+    if in_notebook_or_ide():
+        print("\rstep 3/10", end="")
+    ```
+    """
+    return "ipykernel" in sys.modules or "PYCHARM_HOSTED" in os.environ
+
+
+def _redraws_in_place(file: TextIO) -> bool:
+    isatty = getattr(file, "isatty", None)
+    if isatty is not None and isatty():
+        return True
+    # The kernel replaces sys.stdout/sys.stderr with its own streams; another file (a log) is not live.
+    return (file is sys.stdout or file is sys.stderr) and in_notebook_or_ide()
+
+
 class Progbar:
     """A Keras-style progress bar: `k/N ━━━━━━──── ETA 3s 12ms/step - loss: 0.1234`.
 
     `update` is cheap: it remembers the latest logs and renders (converting their values to numbers,
     a device sync) only when `interval` seconds have passed, and at `finalize`. On a terminal it
-    redraws one line; elsewhere (a CI log, a file) it writes a new line at most every
+    redraws one line, and so it does in a Jupyter notebook (standard output of an IPython kernel, see
+    `in_notebook_or_ide`); elsewhere (a CI log, a file) it writes a new line at most every
     `interval_no_tty` seconds and one line at the end.
 
     Args:
@@ -65,8 +91,7 @@ class Progbar:
         self.width = width
         self.verbose = verbose
         self.file = file if file is not None else sys.stdout
-        isatty = getattr(self.file, "isatty", None)
-        self.dynamic = bool(isatty and isatty())
+        self.dynamic = _redraws_in_place(self.file)
         self.interval = interval if self.dynamic else interval_no_tty
         self._start = time.monotonic()
         self._last_render = self._start
@@ -151,7 +176,7 @@ class ProgbarLogger(Callback):
 
     stops_in_sync = True  # batch hooks: draws only (see Callback.stops_in_sync)
 
-    def __init__(self, file: TextIO | None = None, interval: float = 0.05, interval_no_tty: float = 10.0) -> None:
+    def __init__(self, *, file: TextIO | None = None, interval: float = 0.05, interval_no_tty: float = 10.0) -> None:
         super().__init__()
         self.file = file
         self.interval = interval

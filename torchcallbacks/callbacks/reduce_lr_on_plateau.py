@@ -16,7 +16,7 @@ from torchcallbacks.callbacks.learning_rate import (
     target_optimizers,
 )
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checks import check_count, check_number
+from torchcallbacks.checks import check_count, check_number, check_verbose
 from torchcallbacks.distributed import print_main
 
 
@@ -79,7 +79,7 @@ class ReduceLROnPlateau(MonitorCallback):
         self.factor = factor
         self.patience = check_count(patience, "patience")
         self.cooldown = check_count(cooldown, "cooldown")
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose, "ReduceLROnPlateau: verbose")
         if isinstance(min_lr, (list, tuple)):
             self.min_lr: float | list[float] = [check_number(v, "min_lr") for v in min_lr]
             bad = [v for v in self.min_lr if v < 0]

@@ -11,15 +11,30 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import torch
+
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.distributed import main_process_only
-from torchcallbacks.logs import to_floats
+
+
+def _json_value(value: Any) -> Any:
+    """`value` as something `json.dumps` writes: one-element tensors and numpy values (scalars and
+    one-element arrays) become Python numbers with `.item()`, as Keras does; other values stay as
+    they are (and may still fail to serialise)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().item()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.item()
+    return value
 
 
 class RemoteMonitor(Callback):
     """Sends the logs of every epoch to a server with an HTTP POST.
 
-    The payload is `{"epoch": epoch, **logs}` (epoch 0-based, values as Python floats). With
+    The payload is `{"epoch": epoch, **logs}` (epoch 0-based). Tensors and numpy values (scalars or
+    one-element arrays) are sent as JSON numbers, with `.item()`, as Keras does; a value that cannot
+    be written as JSON (e.g. a multi-element array) is left out of the payload with a warning. With
     `send_as_json=True` it is the request body, as `application/json`; otherwise it is JSON-encoded
     into the form field `field` of an `application/x-www-form-urlencoded` body (Keras' default).
     Non-finite values are written as Python's `json` module writes them (`NaN`, `Infinity`).
@@ -52,6 +67,7 @@ class RemoteMonitor(Callback):
         field: str = "data",
         headers: Mapping[str, str] | None = None,
         send_as_json: bool = False,
+        *,
         timeout: float = 10.0,
     ) -> None:
         super().__init__()
@@ -87,7 +103,21 @@ class RemoteMonitor(Callback):
     @main_process_only
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         payload: dict[str, Any] = {"epoch": epoch}
-        payload.update(to_floats(logs))
+        skipped = []
+        for key, value in (logs or {}).items():
+            try:
+                value = _json_value(value)
+                json.dumps(value)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                skipped.append(f"{key} ({type(value).__name__})")
+                continue
+            payload[key] = value
+        if skipped:
+            warnings.warn(
+                f"RemoteMonitor: left out of epoch {epoch}'s payload, not a number or JSON value: "
+                f"{', '.join(skipped)}",
+                stacklevel=2,
+            )
         request = self._request(payload)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -98,10 +128,10 @@ class RemoteMonitor(Callback):
                 f"epoch {epoch} was not recorded",
                 stacklevel=2,
             )
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: e.g. InvalidURL
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             warnings.warn(
-                f"RemoteMonitor: could not reach the root server at {self.root} ({reason}); "
+                f"Could not reach RemoteMonitor root server at {self.root} ({reason}); "
                 f"epoch {epoch} was not sent",
                 stacklevel=2,
             )

@@ -65,6 +65,7 @@ class SwapEMAWeights(Callback):
     def __init__(
         self,
         swap_on_epoch: bool = False,
+        *,
         decay: float = 0.999,
         use_buffers: bool = True,
         use_ema_at_end: bool = False,

@@ -106,7 +106,9 @@ class TensorBoard(Callback):
     What is written, under the tags Keras uses so that dashboards look the same:
 
     * `log_dir/train`: `epoch_<name>` for every epoch log (at step = epoch, 0-based), including
-      `epoch_learning_rate` (the optimizer's first param group) and, with `write_steps_per_second`,
+      `epoch_learning_rate` (the first param group's rate during the epoch: the logged
+      `learning_rate` when a callback before this one wrote it, else the rate at the epoch's first
+      batch, so a scheduler stepped at epoch end does not shift it by one epoch) and, with `write_steps_per_second`,
       `epoch_steps_per_second`. With `update_freq` "batch" or n, `batch_<name>` (the running means of
       the epoch so far) every n training batches at the global step (1-based batch count).
     * `log_dir/validation`: the `val_<name>` epoch logs as `epoch_<name>` (no prefix), so TensorBoard
@@ -169,6 +171,7 @@ class TensorBoard(Callback):
         profile_batch: int | str | Sequence[int] = 0,
         embeddings_freq: int = 0,
         embeddings_metadata: MetadataSource | Mapping[str, MetadataSource] | None = None,
+        *,
         write_grads: bool = False,
     ) -> None:
         super().__init__()
@@ -203,6 +206,7 @@ class TensorBoard(Callback):
         self._epoch_start_time = 0.0
         self._epoch_start_step = 0
         self._batch_start_time = 0.0
+        self._epoch_lr: Any = None  # the learning rate when the epoch's first batch began
         self._graph_hook: torch.utils.hooks.RemovableHandle | None = None
         self._graph_input: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._profiler: torch.profiler.profile | None = None
@@ -253,6 +257,7 @@ class TensorBoard(Callback):
 
     @main_process_only
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
+        self._epoch_lr = None
         if self.write_steps_per_second:
             self._epoch_start_step = self.loop.global_step
             self._epoch_start_time = time.perf_counter()
@@ -262,8 +267,15 @@ class TensorBoard(Callback):
         values = to_floats(logs)
         train = {k: v for k, v in values.items() if not k.startswith("val_")}
         validation = {k[len("val_") :]: v for k, v in values.items() if k.startswith("val_")}
-        if self.optimizer is not None and self.optimizer.param_groups:
-            train["learning_rate"] = to_float(self.optimizer.param_groups[0]["lr"])
+        # The rate the epoch trained with: the logged one (what History and CSVLogger record, written
+        # by a learning-rate callback before it steps a scheduler), else the one at the epoch's first
+        # batch. The optimizer's rate now may already be the next epoch's (a scheduler stepped here).
+        if "learning_rate" not in train:
+            lr = self._epoch_lr
+            if lr is None and self.optimizer is not None and self.optimizer.param_groups:
+                lr = self.optimizer.param_groups[0]["lr"]
+            if lr is not None:
+                train["learning_rate"] = to_float(lr)
         if self.write_steps_per_second:
             elapsed = time.perf_counter() - self._epoch_start_time
             train["steps_per_second"] = (self.loop.global_step - self._epoch_start_step) / max(elapsed, 1e-12)
@@ -279,6 +291,9 @@ class TensorBoard(Callback):
 
     @main_process_only
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
+        if self._epoch_lr is None and self.optimizer is not None and self.optimizer.param_groups:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._epoch_lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr  # no sync: a copy
         if self.write_steps_per_second and self.update_freq != "epoch":
             self._batch_start_time = time.perf_counter()
         if self._start_batch:

@@ -44,7 +44,7 @@ class TerminateOnNaN(Callback):
 
     stops_in_sync = True  # batch hooks: decides with any_process (see Callback.stops_in_sync)
 
-    def __init__(self, raise_error: bool = False, check_every: int = 1) -> None:
+    def __init__(self, raise_error: bool = False, *, check_every: int = 1) -> None:
         super().__init__()
         self.raise_error = bool(raise_error)
         self.check_every = check_count(check_every, "check_every", minimum=1)
@@ -55,17 +55,17 @@ class TerminateOnNaN(Callback):
         # Per-batch losses differ between processes: stop everywhere when any process sees one.
         if not any_process(invalid):
             return
-        message = f"{where}: invalid loss {value}, terminating training"
-        if not invalid:
-            message = f"{where}: invalid loss in another process, terminating training"
+        # Keras' phrases first ("NaN or Inf loss encountered at batch N", "Batch N: Invalid loss"),
+        # so code that matches on them keeps working; the loss value or the other process after them.
+        detail = f"loss value: {value}" if invalid else "in another process"
         if self.raise_error:
-            raise NonFiniteLossError(message)
-        print_main(message)
+            raise NonFiniteLossError(f"NaN or Inf loss encountered at {where} ({detail}). Terminating training.")
+        print_main(f"{where[0].upper()}{where[1:]}: Invalid loss, terminating training ({detail})")
         setattr(self.model, "stop_training", True)  # noqa: B010  (the Keras idiom; typed setattr of nn.Module)
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.loop.global_step % self.check_every == 0:
-            self._check((logs or {}).get("loss"), f"Batch {batch}")
+            self._check((logs or {}).get("loss"), f"batch {batch}")
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        self._check((logs or {}).get("loss"), f"Epoch {epoch + 1}")
+        self._check((logs or {}).get("loss"), f"epoch {epoch + 1}")

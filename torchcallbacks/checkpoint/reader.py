@@ -20,6 +20,8 @@ import math
 import os
 from typing import Any
 
+from torchcallbacks.checkpoint.errors import CheckpointError
+
 #: The largest safetensors header (in bytes: 16 MiB) a checkpoint may have. Each tensor takes about
 #: 100 bytes of header, so this holds some 150,000 tensors (a model and its Adam state: 50,000
 #: parameter tensors) plus the training-state document; a weights file of a 100M-parameter model has
@@ -28,13 +30,6 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 #: The header length field: the first 8 bytes of a safetensors file, a little-endian u64.
 HEADER_LENGTH_BYTES = 8
-
-
-def _checkpoint_error(message: str) -> ValueError:
-    # Imported here: files.py imports this module, and CheckpointError is defined there.
-    from torchcallbacks.checkpoint.files import CheckpointError
-
-    return CheckpointError(message)
 
 
 def check_header_size(path: str | os.PathLike[str]) -> int:
@@ -64,20 +59,20 @@ def check_header_size(path: str | os.PathLike[str]) -> int:
         prefix = f.read(HEADER_LENGTH_BYTES)
         file_size = os.fstat(f.fileno()).st_size
     if len(prefix) < HEADER_LENGTH_BYTES:
-        raise _checkpoint_error(
+        raise CheckpointError(
             f"{path!r} is not a readable safetensors file: it has {file_size} bytes, fewer than the "
             f"{HEADER_LENGTH_BYTES} of the header length field"
         )
     header_size = int.from_bytes(prefix, "little")
     if header_size > MAX_HEADER_BYTES:
-        raise _checkpoint_error(
+        raise CheckpointError(
             f"{path!r} is not a readable safetensors file: its header length field says {header_size} bytes, "
             f"more than the limit of {MAX_HEADER_BYTES} bytes (torchcallbacks.checkpoint.reader.MAX_HEADER_BYTES); "
             "a foreign or damaged file, or one with far more tensors than a checkpoint has"
         )
     available = file_size - HEADER_LENGTH_BYTES
     if header_size > available:
-        raise _checkpoint_error(
+        raise CheckpointError(
             f"{path!r} is not a readable safetensors file: truncated header (its header length field says "
             f"{header_size} bytes, only {available} follow)"
         )
@@ -108,27 +103,25 @@ def loads_strict(text: str, where: str) -> Any:
     """
 
     def constant(token: str) -> Any:
-        raise _checkpoint_error(f"{where}: {token} is not allowed (strict JSON has no NaN or Infinity)")
+        raise CheckpointError(f"{where}: {token} is not allowed (strict JSON has no NaN or Infinity)")
 
     def number(token: str) -> float:
         value = float(token)
         if not math.isfinite(value):
-            raise _checkpoint_error(f"{where}: the number {token[:50]} does not fit a float")
+            raise CheckpointError(f"{where}: the number {token[:50]} does not fit a float")
         return value
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for key, value in pairs:
             if key in result:
-                raise _checkpoint_error(f"{where}: duplicate key {key!r} in a JSON object")
+                raise CheckpointError(f"{where}: duplicate key {key!r} in a JSON object")
             result[key] = value
         return result
-
-    from torchcallbacks.checkpoint.files import CheckpointError
 
     try:
         return json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=unique)
     except CheckpointError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:
-        raise _checkpoint_error(f"{where}: not valid JSON: {exc}") from exc
+        raise CheckpointError(f"{where}: not valid JSON: {exc}") from exc

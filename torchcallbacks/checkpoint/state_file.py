@@ -32,6 +32,7 @@ from torchcallbacks.checkpoint.files import (
     _write,
     read_file,
 )
+from torchcallbacks.checkpoint.reader import loads_strict
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.validate import (
     check_counter,
@@ -76,26 +77,6 @@ class TrainingState:
     callbacks: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     library_version: str = ""
-
-
-def _loads_strict(text: str, where: str) -> Any:
-    """json.loads that refuses NaN / Infinity tokens and duplicate keys (the format is strict JSON)."""
-
-    def constant(token: str) -> Any:
-        raise ValueError(f"non-standard JSON token {token}")
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    try:
-        return json.loads(text, parse_constant=constant, object_pairs_hook=unique)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: the training-state metadata is not strict JSON: {exc}") from exc
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -177,7 +158,7 @@ def read_training_state(path: PathLike) -> dict[str, Any]:
             f"{where} is not a torchcallbacks training state "
             f"({'a ' + kind + ' file' if kind else 'no ' + KIND_KEY + ' metadata'}); use load_weights for weights"
         )
-    document = _loads_strict(metadata[STATE_KEY], where)
+    document = loads_strict(metadata[STATE_KEY], f"{where}: the training-state metadata")
     if not isinstance(document, dict):
         raise CheckpointError(f"{where}: the training-state metadata is not a JSON object")
     version = document.get("format_version")

@@ -10,6 +10,9 @@ import torch
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
 
+# check_verbose is re-exported: fit, evaluate and predict import it from here.
+from torchcallbacks.checks import check_verbose as check_verbose
+
 
 def check_model(model: Any, where: str) -> torch.nn.Module:
     """`model` itself when it is a `torch.nn.Module`, else a `TypeError` that names `where`.
@@ -69,25 +72,6 @@ def check_callable(value: Any, name: str) -> Callable[..., Any] | None:
     if value is not None and not callable(value):
         raise TypeError(f"{name}: expected a callable, received {type(value).__name__}")
     return value
-
-
-def check_verbose(verbose: Any) -> int:
-    """The verbosity as 0, 1 or 2 (`"auto"` is 1, as in Keras); anything else is a `ValueError`.
-
-    Args:
-        verbose: `"auto"`, 0, 1 or 2.
-
-    Example:
-
-    ```python
-    check_verbose("auto")  # 1
-    ```
-    """
-    if verbose == "auto":
-        return 1
-    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
-        raise ValueError(f"verbose: expected 'auto', 0, 1 or 2, received {verbose!r}")
-    return int(verbose)
 
 
 def resolve_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:

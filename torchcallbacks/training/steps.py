@@ -31,7 +31,16 @@ def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight
     loss = compute_loss(per_sample, y_pred, y, sample_weight=torch.tensor([1.0, 0.0]))
     ```
     """
-    value = loss_fn(y_pred, y)
+    try:
+        value = loss_fn(y_pred, y)
+    except Exception as exc:
+        if _works_swapped(loss_fn, y_pred, y):
+            raise TypeError(
+                f"loss: loss(y_pred, y) raised {type(exc).__name__} ({exc}), but loss(y, y_pred) works: the "
+                "loss looks written in Keras' order (y_true, y_pred). torchcallbacks calls loss(y_pred, y), "
+                "torch's order (like F.cross_entropy(input, target)): swap the loss's arguments"
+            ) from exc
+        raise
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"loss: expected loss(y_pred, y) to return a tensor, received {type(value).__name__}")
     if sample_weight is None:
@@ -50,6 +59,15 @@ def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight
     while weight.ndim < value.ndim:
         weight = weight.unsqueeze(-1)
     return (value * weight).mean()
+
+
+def _works_swapped(loss_fn: Callable[..., Any], y_pred: Any, y: Any) -> bool:
+    """Whether `loss_fn(y, y_pred)` returns a tensor (tried only after `loss_fn(y_pred, y)` raised)."""
+    try:
+        with torch.no_grad():
+            return isinstance(loss_fn(y, y_pred), torch.Tensor)
+    except Exception:
+        return False
 
 
 def _as_values(result: Any, where: str) -> Mapping[str, Any]:
