@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import itertools
 
@@ -194,6 +196,45 @@ def test_batches_with_tuple_and_dict_inputs_and_sample_weights() -> None:
     assert h3.history["loss"][0] == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="sample_weight.*one value per sample"):
         tc.fit(model, weighted, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=F.mse_loss, verbose=0)
+
+
+Target = collections.namedtuple("Target", "value weight")
+
+
+@dataclasses.dataclass
+class Features:
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+def test_a_namedtuple_target_and_a_dataclass_input_keep_their_types_through_fit() -> None:
+    """The batch reaches the model and the loss with its types: the model reads the dataclass's
+    fields, the loss the namedtuple's."""
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(3, 1)
+            self.b = torch.nn.Linear(2, 1)
+
+        def forward(self, features: Features) -> torch.Tensor:
+            return self.a(features.left) + self.b(features.right)
+
+    def weighted_mse(y_pred: torch.Tensor, y: Target) -> torch.Tensor:
+        return ((y_pred - y.value) ** 2 * y.weight).mean()
+
+    left, right, value = torch.randn(12, 3), torch.randn(12, 2), torch.randn(12, 1)
+    weight = torch.rand(12, 1)
+    model = Model()
+    batches = [(Features(left[i:i + 4], right[i:i + 4]), Target(value[i:i + 4], weight[i:i + 4]))
+               for i in range(0, 12, 4)]
+    history = tc.fit(model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=weighted_mse,
+                     validation_data=batches, device="cpu", verbose=0)
+    with torch.no_grad():
+        expected = weighted_mse(model(Features(left, right)), Target(value, weight)).item()  # equal batches
+    assert history.history["loss"] == pytest.approx([expected], rel=1e-6)
+    assert history.history["val_loss"] == pytest.approx([expected], rel=1e-6)
+    assert tc.evaluate(model, batches, loss=weighted_mse, verbose=0) == pytest.approx(expected, rel=1e-6)
 
 
 def test_train_and_eval_modes_and_no_grad_in_validation() -> None:
