@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, make_regression
+from conftest import make_model, make_regression, off_device
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -402,9 +402,25 @@ def test_on_train_end_runs_when_a_callback_raises_and_knows_the_exception() -> N
 
 
 def test_device_argument_moves_model_and_batches() -> None:
-    model = make_model()
-    history = tc.fit(model, make_regression(), optimizer=_sgd(model), loss=F.mse_loss, device="cpu", verbose=0)
-    assert len(history.history["loss"]) == 1
+    """Observed on the CPU: every batch tensor reports another device until `.to(device)` is called
+    on it (computing with it before that raises), and the model records the devices it is moved to."""
+    model_moves = []
+
+    class Recorded(torch.nn.Sequential):
+        def to(self, *args, **kwargs):
+            model_moves.append(torch.device(kwargs.get("device", args[0] if args else "cpu")))
+            return super().to(*args, **kwargs)
+
+    model = Recorded(*make_model())
+    batch_moves: list[torch.device | None] = []
+    train = [(off_device(x, batch_moves), off_device(y, batch_moves)) for x, y in make_regression(n=32, batch_size=8)]
+    valid = [(off_device(x, batch_moves), off_device(y, batch_moves)) for x, y in make_regression(n=16, batch_size=8)]
+    history = tc.fit(model, train, optimizer=_sgd(model), loss=F.mse_loss, epochs=2, validation_data=valid,
+                     device="cpu", verbose=0)
+    assert len(history.history["loss"]) == 2 and len(history.history["val_loss"]) == 2
+    assert model_moves == [torch.device("cpu")]
+    # x and y of 4 training and 2 validation batches, in each of the 2 epochs
+    assert batch_moves == [torch.device("cpu")] * (2 * (4 + 2) * 2)
     assert next(model.parameters()).device.type == "cpu"
 
 
