@@ -131,10 +131,21 @@ def test_validation_freq_int_and_list() -> None:
 
 def test_initial_epoch_and_steps() -> None:
     model = make_model()
+    optimizer = _sgd(model)
+    optimizer_steps = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: optimizer_steps.append(1))
     trace = Trace()
-    history = tc.fit(model, make_regression(), optimizer=_sgd(model), loss=F.mse_loss, epochs=4, initial_epoch=2,
-                     callbacks=[trace], verbose=0)
+    history = tc.fit(model, make_regression(n=64, batch_size=16), optimizer=optimizer, loss=F.mse_loss, epochs=4,
+                     initial_epoch=2, callbacks=[trace], verbose=0)
     assert history.epoch == [2, 3]
+    batches = [f"on_train_batch_{when} {i}" for i in range(4) for when in ("begin", "end")]
+    assert trace.calls == ["on_train_begin",
+                           "on_epoch_begin 2", *batches, "on_epoch_end 2",
+                           "on_epoch_begin 3", *batches, "on_epoch_end 3",
+                           "on_train_end"]
+    assert trace.params_seen[0]["steps"] == 4 and trace.params_seen[0]["epochs"] == 4
+    assert len(optimizer_steps) == 8  # 4 batches in each of the 2 epochs run, none for epochs 0 and 1
+    assert trace.loop.global_step == 8  # training batches completed since this fit started
 
 
 def test_endless_iterable_with_steps_per_epoch_and_validation_steps() -> None:
@@ -151,12 +162,29 @@ def test_endless_iterable_with_steps_per_epoch_and_validation_steps() -> None:
 
 
 def test_steps_per_epoch_carries_the_iterator_over_epochs_and_restarts_passes() -> None:
-    seen = []
-    model = make_model()
-    loader = make_regression(n=40, batch_size=8)  # 5 batches per pass
-    tc.fit(model, loader, optimizer=_sgd(model), loss=F.mse_loss, epochs=3, steps_per_epoch=3, verbose=0,
-           callbacks=[tc.LambdaCallback(on_train_batch_begin=lambda b, logs: seen.append(b))])
-    assert seen == [0, 1, 2] * 3
+    class Numbered:
+        """5 batches per pass, batch i filled with i; counts the passes started (iter() calls)."""
+
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([(torch.full((2, 4), float(i)), torch.zeros(2, 1)) for i in range(5)])
+
+    class Recording(torch.nn.Sequential):
+        def forward(self, x):
+            trained.append(int(x[0, 0]))
+            return super().forward(x)
+
+    indices, trained = [], []
+    model = Recording(*make_model())
+    data = Numbered()
+    tc.fit(model, data, optimizer=_sgd(model), loss=F.mse_loss, epochs=3, steps_per_epoch=3, verbose=0,
+           callbacks=[tc.LambdaCallback(on_train_batch_begin=lambda b, logs: indices.append(b))])
+    assert indices == [0, 1, 2] * 3
+    assert trained == [0, 1, 2, 3, 4, 0, 1, 2, 3]  # epoch 1 goes on where epoch 0 stopped
+    assert data.passes == 2  # a new pass only when one ends, not every epoch
 
 
 def test_a_generator_that_runs_dry_stops_training_with_a_warning() -> None:
