@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+SEED_VARIABLE = "TORCHCALLBACKS_TEST_SEED"
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def choose_seed(environ: Mapping[str, str] = os.environ) -> int:
+    """The seed of a randomised test: `TORCHCALLBACKS_TEST_SEED` when it is set, else a fresh one."""
+    given = environ.get(SEED_VARIABLE, "").strip()
+    return int(given) if given else random.SystemRandom().randrange(2**32)
+
+
+@pytest.fixture
+def test_seed(request: pytest.FixtureRequest) -> int:
+    """`choose_seed()`, printed: pytest shows it with a failing test's captured output, and
+    `TORCHCALLBACKS_TEST_SEED=<seed> python -m pytest tests -k <test>` replays that draw. Every
+    randomised test takes its seed (and its `random.Random`) from here."""
+    seed = choose_seed()
+    print(f"{request.node.nodeid}: {SEED_VARIABLE}={seed}")
+    return seed
 
 
 class OffDeviceTensor(torch.Tensor):
