@@ -78,6 +78,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- across processes --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_weights(tmp_path: Path, baseline: Path, test_seed: int) -> None:
     seed = test_seed
     rng = random.Random(seed)
@@ -105,6 +106,7 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path: Path, baseline: Pa
     assert not (tmp_path / "backup" / "latest.safetensors").exists()  # deleted after the normal finish
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_mid_epoch_backup_and_exits(tmp_path: Path, baseline: Path) -> None:
     # save_freq="epoch": the mid-epoch backup can only come from the SIGTERM handling.
     code = _run_until(_start(tmp_path, "epoch"), 11, signal.SIGTERM, 0.0)

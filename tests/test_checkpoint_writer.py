@@ -51,6 +51,7 @@ def _kill_during_saves(path: Path, rng: random.Random, kills: int) -> list[int]:
     return last
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path, test_seed: int) -> None:
     seed = test_seed
     results: dict[int, Any] = {}
