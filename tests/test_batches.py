@@ -70,6 +70,8 @@ def test_batch_size_is_the_length_of_the_first_tensor_in_walk_order() -> None:
     assert batch_size(("ids come first", None, [torch.zeros(9, 1)])) == 9  # non-tensor leaves are skipped
     assert batch_size({"meta": {"lengths": [3, 4]}, "x": torch.zeros(2, 4)}) == 2
     assert batch_size(("no tensors", 3)) == 1
+    assert batch_size((torch.zeros(3, 2), torch.zeros(5))) == 3  # a multi-input x
+    assert batch_size([torch.tensor(1.0), torch.zeros(5)]) == 1
 
 
 def test_an_off_device_tensor_cannot_be_computed_with_before_it_is_moved() -> None:

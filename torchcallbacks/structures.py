@@ -122,12 +122,15 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     # Plain tuples, lists and dicts (what batches mostly are) are walked without `node`'s
     # bookkeeping; the result is the one `node` would rebuild.
     cls = type(value)
+    tensor = torch.Tensor
     if cls is tuple:
-        return tuple([map_tensors(fn, child) for child in value])
+        return tuple([fn(child) if isinstance(child, tensor) else map_tensors(fn, child) for child in value])
     if cls is list:
-        return [map_tensors(fn, child) for child in value]
+        return [fn(child) if isinstance(child, tensor) else map_tensors(fn, child) for child in value]
     if cls is dict:
-        return {key: map_tensors(fn, child) for key, child in value.items()}
+        return {
+            key: fn(child) if isinstance(child, tensor) else map_tensors(fn, child) for key, child in value.items()
+        }
     spec = node(value)
     if spec is None:
         return value
@@ -161,7 +164,7 @@ def first_tensor(value: Any) -> torch.Tensor | None:
             return None
         children = spec[1]
     for child in children:
-        found = first_tensor(child)
+        found = child if isinstance(child, torch.Tensor) else first_tensor(child)
         if found is not None:
             return found
     return None

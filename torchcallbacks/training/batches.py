@@ -101,25 +101,15 @@ def to_device(value: Any, device: torch.device) -> Any:
     """
     if isinstance(value, torch.Tensor):  # what the default step moves: x, y, sample_weight
         return value if value.device == device else value.to(device, non_blocking=device.type != "cpu")
-    # Fast paths, with the walker's result, for a plain tuple, list or dict of tensors (multi-input
-    # models); anything else, or anything nested, goes through the walker.
+    # Plain tuples, lists and dicts (most batches) are walked here, with the walker's result and at
+    # the cost of one call per element; every other container goes through the walker.
     cls = type(value)
-    if cls is tuple or cls is list:
-        items = []
-        for item in value:
-            if not isinstance(item, torch.Tensor):
-                break
-            items.append(_move(item, device))
-        else:
-            return items if cls is list else tuple(items)
-    elif cls is dict:
-        entries = {}
-        for key, item in value.items():
-            if not isinstance(item, torch.Tensor):
-                break
-            entries[key] = _move(item, device)
-        else:
-            return entries
+    if cls is tuple:
+        return tuple([to_device(item, device) for item in value])
+    if cls is list:
+        return [to_device(item, device) for item in value]
+    if cls is dict:
+        return {key: to_device(item, device) for key, item in value.items()}
     return map_tensors(lambda tensor: _move(tensor, device), value)
 
 
@@ -136,7 +126,13 @@ def batch_size(value: Any) -> int:
     batch_size({"tokens": torch.zeros(16, 128), "mask": torch.ones(16, 128)})  # 16
     ```
     """
-    first = first_tensor(value)
+    if isinstance(value, torch.Tensor):  # the default step's x, every batch
+        return value.shape[0] if value.ndim else 1
+    cls = type(value)
+    if (cls is tuple or cls is list) and value and isinstance(value[0], torch.Tensor):  # multi-input x
+        first: torch.Tensor | None = value[0]
+    else:
+        first = first_tensor(value)
     if first is None or first.ndim == 0:
         return 1
     return first.shape[0]
