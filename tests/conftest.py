@@ -26,7 +26,7 @@ def choose_seed(environ: Mapping[str, str] = os.environ) -> int:
 
 
 @pytest.fixture
-def test_seed(request: pytest.FixtureRequest) -> int:
+def random_seed(request: pytest.FixtureRequest) -> int:
     """`choose_seed()`, printed: pytest shows it with a failing test's captured output, and
     `TORCHCALLBACKS_TEST_SEED=<seed> python -m pytest tests -k <test>` replays that draw. Every
     randomised test takes its seed (and its `random.Random`) from here."""

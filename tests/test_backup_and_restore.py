@@ -79,8 +79,8 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- across processes --------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_identical_weights(tmp_path: Path, baseline: Path, test_seed: int) -> None:
-    seed = test_seed
+def test_sigkilled_run_resumes_to_identical_weights(tmp_path: Path, baseline: Path, random_seed: int) -> None:
+    seed = random_seed
     rng = random.Random(seed)
     # Kills land at least two epochs before the end: a run that reaches its end deletes its backup
     # (delete_checkpoint) and could be killed between that and its exit.

@@ -52,8 +52,8 @@ def _kill_during_saves(path: Path, rng: random.Random, kills: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path, test_seed: int) -> None:
-    seed = test_seed
+def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path, random_seed: int) -> None:
+    seed = random_seed
     results: dict[int, Any] = {}
 
     def worker(i: int) -> None:

@@ -19,15 +19,15 @@ def test_the_environment_variable_overrides_the_seed() -> None:
     assert len({choose_seed({SEED_VARIABLE: ""}) for _ in range(8)}) > 1  # set but empty: as unset
 
 
-def test_the_fixture_prints_the_seed_it_returns(capsys: pytest.CaptureFixture[str], test_seed: int) -> None:
+def test_the_fixture_prints_the_seed_it_returns(capsys: pytest.CaptureFixture[str], random_seed: int) -> None:
     printed = capsys.readouterr().out
-    assert f"{SEED_VARIABLE}={test_seed}" in printed and "test_the_fixture_prints_the_seed_it_returns" in printed
+    assert f"{SEED_VARIABLE}={random_seed}" in printed and "test_the_fixture_prints_the_seed_it_returns" in printed
 
 
 def test_the_fixture_takes_the_seed_from_the_environment(monkeypatch: pytest.MonkeyPatch,
                                                          request: pytest.FixtureRequest) -> None:
     monkeypatch.setenv(SEED_VARIABLE, "99")
-    assert request.getfixturevalue("test_seed") == 99
+    assert request.getfixturevalue("random_seed") == 99
 
 
 def test_no_test_draws_a_seed_of_its_own() -> None:
