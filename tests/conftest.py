@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchcallbacks import Callback
+
+SEED_VARIABLE = "TORCHCALLBACKS_TEST_SEED"
 
 
 class Crash(Callback):
@@ -28,6 +32,55 @@ class Crash(Callback):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def choose_seed(environ: Mapping[str, str] = os.environ) -> int:
+    """The seed of a randomised test: `TORCHCALLBACKS_TEST_SEED` when it is set, else a fresh one."""
+    given = environ.get(SEED_VARIABLE, "").strip()
+    return int(given) if given else random.SystemRandom().randrange(2**32)
+
+
+@pytest.fixture
+def random_seed(request: pytest.FixtureRequest) -> int:
+    """`choose_seed()`, printed: pytest shows it with a failing test's captured output, and
+    `TORCHCALLBACKS_TEST_SEED=<seed> python -m pytest tests -k <test>` replays that draw. Every
+    randomised test takes its seed (and its `random.Random`) from here."""
+    seed = choose_seed()
+    print(f"{request.node.nodeid}: {SEED_VARIABLE}={seed}")
+    return seed
+
+
+class OffDeviceTensor(torch.Tensor):
+    """A stand-in for a tensor on another device, observable on a CPU-only machine: it reports
+    `device` as `meta`, its metadata (shape, dtype, ...) reads as usual, `.to(device)` records the
+    device in the list given to `off_device` and returns a plain tensor, and any other operation
+    (a model's forward, a loss) raises, as computing with a tensor on the wrong device would."""
+
+    _METADATA = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "element_size", "__repr__"})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return torch.device("meta")
+        name = getattr(func, "__name__", "")
+        with torch._C.DisableTorchFunctionSubclass():
+            if name == "__get__" or name in cls._METADATA:
+                return func(*args, **kwargs)
+            if name == "to":
+                tensor, rest = args[0], args[1:]
+                device = kwargs.get("device", rest[0] if rest else None)
+                tensor.moves.append(torch.device(device) if device is not None else None)
+                plain = tensor.as_subclass(torch.Tensor)
+                return plain.to(*rest, **kwargs)
+        raise RuntimeError(f"{name or func} on a tensor that was never moved to the device")
+
+
+def off_device(tensor: torch.Tensor, moves: list[Any]) -> OffDeviceTensor:
+    """`tensor` as an `OffDeviceTensor` whose `.to(device)` calls append the device to `moves`."""
+    result = tensor.as_subclass(OffDeviceTensor)
+    result.moves = moves  # type: ignore[attr-defined]
+    return result
 
 
 def make_regression(n: int = 64, features: int = 4, batch_size: int = 16, shuffle: bool = False) -> DataLoader:

@@ -7,6 +7,7 @@ import torch
 from conftest import make_model, make_regression, run_epochs
 
 from torchcallbacks import Callback, CallbackList, EarlyStopping, History, LambdaCallback, ProgbarLogger
+from torchcallbacks.callbacks.callback import HOOK_ALIASES, HOOKS
 
 
 class Recorder(Callback):
@@ -49,14 +50,31 @@ def test_non_callbacks_are_rejected_with_their_type() -> None:
         CallbackList().append("early_stopping")  # type: ignore[arg-type]
 
 
-def test_hooks_nobody_overrides_are_skipped_at_dispatch() -> None:
+def test_hooks_nobody_overrides_are_skipped_at_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dispatching calls a callback's hook only where it does something: an override, an instance
+    attribute (LambdaCallback), or an override of the Keras alias (`on_batch_end` for
+    `on_train_batch_end`). The base class's no-op hooks are replaced by ones that record being
+    reached; only the alias path may reach one."""
+    lambda_calls = []
     recorder = Recorder()
-    lam = LambdaCallback(on_batch_end=lambda batch, logs: None)
-    callbacks = CallbackList([recorder, lam, Callback()])
-    assert callbacks._dispatch["on_epoch_end"] == [recorder.on_epoch_end]
-    assert callbacks._dispatch["on_train_batch_end"] == [lam.on_train_batch_end]
-    assert callbacks._dispatch["on_train_batch_begin"] == []
-    assert callbacks._dispatch["on_test_batch_end"] == []
+    lam = LambdaCallback(on_batch_end=lambda batch, logs: lambda_calls.append(batch))
+    plain = Callback()
+    reached = []
+    for hook in (*HOOKS, *HOOK_ALIASES.values()):
+        original = getattr(Callback, hook)
+
+        def recording(self, *args, _hook=hook, _original=original, **kwargs):
+            reached.append((type(self).__name__, _hook))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Callback, hook, recording)
+    callbacks = CallbackList([recorder, lam, plain])
+    for hook in HOOKS:
+        index = (0,) if "batch" in hook or "epoch" in hook else ()
+        getattr(callbacks, hook)(*index, {"loss": 1.0})
+    assert recorder.calls == ["epoch_end 0"]
+    assert lambda_calls == [0]
+    assert reached == [("LambdaCallback", "on_train_batch_end")]  # the base hook that calls the alias
 
 
 def test_stop_training_through_the_model_or_the_list() -> None:

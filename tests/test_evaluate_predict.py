@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -64,6 +65,49 @@ def test_predict_concatenates_and_keeps_structure() -> None:
     assert torch.equal(out["sum"], x.sum(1))
     assert isinstance(out["pair"], Pair) and torch.equal(out["pair"].double, x * 2)
     assert isinstance(out["list"], list) and torch.equal(out["list"][0], x)
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    extras: dict
+    label: str = "out"
+
+
+def test_predict_keeps_namedtuple_dict_dataclass_and_torch_return_types_outputs() -> None:
+    Pair = collections.namedtuple("Pair", "double half")
+    x = torch.randn(40, 4)
+    batches = [x[:16], x[16:32], x[32:]]
+    cases = {
+        "namedtuple": (lambda t: Pair(t * 2, t / 2), lambda out: (out.double, out.half)),
+        "ordered dict": (lambda t: collections.OrderedDict(b=t * 2, a=t / 2), lambda out: (out["b"], out["a"])),
+        "dataclass": (lambda t: Output(t * 2, {"half": t / 2}), lambda out: (out.logits, out.extras["half"])),
+        "return_types": (lambda t: torch.max(t, dim=1), lambda out: (out.values, out.indices)),
+    }
+    for name, (make, fields) in cases.items():
+
+        class Model(torch.nn.Module):
+            def forward(self, t, make=make):
+                return make(t)
+
+        out = tc.predict(Model(), batches, verbose=0)
+        expected = make(x)
+        assert type(out) is type(expected), name
+        for got, want in zip(fields(out), fields(expected), strict=True):
+            assert torch.equal(got, want), name
+    out = tc.predict(Model(), batches, verbose=0, predict_step=lambda t: Output(t.sum(1), {"n": t.shape[0]}))
+    assert type(out) is Output and torch.equal(out.logits, x.sum(1))
+    assert out.extras == {"n": [16, 16, 8]} and out.label == ["out"] * 3  # non-tensor leaves: one per batch
+
+
+def test_predict_outputs_of_different_structures_raise_naming_where() -> None:
+    class Changing(torch.nn.Module):
+        def forward(self, t):
+            return {"a": t, "b": t} if t.shape[0] == 16 else {"a": t, "b": [t]}
+
+    x = torch.randn(24, 4)
+    with pytest.raises(ValueError, match=r"at \['b'\]: element 1 is list"):
+        tc.predict(Changing(), [x[:16], x[16:]], verbose=0)
 
 
 def test_predict_hooks_outputs_steps_and_stop_predicting() -> None:

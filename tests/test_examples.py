@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every example runs in a subprocess
 
 
 def _load_example(name: str):

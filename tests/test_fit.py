@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, make_regression
+from conftest import make_model, make_regression, off_device
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -131,10 +133,21 @@ def test_validation_freq_int_and_list() -> None:
 
 def test_initial_epoch_and_steps() -> None:
     model = make_model()
+    optimizer = _sgd(model)
+    optimizer_steps = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: optimizer_steps.append(1))
     trace = Trace()
-    history = tc.fit(model, make_regression(), optimizer=_sgd(model), loss=F.mse_loss, epochs=4, initial_epoch=2,
-                     callbacks=[trace], verbose=0)
+    history = tc.fit(model, make_regression(n=64, batch_size=16), optimizer=optimizer, loss=F.mse_loss, epochs=4,
+                     initial_epoch=2, callbacks=[trace], verbose=0)
     assert history.epoch == [2, 3]
+    batches = [f"on_train_batch_{when} {i}" for i in range(4) for when in ("begin", "end")]
+    assert trace.calls == ["on_train_begin",
+                           "on_epoch_begin 2", *batches, "on_epoch_end 2",
+                           "on_epoch_begin 3", *batches, "on_epoch_end 3",
+                           "on_train_end"]
+    assert trace.params_seen[0]["steps"] == 4 and trace.params_seen[0]["epochs"] == 4
+    assert len(optimizer_steps) == 8  # 4 batches in each of the 2 epochs run, none for epochs 0 and 1
+    assert trace.loop.global_step == 8  # training batches completed since this fit started
 
 
 def test_endless_iterable_with_steps_per_epoch_and_validation_steps() -> None:
@@ -151,12 +164,29 @@ def test_endless_iterable_with_steps_per_epoch_and_validation_steps() -> None:
 
 
 def test_steps_per_epoch_carries_the_iterator_over_epochs_and_restarts_passes() -> None:
-    seen = []
-    model = make_model()
-    loader = make_regression(n=40, batch_size=8)  # 5 batches per pass
-    tc.fit(model, loader, optimizer=_sgd(model), loss=F.mse_loss, epochs=3, steps_per_epoch=3, verbose=0,
-           callbacks=[tc.LambdaCallback(on_train_batch_begin=lambda b, logs: seen.append(b))])
-    assert seen == [0, 1, 2] * 3
+    class Numbered:
+        """5 batches per pass, batch i filled with i; counts the passes started (iter() calls)."""
+
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([(torch.full((2, 4), float(i)), torch.zeros(2, 1)) for i in range(5)])
+
+    class Recording(torch.nn.Sequential):
+        def forward(self, x):
+            trained.append(int(x[0, 0]))
+            return super().forward(x)
+
+    indices, trained = [], []
+    model = Recording(*make_model())
+    data = Numbered()
+    tc.fit(model, data, optimizer=_sgd(model), loss=F.mse_loss, epochs=3, steps_per_epoch=3, verbose=0,
+           callbacks=[tc.LambdaCallback(on_train_batch_begin=lambda b, logs: indices.append(b))])
+    assert indices == [0, 1, 2] * 3
+    assert trained == [0, 1, 2, 3, 4, 0, 1, 2, 3]  # epoch 1 goes on where epoch 0 stopped
+    assert data.passes == 2  # a new pass only when one ends, not every epoch
 
 
 def test_a_generator_that_runs_dry_stops_training_with_a_warning() -> None:
@@ -196,6 +226,45 @@ def test_batches_with_tuple_and_dict_inputs_and_sample_weights() -> None:
     assert h3.history["loss"][0] == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="sample_weight.*one value per sample"):
         tc.fit(model, weighted, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=F.mse_loss, verbose=0)
+
+
+Target = collections.namedtuple("Target", "value weight")
+
+
+@dataclasses.dataclass
+class Features:
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+def test_a_namedtuple_target_and_a_dataclass_input_keep_their_types_through_fit() -> None:
+    """The batch reaches the model and the loss with its types: the model reads the dataclass's
+    fields, the loss the namedtuple's."""
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(3, 1)
+            self.b = torch.nn.Linear(2, 1)
+
+        def forward(self, features: Features) -> torch.Tensor:
+            return self.a(features.left) + self.b(features.right)
+
+    def weighted_mse(y_pred: torch.Tensor, y: Target) -> torch.Tensor:
+        return ((y_pred - y.value) ** 2 * y.weight).mean()
+
+    left, right, value = torch.randn(12, 3), torch.randn(12, 2), torch.randn(12, 1)
+    weight = torch.rand(12, 1)
+    model = Model()
+    batches = [(Features(left[i:i + 4], right[i:i + 4]), Target(value[i:i + 4], weight[i:i + 4]))
+               for i in range(0, 12, 4)]
+    history = tc.fit(model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=weighted_mse,
+                     validation_data=batches, device="cpu", verbose=0)
+    with torch.no_grad():
+        expected = weighted_mse(model(Features(left, right)), Target(value, weight)).item()  # equal batches
+    assert history.history["loss"] == pytest.approx([expected], rel=1e-6)
+    assert history.history["val_loss"] == pytest.approx([expected], rel=1e-6)
+    assert tc.evaluate(model, batches, loss=weighted_mse, verbose=0) == pytest.approx(expected, rel=1e-6)
 
 
 def test_train_and_eval_modes_and_no_grad_in_validation() -> None:
@@ -363,9 +432,25 @@ def test_on_train_end_runs_when_a_callback_raises_and_knows_the_exception() -> N
 
 
 def test_device_argument_moves_model_and_batches() -> None:
-    model = make_model()
-    history = tc.fit(model, make_regression(), optimizer=_sgd(model), loss=F.mse_loss, device="cpu", verbose=0)
-    assert len(history.history["loss"]) == 1
+    """Observed on the CPU: every batch tensor reports another device until `.to(device)` is called
+    on it (computing with it before that raises), and the model records the devices it is moved to."""
+    model_moves = []
+
+    class Recorded(torch.nn.Sequential):
+        def to(self, *args, **kwargs):
+            model_moves.append(torch.device(kwargs.get("device", args[0] if args else "cpu")))
+            return super().to(*args, **kwargs)
+
+    model = Recorded(*make_model())
+    batch_moves: list[torch.device | None] = []
+    train = [(off_device(x, batch_moves), off_device(y, batch_moves)) for x, y in make_regression(n=32, batch_size=8)]
+    valid = [(off_device(x, batch_moves), off_device(y, batch_moves)) for x, y in make_regression(n=16, batch_size=8)]
+    history = tc.fit(model, train, optimizer=_sgd(model), loss=F.mse_loss, epochs=2, validation_data=valid,
+                     device="cpu", verbose=0)
+    assert len(history.history["loss"]) == 2 and len(history.history["val_loss"]) == 2
+    assert model_moves == [torch.device("cpu")]
+    # x and y of 4 training and 2 validation batches, in each of the 2 epochs
+    assert batch_moves == [torch.device("cpu")] * (2 * (4 + 2) * 2)
     assert next(model.parameters()).device.type == "cpu"
 
 

@@ -123,6 +123,7 @@ def test_check_every_must_be_positive() -> None:
         TerminateOnNaN(check_every=1.5)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stop", "raise"])
 def test_every_process_stops_at_the_same_batch_under_torchrun(mode: str, tmp_path: Path) -> None:
     worker = Path(__file__).parent / "distributed" / "terminate_on_nan_worker.py"

@@ -29,6 +29,7 @@ import torchcallbacks as tc
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 TIMEOUT = 90
+pytestmark = pytest.mark.slow  # every test here launches torchrun
 
 
 def _command(worker: str, *args: str) -> list[str]:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from torchcallbacks.structures import first_tensor, map_tensors
+
 
 def describe(value: Any) -> str:
     """A short description of a (nested) batch for error messages, e.g.
@@ -74,14 +76,21 @@ def unpack_x(batch: Any) -> Any:
     return batch
 
 
+def _move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor if tensor.device == device else tensor.to(device, non_blocking=device.type != "cpu")
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to `device`; tensors already there are returned as they are.
 
-    Copies to an accelerator are asynchronous (`non_blocking`, ordered on its stream); copies to the
-    CPU are not, since the CPU would read the tensor before an asynchronous copy finished.
+    The batch is walked by `torchcallbacks.structures`' rules: tuples, lists, mappings and
+    dataclasses come back with their own types (a namedtuple target stays that namedtuple, with its
+    fields), other values are kept as they are. Copies to an accelerator are asynchronous
+    (`non_blocking`, ordered on its stream); copies to the CPU are not, since the CPU would read the
+    tensor before an asynchronous copy finished.
 
     Args:
-        value: a tensor, or tuples, lists and dicts of them (other values are kept as they are).
+        value: a tensor, or a structure of them: tuples (namedtuples too), lists, mappings, dataclasses.
         device: where the tensors go.
 
     Example:
@@ -90,21 +99,23 @@ def to_device(value: Any, device: torch.device) -> Any:
     x, y = to_device((x, y), torch.device("cuda"))
     ```
     """
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # what the default step moves: x, y, sample_weight
         return value if value.device == device else value.to(device, non_blocking=device.type != "cpu")
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+    # Plain tuples, lists and dicts (most batches) are walked here, with the walker's result and at
+    # the cost of one call per element; every other container goes through the walker.
+    cls = type(value)
+    if cls is tuple:
+        return tuple([to_device(item, device) for item in value])
+    if cls is list:
+        return [to_device(item, device) for item in value]
+    if cls is dict:
+        return {key: to_device(item, device) for key, item in value.items()}
+    return map_tensors(lambda tensor: _move(tensor, device), value)
 
 
 def batch_size(value: Any) -> int:
-    """The length of the first tensor found in a (nested) batch, 1 when there is none.
-
-    A 0-d tensor counts as 1.
+    """The length of the first tensor in a (nested) batch, in `torchcallbacks.structures`' walk
+    order; 1 when there is none. A 0-d tensor counts as 1.
 
     Args:
         value: a batch, or any part of one.
@@ -115,17 +126,16 @@ def batch_size(value: Any) -> int:
     batch_size({"tokens": torch.zeros(16, 128), "mask": torch.ones(16, 128)})  # 16
     ```
     """
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # the default step's x, every batch
         return value.shape[0] if value.ndim else 1
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            size = batch_size(item)
-            if size:
-                return size
+    cls = type(value)
+    if (cls is tuple or cls is list) and value and isinstance(value[0], torch.Tensor):  # multi-input x
+        first: torch.Tensor | None = value[0]
+    else:
+        first = first_tensor(value)
+    if first is None or first.ndim == 0:
         return 1
-    if isinstance(value, Mapping):
-        return batch_size(list(value.values()))
-    return 1
+    return first.shape[0]
 
 
 def call_model(model: torch.nn.Module, x: Any) -> Any:

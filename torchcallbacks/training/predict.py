@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.distributed import all_gather_tensors, is_distributed
+from torchcallbacks.structures import iter_tensors, map_leaves_of_many, map_tensors
 from torchcallbacks.training.arguments import (
     check_callable,
     check_model,
@@ -23,13 +24,24 @@ from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
 
 
-def concatenate(outputs: list[Any]) -> Any:
-    """Concatenate per-batch outputs along the first dimension, keeping tuples, lists and dicts.
+def _concatenate_leaves(leaves: list[Any]) -> Any:
+    if isinstance(leaves[0], torch.Tensor):
+        return torch.cat([leaf.reshape(1) if leaf.ndim == 0 else leaf for leaf in leaves])
+    return leaves
 
-    0-d tensors count as one sample each; outputs that are not tensors come back as the list given.
+
+def concatenate(outputs: list[Any]) -> Any:
+    """Concatenate per-batch outputs along the first dimension, keeping their structure and types
+    (tuples, namedtuples, lists, mappings, dataclasses: `torchcallbacks.structures`' rules).
+
+    0-d tensors count as one sample each; a leaf that is not a tensor comes back as the list of
+    its per-batch values.
 
     Args:
         outputs: the outputs of each batch, in order (at least one), all of the same structure.
+
+    Raises:
+        ValueError: when a batch's output has a different structure than the first's.
 
     Example:
 
@@ -38,15 +50,7 @@ def concatenate(outputs: list[Any]) -> Any:
     out["logits"].shape  # torch.Size([5, 5])
     ```
     """
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat([o.reshape(1) if o.ndim == 0 else o for o in outputs])
-    if isinstance(first, Mapping):
-        return {key: concatenate([o[key] for o in outputs]) for key in first}
-    if isinstance(first, (tuple, list)):
-        parts = [concatenate([o[i] for o in outputs]) for i in range(len(first))]
-        return type(first)(parts) if isinstance(first, list) or type(first) is tuple else type(first)(*parts)
-    return outputs
+    return map_leaves_of_many(_concatenate_leaves, outputs)
 
 
 def _sampler_indices(loader: Any) -> list[int] | None:
@@ -63,19 +67,7 @@ def _sampler_indices(loader: Any) -> list[int] | None:
 def _gather(outputs: Any, loader: Any) -> Any:
     """Every process's outputs in one structure: in dataset order without the duplicates a
     `DistributedSampler` pads with when the sampler's indices are known, else in rank order."""
-    leaves: list[torch.Tensor] = []
-
-    def collect(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            leaves.append(value)
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                collect(item)
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                collect(item)
-
-    collect(outputs)
+    leaves = list(iter_tensors(outputs))
     if not leaves:
         raise TypeError("predict: gather=True needs tensor outputs (or tuples, lists, dicts of tensors)")
     rows = leaves[0].shape[0]
@@ -89,18 +81,11 @@ def _gather(outputs: Any, loader: Any) -> Any:
         first[1:] = ordered[1:] != ordered[:-1]
         order = by_index[first]  # each dataset index once, ascending
 
-    def rebuild(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            gathered = torch.cat(all_gather_tensors(value))
-            return gathered if order is None else gathered[order.to(gathered.device)]
-        if isinstance(value, Mapping):
-            return {key: rebuild(item) for key, item in value.items()}
-        if isinstance(value, (tuple, list)):
-            parts = [rebuild(item) for item in value]
-            return type(value)(parts) if isinstance(value, list) or type(value) is tuple else type(value)(*parts)
-        return value
+    def gather_one(value: torch.Tensor) -> torch.Tensor:
+        gathered = torch.cat(all_gather_tensors(value))
+        return gathered if order is None else gathered[order.to(gathered.device)]
 
-    return rebuild(outputs)
+    return map_tensors(gather_one, outputs)
 
 
 def predict(
