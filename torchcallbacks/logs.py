@@ -53,7 +53,19 @@ class LazyLogs(MutableMapping[str, Any]):
         return f"LazyLogs({self._materialize()!r})"
 
 
-def _float_dtype(device: torch.device) -> torch.dtype:
+def float_dtype(device: torch.device) -> torch.dtype:
+    """The dtype running sums and logged values are kept in on `device`: float64, except on MPS,
+    which has none (float32 there).
+
+    Args:
+        device: where the values live.
+
+    Example:
+
+    ```python
+    total = torch.zeros((), dtype=float_dtype(loss.device), device=loss.device)
+    ```
+    """
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -73,7 +85,7 @@ def to_floats(logs: Mapping[str, Any] | None) -> dict[str, Any]:
                 raise ValueError(f"logs[{key!r}] must be a number or a one-element tensor, got shape {tuple(value.shape)}")
             by_device.setdefault(value.device, []).append(key)
     for device, keys in by_device.items():
-        dtype = _float_dtype(device)
+        dtype = float_dtype(device)
         stacked = torch.stack([out[k].detach().reshape(()).to(dtype) for k in keys])
         for key, number in zip(keys, stacked.tolist(), strict=True):
             out[key] = number
@@ -83,5 +95,5 @@ def to_floats(logs: Mapping[str, Any] | None) -> dict[str, Any]:
 def to_float(value: Any) -> float:
     """`value` (a number or a one-element tensor) as a Python float."""
     if isinstance(value, torch.Tensor):
-        return float(value.detach().reshape(()).to(_float_dtype(value.device)).item())
+        return float(value.detach().reshape(()).to(float_dtype(value.device)).item())
     return float(value)

@@ -176,8 +176,7 @@ class BackupAndRestore(Callback):
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        every = self.save_freq if isinstance(self.save_freq, int) and self.save_freq is not False else 0
-        at_save_point = bool(every) and self.loop.global_step % every == 0
+        at_save_point = self.loop.at_every(self.save_freq)
         if is_distributed():
             # Processes get SIGTERM at different batches; they agree on it at backup points only
             # (one all-reduce per backup), so that all of them save and exit at the same batch.

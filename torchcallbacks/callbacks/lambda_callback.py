@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torchcallbacks.callbacks.callback import HOOKS, Callback
+from torchcallbacks.callbacks.callback import HOOK_ALIASES, HOOKS, Callback
 
-_ALIASES = ("on_batch_begin", "on_batch_end")
+_ALIASES = tuple(HOOK_ALIASES.values())
 
 
 class LambdaCallback(Callback):

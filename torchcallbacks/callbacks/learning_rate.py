@@ -106,6 +106,12 @@ def check_lr(value: Any, where: str) -> float:
     return number
 
 
+def first_lr(optimizer: torch.optim.Optimizer) -> Any:
+    """The first parameter group's learning rate as stored (a number, or a tensor: read it later
+    without a device sync now)."""
+    return optimizer.param_groups[0]["lr"]
+
+
 def lr_logs(optimizer: torch.optim.Optimizer) -> float:
     """The value logged as `learning_rate`: the first parameter group's learning rate."""
-    return get_lr(optimizer.param_groups[0])
+    return to_float(first_lr(optimizer))

@@ -133,6 +133,25 @@ class LoopState:
     parts: dict[str, Any] = field(default_factory=dict, repr=False)
     callbacks: CallbackList | None = field(default=None, repr=False)
 
+    def at_every(self, frequency: int | str | bool | None) -> bool:
+        """Whether the training batch just ended is a save / log step for `frequency` batches: an
+        integer n (every n-th batch, counted over the run by `global_step`); "epoch", False or None
+        (never: those act at epoch ends).
+
+        Args:
+            frequency: a callback's `save_freq`, `update_freq` or `check_every`.
+
+        Example:
+
+        ```python
+        if self.loop.at_every(self.save_freq):
+            self._save()
+        ```
+        """
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+            return False
+        return self.global_step % frequency == 0
+
     # -- the loop's own parts ---------------------------------------------------------------------
     def track(self, name: str, part: Any) -> None:
         """Make `part` (anything with `state_dict()` / `load_state_dict()`) part of the training state.

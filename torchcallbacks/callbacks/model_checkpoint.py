@@ -135,12 +135,16 @@ class ModelCheckpoint(MonitorCallback):
         self.verbose = check_verbose(verbose, "ModelCheckpoint: verbose")
         self.save_best_only = bool(save_best_only)
         self.save_weights_only = bool(save_weights_only)
-        self.initial_value_threshold = initial_value_threshold
         self.max_to_keep = max_to_keep
         self.best_path: str | None = None
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
         self._writer = CheckpointWriter(async_save)
+
+    @property
+    def initial_value_threshold(self) -> float | None:
+        """The best value to beat at the start: the `baseline` of `MonitorCallback`."""
+        return self.baseline
 
     # -- state ------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -196,7 +200,7 @@ class ModelCheckpoint(MonitorCallback):
         return os.sep.join(parts) or (os.sep if self.filepath.startswith(os.sep) else ".")
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if self.save_freq != "epoch" and self.loop.global_step % int(self.save_freq) == 0:
+        if self.loop.at_every(self.save_freq):
             # Batch logs are this process's running means; their mean over processes makes "is this
             # the best" the same everywhere (one all-reduce per save; nothing outside a process group).
             self._save(self.loop.epoch, batch, mean_over_processes(to_floats(logs)))

@@ -6,6 +6,7 @@ resolve `mode="auto"` and compare values by the same rules.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -92,33 +93,29 @@ class MonitorCallback(Callback):
         self.baseline = None if baseline is None else check_number(baseline, "baseline")
         self.best: float | None = self.baseline
         self.min_delta = abs(check_number(min_delta, "min_delta"))
-        self.monitor_op: Callable[[float, float], bool] | None = None
-        self._resolved_mode = mode
+        self._resolved_mode: str | None = None
         self._warned_missing = False
-
-    def _set_monitor_op(self) -> None:
-        mode = self.mode
-        if mode == "auto":
-            mode = infer_mode(self.monitor, self.params.get("metric_directions"))
-        self._resolved_mode = mode
-        self.monitor_op = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
 
     @property
     def resolved_mode(self) -> str:
         """'min' or 'max', resolving 'auto' (raises ValueError when it cannot be resolved)."""
-        if self.monitor_op is None:
-            self._set_monitor_op()
+        if self._resolved_mode is None:
+            mode = self.mode
+            self._resolved_mode = infer_mode(self.monitor, self.params.get("metric_directions")) if mode == "auto" else mode
         return self._resolved_mode
+
+    @property
+    def monitor_op(self) -> Callable[[float, float], bool]:
+        """`monitor_op(a, b)` is True when `a` is strictly better than `b` (`<` for min, `>` for max)."""
+        return operator.lt if self.resolved_mode == "min" else operator.gt
 
     def _is_improvement(self, monitor_value: float, reference_value: float | None) -> bool:
         """`monitor_value` beats `reference_value` by more than `min_delta` (min: `value + min_delta <
         reference`, max: `value - min_delta > reference`); anything beats None."""
-        if self.monitor_op is None:
-            self._set_monitor_op()
-        assert self.monitor_op is not None
         if reference_value is None:
+            self.resolved_mode  # noqa: B018 (an unresolvable mode fails here, at the first value)
             return True
-        delta = self.min_delta if self._resolved_mode == "min" else -self.min_delta
+        delta = self.min_delta if self.resolved_mode == "min" else -self.min_delta
         return self.monitor_op(monitor_value + delta, reference_value)
 
     def reset_monitor(self) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.callbacks.learning_rate import first_lr
 from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import main_process_only
 from torchcallbacks.logs import to_float, to_floats
@@ -273,7 +274,7 @@ class TensorBoard(Callback):
         if "learning_rate" not in train:
             lr = self._epoch_lr
             if lr is None and self.optimizer is not None and self.optimizer.param_groups:
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = first_lr(self.optimizer)
             if lr is not None:
                 train["learning_rate"] = to_float(lr)
         if self.write_steps_per_second:
@@ -292,7 +293,7 @@ class TensorBoard(Callback):
     @main_process_only
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         if self._epoch_lr is None and self.optimizer is not None and self.optimizer.param_groups:
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = first_lr(self.optimizer)
             self._epoch_lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr  # no sync: a copy
         if self.write_steps_per_second and self.update_freq != "epoch":
             self._batch_start_time = time.perf_counter()
@@ -309,7 +310,7 @@ class TensorBoard(Callback):
         if self._graph_input is not None:
             self._write_graph()
         step = self.loop.global_step
-        if self.update_freq != "epoch" and step % int(self.update_freq) == 0:
+        if self.loop.at_every(self.update_freq):
             values = to_floats(logs)  # the only read of the lazy logs: one sync, on written batches only
             if self.write_steps_per_second:
                 values["steps_per_second"] = 1.0 / max(time.perf_counter() - self._batch_start_time, 1e-12)

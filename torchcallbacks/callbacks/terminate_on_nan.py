@@ -64,7 +64,7 @@ class TerminateOnNaN(Callback):
         setattr(self.model, "stop_training", True)  # noqa: B010  (the Keras idiom; typed setattr of nn.Module)
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if self.loop.global_step % self.check_every == 0:
+        if self.loop.at_every(self.check_every):
             self._check((logs or {}).get("loss"), f"batch {batch}")
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from torchcallbacks.distributed import is_distributed, reduce_weighted_means
-from torchcallbacks.logs import LazyLogs
+from torchcallbacks.logs import LazyLogs, float_dtype
 
 MetricLike = Any  # a callable (y_pred, y) -> tensor, or an object with update/compute/reset
 
@@ -236,7 +236,7 @@ class RunningMean:
         if n == 0:
             return base, base_weight
         first = values[0]
-        dtype = torch.float32 if first.device.type == "mps" else torch.float64
+        dtype = float_dtype(first.device)
         ws = weights[:n]
         with torch.no_grad():
             stacked = torch.stack(values[:n])
@@ -503,7 +503,7 @@ class MetricTracker:
                 raise TypeError(f"running mean {name!r}: expected [weighted sum, total weight], received {pair!r}")
             parsed[name] = (float(pair[0]), float(pair[1]))
         device = self.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = float_dtype(device)
         self._means = {}
         for name, (total, weight) in parsed.items():
             mean = self._means[name] = RunningMean()
