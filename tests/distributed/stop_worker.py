@@ -45,6 +45,28 @@ class StopRank1AtBatch(tc.Callback):
             self.model.stop_training = True
 
 
+class StopRank1AtEpochBegin(tc.Callback):
+    """A user callback that asks to stop in on_epoch_begin of epoch 1, on rank 1 only. Before, rank 1
+    left after one batch while rank 0 trained on, and the job died in a gloo collective mismatch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if dist.get_rank() == 1 and epoch == 1:
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.batches.append([self.loop.epoch, batch])
+
+
+class StopRank0AtTrainBegin(tc.Callback):
+    def on_train_begin(self, logs: Any = None) -> None:
+        if dist.get_rank() == 0:
+            self.model.stop_training = True
+
+
 def fit_run(callbacks: list[tc.Callback]) -> list[int]:
     model = DistributedDataParallel(common.make_model())
     history = tc.fit(
@@ -101,7 +123,13 @@ def main(workdir: str) -> None:
     stopper = StopRank1AtBatch(2)
     report["fit_batch_stop_epochs"] = fit_run([stopper])
     report["fit_batch_stop_batches"] = stopper.batches
-    # 3. The hand-written loop.
+    # 3. A stop asked in on_epoch_begin (epoch 1) on rank 1 only: both train that epoch's first batch
+    # (Keras reads the flag after each batch), then stop; and one asked in on_train_begin on rank 0.
+    early = StopRank1AtEpochBegin()
+    report["fit_epoch_begin_stop_epochs"] = fit_run([early])
+    report["fit_epoch_begin_stop_batches"] = early.batches
+    report["fit_train_begin_stop_epochs"] = fit_run([StopRank0AtTrainBegin()])
+    # 4. The hand-written loop.
     report["hand"] = hand_written_loop(workdir)
     common.write_json(os.path.join(workdir, f"rank_{dist.get_rank()}.json"), report)
     common.shut_down()

@@ -156,6 +156,14 @@ def test_a_mid_epoch_stop_on_one_process_stops_every_process_after_that_batch(st
     assert ranks[0]["fit_batch_stop_batches"] == ranks[1]["fit_batch_stop_batches"] == [[0, 0], [0, 1], [0, 2]]
 
 
+def test_a_stop_asked_at_epoch_or_train_begin_on_one_process_holds_for_every_process(stop_run: Path) -> None:
+    ranks = _ranks(stop_run)
+    assert ranks[0]["fit_epoch_begin_stop_epochs"] == ranks[1]["fit_epoch_begin_stop_epochs"] == [0, 1]
+    batches = ranks[0]["fit_epoch_begin_stop_batches"]
+    assert batches == ranks[1]["fit_epoch_begin_stop_batches"] and batches[-1] == [1, 0]
+    assert ranks[0]["fit_train_begin_stop_epochs"] == ranks[1]["fit_train_begin_stop_epochs"] == [0]
+
+
 def test_hand_written_ddp_loop_with_callback_list(stop_run: Path) -> None:
     ranks = _ranks(stop_run)
     hand = [r["hand"] for r in ranks]

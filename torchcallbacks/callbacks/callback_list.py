@@ -31,10 +31,10 @@ class CallbackList(Callback):
     counters in `self.loop` (epoch, batch, global step) up to date from the hooks it dispatches.
 
     Under `torch.distributed` (torchrun) `stop_training` is the same on every process at the points a
-    loop checks it: `on_epoch_end` ends with one all-reduce of the flag ("stop if any process says
-    stop"); `on_train_batch_end` does the same only when a callback that overrides a training-batch
-    hook is not marked `stops_in_sync` (no built-in callback needs it, so by default the batch loop
-    has no collective). Every process must therefore call these hooks at the same points, as a
+    loop checks it: `on_train_begin` and `on_epoch_end` end with one all-reduce of the flag ("stop if
+    any process says stop"); `on_epoch_begin` and `on_train_batch_end` do the same only when a
+    callback that overrides that hook (a training-batch hook, for the latter) is not marked
+    `stops_in_sync` (no built-in callback needs it, so by default the batch loop has no collective). Every process must therefore call these hooks at the same points, as a
     hand-written loop that checks `callbacks.stop_training` right after them does. Epoch logs
     should be the same on every process too (`fit` reduces them; a hand-written loop can use
     `torchcallbacks.distributed.reduce_logs`), so that decisions on them agree.
@@ -144,6 +144,8 @@ class CallbackList(Callback):
             not c.stops_in_sync and (overrides(c, "on_train_batch_end") or overrides(c, "on_train_batch_begin"))
             for c in self.callbacks
         )
+        # The same for a stop asked in on_epoch_begin: the loop reads the flag after the next batch.
+        self._epoch_begin_stop_sync = any(not c.stops_in_sync and overrides(c, "on_epoch_begin") for c in self.callbacks)
 
     def append(self, callback: Callback) -> None:
         """Add a callback at the end of the list."""
@@ -207,7 +209,8 @@ class CallbackList(Callback):
         """Combine `stop_training` over processes (True if any process set it) and return it.
 
         Every process must call it at the same point; outside a process group it only reads the flag.
-        `on_epoch_end` (always) and `on_train_batch_end` (when needed) call it, so loops rarely must.
+        `on_train_begin` and `on_epoch_end` (always), `on_epoch_begin` and `on_train_batch_end` (when
+        needed) call it, so loops rarely must.
         """
         stop = self.stop_training
         if is_distributed():
@@ -308,6 +311,8 @@ class CallbackList(Callback):
             restore()
         for hook in self._dispatch["on_train_begin"]:
             hook(logs)
+        if is_distributed():
+            self.sync_stop_training()  # a stop asked at train begin on one process holds for all (once per run)
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         """Calls every callback's `on_train_end`, even when one of them raises; re-raises the first
@@ -330,6 +335,8 @@ class CallbackList(Callback):
             loop.position = (epoch, 0)
         for hook in self._dispatch["on_epoch_begin"]:
             hook(epoch, logs)
+        if self._epoch_begin_stop_sync and is_distributed():
+            self.sync_stop_training()
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         self.loop.position = (epoch + 1, 0)
