@@ -49,13 +49,17 @@ class StopRank1AtEpochBegin(tc.Callback):
     """A user callback that asks to stop in on_epoch_begin of epoch 1, on rank 1 only. Before, rank 1
     left after one batch while rank 0 trained on, and the job died in a gloo collective mismatch."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.batches: list[list[int]] = []
-
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if dist.get_rank() == 1 and epoch == 1:
             self.model.stop_training = True
+
+
+class RecordBatches(tc.Callback):
+    stops_in_sync = True  # never stops: adds no per-batch agreement of its own
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self.batches.append([self.loop.epoch, batch])
@@ -125,9 +129,9 @@ def main(workdir: str) -> None:
     report["fit_batch_stop_batches"] = stopper.batches
     # 3. A stop asked in on_epoch_begin (epoch 1) on rank 1 only: both train that epoch's first batch
     # (Keras reads the flag after each batch), then stop; and one asked in on_train_begin on rank 0.
-    early = StopRank1AtEpochBegin()
-    report["fit_epoch_begin_stop_epochs"] = fit_run([early])
-    report["fit_epoch_begin_stop_batches"] = early.batches
+    record = RecordBatches()
+    report["fit_epoch_begin_stop_epochs"] = fit_run([StopRank1AtEpochBegin(), record])
+    report["fit_epoch_begin_stop_batches"] = record.batches
     report["fit_train_begin_stop_epochs"] = fit_run([StopRank0AtTrainBegin()])
     # 4. The hand-written loop.
     report["hand"] = hand_written_loop(workdir)
