@@ -403,3 +403,47 @@ def test_a_backup_never_names_a_checkpoint_whose_asynchronous_write_is_unfinishe
                               save_weights_only=True, async_save=True)
     _fit([AfterTheBackup(), ckpt, tc.BackupAndRestore(tmp_path / "b")], epochs=2)
     assert found == [True, True]
+
+
+# -- stateful metrics without torchmetrics -------------------------------------------------------------
+class MeanError:
+    """An update/compute/reset metric whose state is plain attributes (a list of tensors included)."""
+
+    mode = "min"
+
+    def reset(self) -> None:
+        self.errors: list[torch.Tensor] = []
+        self.count = 0
+
+    def update(self, y_pred: torch.Tensor, y: torch.Tensor) -> None:
+        self.errors.append((y_pred - y).abs().sum())
+        self.count += y.numel()
+
+    def compute(self) -> torch.Tensor:
+        return torch.stack(self.errors).sum() / max(self.count, 1)
+
+
+class Opaque(MeanError):
+    def reset(self) -> None:
+        super().reset()
+        self.helper = object()  # nothing a checkpoint can hold
+
+
+def _fit_metric(metric: Any, callbacks: list[tc.Callback], seed: int = 0) -> tc.History:
+    model, optimizer = _setup(seed)
+    return tc.fit(model, make_regression(shuffle=True), optimizer=optimizer, loss=torch.nn.functional.mse_loss,
+                  metrics={"err": metric}, epochs=3, verbose=0, callbacks=callbacks)
+
+
+def test_a_plain_stateful_metric_resumes_with_the_batches_before_the_crash(tmp_path: Path) -> None:
+    reference = _fit_metric(MeanError(), [])
+    with pytest.raises(RuntimeError):
+        _fit_metric(MeanError(), [tc.BackupAndRestore(tmp_path, save_freq=2), Crash(7)])
+    resumed = _fit_metric(MeanError(), [tc.BackupAndRestore(tmp_path, save_freq=2)], seed=4)
+    assert resumed.history["err"] == reference.history["err"]  # epoch 1 includes its 2 batches before the crash
+
+
+def test_a_metric_whose_state_cannot_be_saved_warns_and_backups_still_work(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="the state of metric Opaque is not saved"), pytest.raises(RuntimeError):
+        _fit_metric(Opaque(), [tc.BackupAndRestore(tmp_path, save_freq=2), Crash(7)])
+    assert (tmp_path / "latest.safetensors").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -118,10 +120,20 @@ def metric_direction(metric: Any) -> str | None:
     return None
 
 
-def metric_state(metric: Any) -> dict[str, Any]:
+def _plain(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str, type(None), torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+
+
+def metric_state(metric: Any) -> dict[str, Any] | None:
     """A stateful metric's state for a checkpoint: torchmetrics' `metric_state` (its accumulated
     tensors, whatever their persistence), else the metric's own `state_dict()`, else its attributes
-    when all are numbers, strings, None or tensors (a plain update/compute/reset object).
+    when all are numbers, strings, None, tensors or lists / dicts of them (a plain
+    update/compute/reset object). None, with a warning, for a metric whose state cannot be saved
+    (it then restarts at a mid-epoch resume).
 
     Args:
         metric: an object with `update` / `compute` / `reset`.
@@ -141,14 +153,16 @@ def metric_state(metric: Any) -> dict[str, Any]:
     if callable(getattr(metric, "state_dict", None)) and callable(getattr(metric, "load_state_dict", None)):
         return {"state_dict": metric.state_dict()}
     attributes = vars(metric) if hasattr(metric, "__dict__") else {}
-    plain = (bool, int, float, str, type(None), torch.Tensor)
-    bad = sorted(k for k, v in attributes.items() if not isinstance(v, plain))
+    bad = sorted(k for k, v in attributes.items() if not _plain(v))
     if bad:
-        raise TypeError(
-            f"cannot save the state of metric {type(metric).__name__}: give it state_dict() / load_state_dict(), "
-            f"or keep only numbers and tensors in its attributes (found {', '.join(bad)})"
+        warnings.warn(
+            f"the state of metric {type(metric).__name__} is not saved (a mid-epoch resume restarts it): give it "
+            f"state_dict() / load_state_dict(), or keep only numbers and tensors in its attributes (found "
+            f"{', '.join(bad)})",
+            stacklevel=4,
         )
-    return {"attributes": {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in attributes.items()}}
+        return None
+    return {"attributes": {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in attributes.items()}}
 
 
 def load_metric_state(metric: Any, state: Mapping[str, Any]) -> None:
@@ -478,7 +492,8 @@ class MetricTracker:
             total, weight = mean.sum_and_weight()
             if total is not None:
                 means[name] = [float(total), float(weight)]
-        return {"means": means, "stateful": {name: metric_state(m) for name, m in self._stateful.items()}}
+        states = {name: metric_state(m) for name, m in self._stateful.items()}
+        return {"means": means, "stateful": {name: s for name, s in states.items() if s is not None}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict()` returned; the sums go to `self.device` (the training device).
