@@ -87,7 +87,7 @@ def main() -> None:
             tc.TerminateOnNaN(check_every=10),
             checkpoint,
             tc.TensorBoard(log_dir=args.out / "logs", histogram_freq=5),
-            tc.CSVLogger(args.out / "training.csv", append=True),  # a resumed run adds its epochs
+            tc.CSVLogger(args.out / "training.csv", append=True),  # a resumed run continues it, row for row
             tc.BackupAndRestore(args.out / "backup"),  # kill the script and rerun it: it resumes exactly
         ],
     )
