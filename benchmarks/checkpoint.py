@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import torchcallbacks as tc
-from torchcallbacks.checkpoint import CheckpointWriter, save_checkpoint
+from torchcallbacks.checkpoint import CheckpointWriter, write_training_state
 
 
 def make_model() -> torch.nn.Module:
@@ -130,14 +130,19 @@ def main() -> None:
             return
         full = os.path.join(tmp, "state.safetensors")
         sync_writer, async_writer = CheckpointWriter(), CheckpointWriter(async_save=True)
-        sync_times = timed(lambda: save_checkpoint(full, model, optimizer, writer=sync_writer), args.repeats)
-        save_checkpoint(full, model, optimizer, writer=async_writer)  # allocate the reused host buffers
+        loop = tc.CallbackList(model=model, optimizer=optimizer).loop  # what BackupAndRestore saves
+
+        def save_state(writer: CheckpointWriter) -> None:
+            write_training_state(full, loop.state_dict(), writer=writer)
+
+        sync_times = timed(lambda: save_state(sync_writer), args.repeats)
+        save_state(async_writer)  # allocate the reused host buffers
         async_writer.flush()
         blocked = []
         for _ in range(args.repeats):
             os.sync()
             start = time.perf_counter()
-            save_checkpoint(full, model, optimizer, writer=async_writer)
+            save_state(async_writer)
             blocked.append(time.perf_counter() - start)
             async_writer.flush()  # let it finish: the next save would wait for it anyway
         rows += [

@@ -21,6 +21,6 @@ if __name__ == "__main__":
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float(version))
-        tc.save_checkpoint(sys.argv[1], model, extra={"version": version})
+        tc.save_checkpoint(model, sys.argv[1], extra={"version": version})
         print(version, flush=True)
         version += 1

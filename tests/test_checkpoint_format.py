@@ -75,7 +75,7 @@ def test_load_weights_reads_files_written_by_safetensors_save_model(tmp_path: Pa
 
 def test_load_weights_reads_the_model_part_of_a_training_state(tmp_path: Path) -> None:
     model = make_model()
-    tc.save_checkpoint(tmp_path / "c.safetensors", model, torch.optim.Adam(model.parameters()))
+    tc.save_checkpoint(model, tmp_path / "c.safetensors", torch.optim.Adam(model.parameters()))
     other = make_model()
     tc.load_weights(other, tmp_path / "c.safetensors")
     assert _equal_state(model, other)
@@ -114,7 +114,7 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     model, optimizers, scaler, scheduler = _trained()
     callbacks = tc.CallbackList([Stateful()])
     path = tmp_path / "state.safetensors"
-    tc.save_checkpoint(path, model, optimizers, scaler=scaler, scheduler=scheduler, callbacks=callbacks,
+    tc.save_checkpoint(model, path, optimizers, scaler=scaler, scheduler=scheduler, callbacks=callbacks,
                        epoch=3, batch=2, global_step=14, extra={"note": "x"})
 
     # Read back with safetensors' own reader: tensor names, values and the JSON document.
@@ -142,7 +142,7 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     other_scheduler = torch.optim.lr_scheduler.StepLR(other_optimizers[0], step_size=1, gamma=0.5)
     other_callbacks = tc.CallbackList([Stateful()])
     other_callbacks.callbacks[0].state = {}  # type: ignore[attr-defined]
-    state = tc.load_checkpoint(path, other, other_optimizers, scaler=other_scaler, scheduler=other_scheduler,
+    state = tc.load_checkpoint(other, path, other_optimizers, scaler=other_scaler, scheduler=other_scheduler,
                                callbacks=other_callbacks)
     assert (state.epoch, state.batch, state.global_step, state.extra) == (3, 2, 14, {"note": "x"})
     assert _equal_state(model, other)
@@ -158,10 +158,10 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
 
 
 def test_rng_states_are_restored_without_pickle(tmp_path: Path) -> None:
-    tc.save_checkpoint(tmp_path / "c.safetensors", make_model())
+    tc.save_checkpoint(make_model(), tmp_path / "c.safetensors")
     expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), random.gauss(0, 1))
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
-    tc.load_checkpoint(tmp_path / "c.safetensors")
+    tc.load_checkpoint(None, tmp_path / "c.safetensors")
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), random.gauss(0, 1))
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2:] == again[2:]
@@ -181,16 +181,16 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
         tc.load_weights(make_model(), tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
-        tc.load_checkpoint(tmp_path / "nope.safetensors", make_model())
+        tc.load_checkpoint(make_model(), tmp_path / "nope.safetensors")
 
 
 @pytest.mark.parametrize("cut", [4, 50, -1])
 def test_truncated_file(tmp_path: Path, cut: int) -> None:
     path = tmp_path / "c.safetensors"
-    tc.save_checkpoint(path, make_model())
+    tc.save_checkpoint(make_model(), path)
     path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(tc.CheckpointError, match=r"c\.safetensors.*not a readable safetensors file"):
-        tc.load_checkpoint(path, make_model())
+        tc.load_checkpoint(make_model(), path)
 
 
 def test_foreign_files(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_foreign_files(tmp_path: Path) -> None:
 def test_weights_file_is_not_a_training_state(tmp_path: Path) -> None:
     tc.save_weights(make_model(), tmp_path / "w.safetensors")
     with pytest.raises(tc.CheckpointError, match=r"not a torchcallbacks training state.*weights file"):
-        tc.load_checkpoint(tmp_path / "w.safetensors", make_model())
+        tc.load_checkpoint(make_model(), tmp_path / "w.safetensors")
 
 
 def test_key_and_shape_mismatch_name_the_keys(tmp_path: Path) -> None:
@@ -224,9 +224,9 @@ def test_key_and_shape_mismatch_name_the_keys(tmp_path: Path) -> None:
 
 def test_optimizer_count_mismatch(tmp_path: Path) -> None:
     model, optimizers, _, _ = _trained()
-    tc.save_checkpoint(tmp_path / "c.safetensors", model, optimizers)
+    tc.save_checkpoint(model, tmp_path / "c.safetensors", optimizers)
     with pytest.raises(tc.CheckpointError, match=r"'optimizers' holds 2 item\(s\), 1 expected"):
-        tc.load_checkpoint(tmp_path / "c.safetensors", model, optimizers[0])
+        tc.load_checkpoint(model, tmp_path / "c.safetensors", optimizers[0])
 
 
 def test_unstorable_state_is_named(tmp_path: Path) -> None:
@@ -235,7 +235,7 @@ def test_unstorable_state_is_named(tmp_path: Path) -> None:
             return {"fn": print}
 
     with pytest.raises(TypeError, match=r"@callbacks/Bad/fn.*builtin_function_or_method"):
-        tc.save_checkpoint(tmp_path / "c.safetensors", make_model(), callbacks=tc.CallbackList([Bad()]))
+        tc.save_checkpoint(make_model(), tmp_path / "c.safetensors", callbacks=tc.CallbackList([Bad()]))
     assert not list(tmp_path.iterdir())
 
 
@@ -273,3 +273,13 @@ def test_every_public_function_documents_args_and_an_example() -> None:
 
     missing = {name: lacks(function) for name, function in functions.items() if lacks(function)}
     assert missing == {}
+
+
+def test_the_model_comes_first(tmp_path: Path) -> None:
+    """As in save_weights / load_weights (and torch's load_state_dict): model, then file."""
+    model = make_model()
+    with pytest.raises(TypeError, match=r"save_checkpoint\(model, filepath, ...\): the model comes first"):
+        tc.save_checkpoint(tmp_path / "c.safetensors", model)  # type: ignore[arg-type]
+    tc.save_checkpoint(model, tmp_path / "c.safetensors")
+    with pytest.raises(TypeError, match=r"load_checkpoint\(model, filepath, ...\): the model comes first"):
+        tc.load_checkpoint(tmp_path / "c.safetensors", model)  # type: ignore[arg-type]

@@ -45,7 +45,7 @@ def _kill_during_saves(path: Path, rng: random.Random, kills: int) -> list[int]:
         from save_loop_script import make
 
         model = make()
-        state = tc.load_checkpoint(path, model)
+        state = tc.load_checkpoint(model, path)
         version = state.extra["version"]
         assert version >= last[-1]
         assert all(bool((p == float(version)).all()) for p in model.parameters()), version

@@ -58,7 +58,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     Example:
 
     ```python
-    saved = torchcallbacks.load_checkpoint("state.safetensors", model, restore_rng=False)
+    saved = torchcallbacks.load_checkpoint(model, "state.safetensors", restore_rng=False)
     ...  # e.g. build the data loaders first
     restore_rng_state(saved.rng["current"])
     ```

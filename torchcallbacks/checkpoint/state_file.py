@@ -64,7 +64,7 @@ class TrainingState:
     Example:
 
     ```python
-    state = torchcallbacks.load_checkpoint("state.safetensors", model, optimizer)
+    state = torchcallbacks.load_checkpoint(model, "state.safetensors", optimizer)
     print(state.epoch, state.batch, state.global_step)
     ```
     """
@@ -217,9 +217,14 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _check_model_first(model: Any, filepath: Any, where: str) -> None:
+    if isinstance(filepath, torch.nn.Module) or isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{where}(model, filepath, ...): the model comes first, as in save_weights / load_weights")
+
+
 def save_checkpoint(
-    filepath: PathLike,
     model: torch.nn.Module,
+    filepath: PathLike,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
     scaler: Any = None,
@@ -237,8 +242,8 @@ def save_checkpoint(
     state (`LoopState.state_dict()`); this function is for loops that use no callbacks.
 
     Args:
-        filepath: where to write; the directory is created if needed.
         model: the model (DDP-wrapped is fine); its tensors keep their `state_dict()` names.
+        filepath: where to write; the directory is created if needed.
         optimizer: an optimizer or a list of them.
         scaler: a `torch.amp.GradScaler`, if any.
         scheduler: an LR scheduler (anything with `state_dict()`), or a list of them.
@@ -252,13 +257,14 @@ def save_checkpoint(
     Example:
 
     ```python
-    torchcallbacks.save_checkpoint("state.safetensors", model, optimizer, epoch=3)
-    state = torchcallbacks.load_checkpoint("state.safetensors", model, optimizer)
+    torchcallbacks.save_checkpoint(model, "state.safetensors", optimizer, epoch=3)
+    state = torchcallbacks.load_checkpoint(model, "state.safetensors", optimizer)
     state.epoch  # 3
     ```
     """
     from torchcallbacks.distributed import unwrap_model
 
+    _check_model_first(model, filepath, "save_checkpoint")
     optimizers = _as_list(optimizer)
     state = {
         "epoch": check_counter(epoch, "save_checkpoint", "epoch"),
@@ -277,8 +283,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(
+    model: torch.nn.Module | None,
     filepath: PathLike,
-    model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
     scaler: Any = None,
@@ -294,8 +300,8 @@ def load_checkpoint(
     `CheckpointError` naming the file and the field, and the model and optimizers are untouched.
 
     Args:
+        model: the model to load the weights into (keys and shapes must match exactly), or None.
         filepath: the file.
-        model: the model to load the weights into (keys and shapes must match exactly).
         optimizer: the optimizer(s), as many as were saved.
         scaler: the `GradScaler` to restore.
         scheduler: the scheduler(s) to restore.
@@ -312,14 +318,15 @@ def load_checkpoint(
     Example:
 
     ```python
-    torchcallbacks.save_checkpoint("state.safetensors", model, optimizer, epoch=3)
-    state = torchcallbacks.load_checkpoint("state.safetensors", model, optimizer)
+    torchcallbacks.save_checkpoint(model, "state.safetensors", optimizer, epoch=3)
+    state = torchcallbacks.load_checkpoint(model, "state.safetensors", optimizer)
     torchcallbacks.fit(model, loader, optimizer=optimizer, loss=loss_fn, epochs=10,
                        initial_epoch=state.epoch)
     ```
     """
     from torchcallbacks.distributed import unwrap_model
 
+    _check_model_first(model, filepath, "load_checkpoint")
     path = os.fspath(filepath)
     where = repr(path)
     state = read_training_state(path)
