@@ -147,3 +147,20 @@ def test_messages_begin_as_keras(capsys: pytest.CaptureFixture[str]) -> None:
     callback.set_model(torch.nn.Linear(1, 1))
     with pytest.raises(NonFiniteLossError, match=r"^NaN or Inf loss encountered at epoch 2 "):
         callback.on_epoch_end(1, {"loss": float("nan")})
+
+
+def test_the_default_checks_every_batch_only_where_it_is_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check costs a device sync on an accelerator and a collective under torch.distributed: the
+    default (check_every=None) checks every batch on a single CPU process only, else every 100."""
+    from torchcallbacks.callbacks import terminate_on_nan
+
+    def every(model: torch.nn.Module, distributed: bool = False, check_every: int | None = None) -> int:
+        monkeypatch.setattr(terminate_on_nan, "is_distributed", lambda: distributed)
+        callback = TerminateOnNaN(check_every=check_every)
+        CallbackList([callback], model=model).on_train_begin()
+        return callback.interval
+
+    assert every(torch.nn.Linear(2, 1)) == 1
+    assert every(torch.nn.Linear(2, 1, device="meta")) == terminate_on_nan.AUTO_CHECK_EVERY == 100
+    assert every(torch.nn.Linear(2, 1), distributed=True) == 100
+    assert every(torch.nn.Linear(2, 1), distributed=True, check_every=1) == 1

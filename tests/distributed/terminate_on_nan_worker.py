@@ -17,7 +17,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     raise_error = sys.argv[1:] == ["raise"]
-    callbacks = CallbackList([TerminateOnNaN(raise_error=raise_error)], model=torch.nn.Linear(2, 1))
+    # check_every=1: every batch (the default under torch.distributed is every 100 batches)
+    callbacks = CallbackList([TerminateOnNaN(raise_error=raise_error, check_every=1)], model=torch.nn.Linear(2, 1))
     callbacks.on_train_begin()
     callbacks.on_epoch_begin(0)
     last = -1
