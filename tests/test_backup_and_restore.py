@@ -396,3 +396,22 @@ def test_constructor_messages_begin_as_keras_and_save_freq_false_is_accepted() -
             tc.BackupAndRestore(empty)
     with pytest.raises(TypeError, match="backup_dir"):
         tc.BackupAndRestore(3)
+
+
+def test_dataloader_workers_end_with_a_fit_that_raised(tmp_path: Path) -> None:
+    """The error's traceback keeps the data iterator alive, and BackupAndRestore's workers ignore
+    SIGTERM (a preemption notice to the process group must not kill them before the backup): unless
+    fit shuts them down itself, the interpreter's exit waits for them forever."""
+    import multiprocessing
+
+    dataset = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    model = make_model()
+    with pytest.raises(RuntimeError) as raised:
+        tc.fit(model, torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2),
+               optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=torch.nn.functional.mse_loss, epochs=2,
+               verbose=0, steps_per_epoch=5, callbacks=[tc.BackupAndRestore(tmp_path, save_freq=2), Crash(3)])
+    assert raised.value.__traceback__ is not None  # still held, as by a caller that reports it
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []

@@ -197,6 +197,24 @@ class EpochIterator:
             self._iterator, self._consumed, self._pass_rng = None, 0, None
         self._restore_rng(state["rng"])
 
+    def close(self) -> None:
+        """Let go of the data iterator now: a DataLoader's worker processes are shut down, also when
+        the iterator is still referenced elsewhere (e.g. by an exception's traceback).
+
+        Example:
+
+        ```python
+        try:
+            train(batches)
+        finally:
+            batches.close()
+        ```
+        """
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+        if callable(shutdown):
+            shutdown()
+
     # -- iteration ------------------------------------------------------------------------------
     def _new_pass(self) -> Iterator[Any]:
         self._pass_rng = self._rng() if not _uses_own_state(self.data) else None

@@ -191,6 +191,7 @@ def fit(
                 if callback_list.stop_training or train_data.exhausted:
                     break
     finally:
+        train_data.close()  # DataLoader workers end now, even if an error's traceback keeps the loop alive
         for name in ("metrics", "data"):
             loop.parts.pop(name, None)  # the loop keeps no tensors of this run once it is over
     history = callback_list.history
