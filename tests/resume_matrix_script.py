@@ -9,7 +9,7 @@ validation, `EarlyStopping(restore_best_weights=True)` that stops mid-run (no ep
 first by `min_delta`), `ModelCheckpoint(save_best_only=True)`, `CSVLogger(append=True)` and
 `BackupAndRestore` every 2 batches. Prints `step N` after each training batch (after that batch's
 backup is written) and, when training has ended normally, writes WORKDIR/final.safetensors (the
-weights) and WORKDIR/final.json (History, the callbacks' results).
+weights) and WORKDIR/final.json (History, the callbacks' results) before the backup is deleted.
 """
 
 from __future__ import annotations
@@ -36,6 +36,35 @@ class Progress(tc.Callback):
         print(f"step {self.loop.global_step}", flush=True)
 
 
+class WriteResults(tc.Callback):
+    """Writes the results at train end, before BackupAndRestore (after it in the list) deletes its
+    backup: a kill at any moment leaves either the results or a backup to resume from."""
+
+    def __init__(self, workdir: str, **parts: Any) -> None:
+        super().__init__()
+        self.workdir, self.parts = workdir, parts
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self.loop.exception is not None:
+            return
+        ckpt, stopper, history, backup = (self.parts[k] for k in ("ckpt", "stopper", "history", "backup"))
+        tc.save_weights(self.model, os.path.join(self.workdir, "final.safetensors"))
+        result = {
+            "epoch": history.epoch,
+            "history": history.history,
+            "best": ckpt.best,
+            "best_path": os.path.basename(ckpt.best_path or ""),
+            "stopped_epoch": stopper.stopped_epoch,
+            "best_epoch": stopper.best_epoch,
+            "learning_rates": [[group["lr"] for group in opt.param_groups] for opt in self.parts["optimizers"]],
+            "resumed": backup.restored is not None,
+        }
+        temporary = os.path.join(self.workdir, "final.json.tmp")
+        with open(temporary, "w") as f:
+            json.dump(result, f)
+        os.replace(temporary, os.path.join(self.workdir, "final.json"))
+
+
 def main(workdir: str) -> None:
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(1)
@@ -55,27 +84,15 @@ def main(workdir: str) -> None:
                               save_best_only=True, save_weights_only=True)
     stopper = tc.EarlyStopping(monitor="val_loss", min_delta=1e9, patience=PATIENCE, restore_best_weights=True)
     csv = tc.CSVLogger(os.path.join(workdir, "log.csv"), append=True)
+    history = tc.History()
     backup = tc.BackupAndRestore(os.path.join(workdir, "backup"), save_freq=2)
+    results = WriteResults(workdir, ckpt=ckpt, stopper=stopper, history=history, backup=backup, optimizers=optimizers)
     torch.manual_seed(1234)
-    history = tc.fit(
+    tc.fit(
         model, train, optimizer=optimizers, loss=torch.nn.functional.mse_loss, epochs=EPOCHS, verbose=0,
-        validation_data=val, steps_per_epoch=STEPS_PER_EPOCH, callbacks=[ckpt, stopper, csv, backup, Progress()],
+        validation_data=val, steps_per_epoch=STEPS_PER_EPOCH,
+        callbacks=[ckpt, stopper, csv, history, results, backup, Progress()],
     )
-    tc.save_weights(model, os.path.join(workdir, "final.safetensors"))
-    result = {
-        "epoch": history.epoch,
-        "history": history.history,
-        "best": ckpt.best,
-        "best_path": os.path.basename(ckpt.best_path or ""),
-        "stopped_epoch": stopper.stopped_epoch,
-        "best_epoch": stopper.best_epoch,
-        "learning_rates": [[group["lr"] for group in opt.param_groups] for opt in optimizers],
-        "resumed": backup.restored is not None,
-    }
-    temporary = os.path.join(workdir, "final.json.tmp")
-    with open(temporary, "w") as f:
-        json.dump(result, f)
-    os.replace(temporary, os.path.join(workdir, "final.json"))
 
 
 if __name__ == "__main__":

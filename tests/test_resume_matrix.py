@@ -421,6 +421,8 @@ def check_resume(setup: Setup, point: str, tmp_path: Path, references: Reference
 
 
 # -- the matrix ----------------------------------------------------------------------------------------
+# The cases after test_resume_is_exact each isolate one property, in the simplest setting (one optimizer,
+# full passes, unless the property is about steps_per_epoch); the matrix covers the combinations.
 @pytest.mark.parametrize("optimizers", [1, 2], ids=["one_optimizer", "two_optimizers"])
 @pytest.mark.parametrize("steps", [None, STEPS], ids=["full_passes", "steps_per_epoch"])
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
@@ -440,7 +442,7 @@ def test_resume_is_exact_when_the_crash_beats_the_backup_of_its_batch(
     the write), so the rerun repeats work the crashed run had done, e.g. an epoch end's CSV row and
     checkpoint (save_freq=1 at the first batch: the backup is the previous epoch's last batch, before
     its validation)."""
-    check_resume(Setup(config, STEPS, 2, crash_first=True, save_freq=save_freq), point, tmp_path, references)
+    check_resume(Setup(config, crash_first=True, save_freq=save_freq), point, tmp_path, references)
 
 
 @pytest.mark.parametrize("point", ["first_batch", "validation", "between_epochs"])
@@ -448,7 +450,7 @@ def test_resume_is_exact_when_the_crash_beats_the_backup_of_its_batch(
 def test_the_place_of_backup_and_restore_in_the_list_does_not_matter(
     backup_at: str, point: str, tmp_path: Path, references: References
 ) -> None:
-    check_resume(Setup("mixed", STEPS, 2, backup_at=backup_at), point, tmp_path, references)
+    check_resume(Setup("mixed", backup_at=backup_at), point, tmp_path, references)
 
 
 @pytest.mark.parametrize("point", ["first_batch", "between_epochs"])
@@ -457,7 +459,7 @@ def test_a_callback_inserted_in_front_on_the_rerun(config: str, point: str, tmp_
                                                      references: References) -> None:
     """Callback states are found by a stable key, not by the place in the list: one more callback in
     front on the rerun (an EarlyStopping that never stops) changes nothing for the others."""
-    check_resume(Setup(config, STEPS, 2, insert_in_front=True), point, tmp_path, references)
+    check_resume(Setup(config, insert_in_front=True), point, tmp_path, references)
 
 
 @pytest.mark.parametrize("point", ["first_batch", "last_batch"])
@@ -465,7 +467,7 @@ def test_a_callback_inserted_in_front_on_the_rerun(config: str, point: str, tmp_
 def test_a_stateful_metric_resumes_mid_epoch(steps: int | None, point: str, tmp_path: Path,
                                              references: References) -> None:
     """`CloseEnough` counts over the epoch: the resumed epoch's value covers the batches before the crash."""
-    check_resume(Setup("csv_append", steps, 1, metric=True), point, tmp_path, references)
+    check_resume(Setup("csv_append", steps, metric=True), point, tmp_path, references)
 
 
 @pytest.mark.parametrize("steps", [None, STEPS], ids=["full_passes", "steps_per_epoch"])
@@ -473,7 +475,7 @@ def test_worker_side_augmentation_resumes_mid_epoch(steps: int | None, tmp_path:
                                                     references: References) -> None:
     """num_workers=2, noise drawn in the workers: their seeds come from the base seed the loader draws
     when an iterator starts, so a resumed epoch must redraw it from the same random state."""
-    check_resume(Setup("early_stop_best_weights", steps, 2, loader="workers"), "first_batch", tmp_path, references)
+    check_resume(Setup("early_stop_best_weights", steps, loader="workers"), "first_batch", tmp_path, references)
 
 
 @pytest.mark.parametrize("point", ["first_batch", "between_epochs"])
@@ -482,7 +484,7 @@ def test_a_loader_with_its_own_generator_resumes(steps: int | None, point: str, 
                                                  references: References) -> None:
     """`DataLoader(generator=...)`: the shuffle order comes from the loader's generator, which a fresh
     process creates anew from its seed."""
-    check_resume(Setup("ckpt_best", steps, 1, loader="generator"), point, tmp_path, references)
+    check_resume(Setup("ckpt_best", steps, loader="generator"), point, tmp_path, references)
 
 
 # -- the harness itself ----------------------------------------------------------------------------------
