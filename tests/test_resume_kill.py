@@ -94,14 +94,8 @@ def _results(workdir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], st
     )
 
 
-def _seed() -> int:
-    text = os.environ.get("TORCHCALLBACKS_TEST_SEED")
-    return int(text) if text else random.SystemRandom().randrange(2**32)
-
-
-def test_sigkilled_at_random_moments_ends_bit_identical(tmp_path: Path) -> None:
-    seed = _seed()
-    print(f"TORCHCALLBACKS_TEST_SEED={seed}")
+def test_sigkilled_at_random_moments_ends_bit_identical(tmp_path: Path, random_seed: int) -> None:
+    seed = random_seed  # printed by the fixture; TORCHCALLBACKS_TEST_SEED replays it
     rng = random.Random(seed)
     reference = tmp_path / "reference"
     _run_to_the_end(reference)

@@ -18,8 +18,6 @@ whatever the order of the additions: a mismatch is a resume bug, never rounding.
 
 from __future__ import annotations
 
-import gc
-import multiprocessing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -472,19 +470,6 @@ def test_a_stateful_metric_resumes_mid_epoch(steps: int | None, point: str, tmp_
     check_resume(Setup("csv_append", steps, metric=True), point, tmp_path, references)
 
 
-@pytest.fixture
-def _reap_loader_workers() -> Any:
-    """The crashed run's loader iterator (and its worker processes) lives on in reference cycles through
-    the exception's traceback; collect it so that its workers shut down, and kill any left (they ignore
-    SIGTERM, and interpreter exit would wait for them forever)."""
-    yield
-    gc.collect()
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(timeout=10)
-
-
-@pytest.mark.usefixtures("_reap_loader_workers")
 @pytest.mark.parametrize("steps", [None, STEPS], ids=["full_passes", "steps_per_epoch"])
 def test_worker_side_augmentation_resumes_mid_epoch(steps: int | None, tmp_path: Path,
                                                     references: References) -> None:
