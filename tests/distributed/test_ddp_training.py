@@ -213,3 +213,16 @@ def test_sigkilled_job_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: 
     for r in range(2):
         assert resumed[r]["weights"] == expected[r]["weights"] == expected[0]["weights"]  # bit for bit
     assert not (killed / "backup").exists()  # deleted once after the normal finish
+
+
+# -- uneven batch counts ------------------------------------------------------------------------------
+def test_uneven_batch_counts_are_refused_naming_them_and_steps_per_epoch_evens_them(tmp_path: Path) -> None:
+    """Before: a crash with no word from us, a silent mis-pairing of collectives, or a hang."""
+    refused, evened = tmp_path / "refused", tmp_path / "evened"
+    refused.mkdir(), evened.mkdir()
+    torchrun("uneven_worker.py", refused, "error")
+    for rank in _ranks(refused):
+        assert "x: the processes have different numbers of batches per epoch (process 0: 6, process 1: 7)" in rank["error"]
+        assert "steps_per_epoch" in rank["error"]
+    torchrun("uneven_worker.py", evened, "steps")
+    assert [r["epochs"] for r in _ranks(evened)] == [[0, 1], [0, 1]]

@@ -70,6 +70,39 @@ def _uses_own_state(data: Any) -> bool:
     return callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
 
 
+def check_same_length(data: Iterable[Any], name: str) -> None:
+    """Under `torch.distributed`, a `ValueError` naming `name` and every process's batch count when
+    the processes' loaders have different lengths (one all-gather; nothing outside a process group).
+
+    A process that runs out of batches first leaves the others waiting in DDP's gradient all-reduce
+    (a hang) or pairs their collectives wrongly, so `fit` refuses it at train begin. Loaders without
+    a length cannot be compared ahead: give them `steps_per_epoch` (every process takes that many).
+
+    Args:
+        data: this process's loader.
+        name: its argument's name, for the message.
+
+    Example:
+
+    ```python
+    check_same_length(loader, "x")  # at train begin, on every process
+    ```
+    """
+    from torchcallbacks.distributed import all_gather_json, is_distributed
+
+    if not is_distributed():
+        return
+    counts = all_gather_json(known_length(data))
+    if len(set(counts)) > 1:
+        shown = ", ".join(f"process {rank}: {'unknown' if n is None else n}" for rank, n in enumerate(counts))
+        raise ValueError(
+            f"{name}: the processes have different numbers of batches per epoch ({shown}); a process that runs "
+            "out first would leave the others waiting in a collective. Shard with a DistributedSampler "
+            f"(equal shards), or pass steps_per_epoch (at most the smallest count) so that every process takes "
+            "as many batches"
+        )
+
+
 class EpochIterator:
     """Numbered batches, one epoch at a time, with the position in the data as state.
 

@@ -22,7 +22,7 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
-from torchcallbacks.training.data import EpochIterator, check_steps, known_length
+from torchcallbacks.training.data import EpochIterator, check_same_length, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_direction, normalize_metrics
 from torchcallbacks.training.run import run_hooks
@@ -170,6 +170,8 @@ def fit(
     loop.scaler = grad_scaler
     loop.track("metrics", tracker)
     loop.track("data", train_data)
+    if steps_per_epoch is None:
+        check_same_length(x, "x")  # under torch.distributed: uneven batch counts would hang or mis-pair
     callback_list.stop_training = False
 
     def validate(epoch: int) -> dict[str, float]:
