@@ -70,3 +70,20 @@ def test_a_stateful_dataloader_is_positioned_through_its_own_state(tmp_path: Pat
     assert "loader" in state["loop"]["data"]  # the loader's own state, not a count of batches to skip
     resumed, _ = _run(loader, [tc.BackupAndRestore(tmp_path, save_freq=3)], steps_per_epoch=steps_per_epoch, seed=5)
     assert _same(reference, resumed)
+
+
+def test_which_stateful_metrics_sync_themselves() -> None:
+    """Under torch.distributed, fit averages the values of stateful metrics that do not synchronise
+    themselves; torchmetrics' do (at compute), and a metric can declare it."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    from torchcallbacks.training.metrics import syncs_itself
+
+    class Plain:
+        def update(self, y_pred: Any, y: Any) -> None: ...
+        def compute(self) -> float: return 0.0
+        def reset(self) -> None: ...
+
+    declared = Plain()
+    declared.syncs_across_processes = True  # type: ignore[attr-defined]
+    assert syncs_itself(torchmetrics.MeanAbsoluteError())
+    assert not syncs_itself(Plain()) and syncs_itself(declared)

@@ -226,3 +226,14 @@ def test_uneven_batch_counts_are_refused_naming_them_and_steps_per_epoch_evens_t
         assert "steps_per_epoch" in rank["error"]
     torchrun("uneven_worker.py", evened, "steps")
     assert [r["epochs"] for r in _ranks(evened)] == [[0, 1], [0, 1]]
+
+
+# -- stateful metrics that do not synchronise themselves -------------------------------------------------
+def test_a_stateful_metric_that_does_not_sync_is_reduced_so_decisions_agree(tmp_path: Path) -> None:
+    torchrun("stateful_metric_worker.py", tmp_path)
+    ranks = _ranks(tmp_path)
+    assert ranks[0]["local"] != ranks[1]["local"]  # each process's own value differs ...
+    assert ranks[0]["logged"] == ranks[1]["logged"]  # ... the logged one is the same everywhere
+    # equal shards: the sample-weighted mean of the two processes' values
+    assert _close(ranks[0]["logged"], [(a + b) / 2 for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)])
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]  # so ReduceLROnPlateau decided the same on both

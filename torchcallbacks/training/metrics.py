@@ -165,6 +165,26 @@ def metric_state(metric: Any) -> dict[str, Any] | None:
     return {"attributes": {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in attributes.items()}}
 
 
+def syncs_itself(metric: Any) -> bool:
+    """Whether a stateful metric synchronises its state across processes in `compute()` itself: its
+    `syncs_across_processes` attribute when it has one, else True for torchmetrics metrics (they
+    have `sync()` and `dist_sync_on_step`).
+
+    Args:
+        metric: an object with `update` / `compute` / `reset`.
+
+    Example:
+
+    ```python
+    syncs_itself(torchmetrics.MeanAbsoluteError())  # True
+    ```
+    """
+    declared = getattr(metric, "syncs_across_processes", None)
+    if isinstance(declared, bool):
+        return declared
+    return callable(getattr(metric, "sync", None)) and hasattr(metric, "dist_sync_on_step")
+
+
 def load_metric_state(metric: Any, state: Mapping[str, Any]) -> None:
     """Put back what `metric_state` returned.
 
@@ -362,6 +382,7 @@ class MetricTracker:
         ```
         """
         self._means = {}
+        self._stateful_seen = 0.0  # samples fed to the stateful metrics this epoch (their weight across processes)
         for metric in self._stateful.values():
             metric.reset()
 
@@ -440,6 +461,8 @@ class MetricTracker:
                     self._add(name, function(y_pred, y), weight)
                 for metric in self._stateful.values():
                     metric.update(y_pred, y)
+                if self._stateful:
+                    self._stateful_seen += weight
 
     def _compute(self, snapshots: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -493,7 +516,8 @@ class MetricTracker:
             if total is not None:
                 means[name] = [float(total), float(weight)]
         states = {name: metric_state(m) for name, m in self._stateful.items()}
-        return {"means": means, "stateful": {name: s for name, s in states.items() if s is not None}}
+        return {"means": means, "stateful": {name: s for name, s in states.items() if s is not None},
+                "stateful_seen": self._stateful_seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict()` returned; the sums go to `self.device` (the training device).
@@ -526,16 +550,19 @@ class MetricTracker:
             mean._weight = weight
         for name, saved in stateful.items():
             load_metric_state(self._stateful[name], saved)
+        self._stateful_seen = float(state.get("stateful_seen", 0.0))
 
     def reduced_result(self) -> dict[str, Any]:
         """The means over every process's samples (`result()` outside a process group).
 
         Under `torch.distributed` the weighted sums and weights of all running means are added up
         across processes in one all-reduce (a mean over all samples, not a mean of per-process
-        means). Stateful metrics are computed by their own `compute()`, which synchronises its state
-        across processes itself (torchmetrics does, with `dist_sync_on_step=False` by default at
-        `compute`); a stateful metric that does not sync reports this process's value. Every
-        process must call it at the same point.
+        means). Stateful metrics are computed by their own `compute()`. One that synchronises its
+        state across processes itself (see `syncs_itself`: torchmetrics' do at `compute`) reports
+        that value; for any other, the processes' values are averaged weighted by the samples each
+        process fed it (in the same all-reduce), so that every decision on it is the same on every
+        process: exact for means (accuracy, MAE), an approximation for others (e.g. AUC: give such a
+        metric its own sync). Every process must call it at the same point.
 
         Example:
 
@@ -545,9 +572,22 @@ class MetricTracker:
         """
         if not is_distributed():
             return self.result()
-        # Sorted so that every process packs the values in the same order; output in logging order.
-        reduced = reduce_weighted_means({name: self._means[name].sum_and_weight() for name in sorted(self._means)})
-        out: dict[str, Any] = {name: reduced[name] for name in self._means if name in reduced}
+        pairs: dict[str, tuple[Any, float]] = {name: mean.sum_and_weight() for name, mean in self._means.items()}
+        own: dict[str, Any] = {}
         for name, metric in self._stateful.items():
-            out[name] = metric.compute()
+            value = metric.compute()
+            scalar = isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+            if scalar and not syncs_itself(metric):
+                weight = self._stateful_seen
+                pairs[name] = (torch.as_tensor(value).detach().reshape(()).double() * weight, weight)
+            else:
+                own[name] = value
+        # One all-reduce; sorted so that every process packs the values in the same order.
+        reduced = reduce_weighted_means({name: pairs[name] for name in sorted(pairs)})
+        out: dict[str, Any] = {name: reduced[name] for name in self._means if name in reduced}
+        for name in self._stateful:
+            if name in own:
+                out[name] = own[name]
+            elif name in reduced:
+                out[name] = reduced[name]
         return out
