@@ -237,3 +237,15 @@ def test_a_stateful_metric_that_does_not_sync_is_reduced_so_decisions_agree(tmp_
     # equal shards: the sample-weighted mean of the two processes' values
     assert _close(ranks[0]["logged"], [(a + b) / 2 for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)])
     assert ranks[0]["lrs"] == ranks[1]["lrs"]  # so ReduceLROnPlateau decided the same on both
+
+
+# -- collectives per epoch -------------------------------------------------------------------------------
+def test_no_built_in_callback_adds_a_collective_per_batch(tmp_path: Path) -> None:
+    """Counted by wrapping torch.distributed in the worker: the same number of collectives per epoch
+    with 6 and with 12 batches per epoch, for the default callbacks and for the usual kit."""
+    torchrun("collectives_worker.py", tmp_path)
+    for rank in _ranks(tmp_path):
+        for config in ("default", "kit"):
+            six, twelve = rank[f"{config}_6"], rank[f"{config}_12"]
+            assert six[1:] == twelve[1:], (config, six, twelve)  # epochs after the first (train begin)
+        assert rank["default_6"][1] <= 3  # epoch logs, stop flag (and nothing per batch)
