@@ -249,3 +249,39 @@ def test_no_built_in_callback_adds_a_collective_per_batch(tmp_path: Path) -> Non
             six, twelve = rank[f"{config}_6"], rank[f"{config}_12"]
             assert six[1:] == twelve[1:], (config, six, twelve)  # epochs after the first (train begin)
         assert rank["default_6"][1] <= 3  # epoch logs, stop flag (and nothing per batch)
+
+
+# -- another number of processes on resume -------------------------------------------------------------
+def _torchrun_n(n: int, worker: str, workdir: Path, *args: str) -> list[dict[str, Any]]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               str(HERE / worker), str(workdir), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=workdir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [json.loads((workdir / f"rank_{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_a_mid_epoch_backup_of_another_number_of_processes_is_refused_naming_both(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    """Its batches to skip are counted in the old run's per-process batches: 2 -> 1 trained 15 samples
+    twice and 1 -> 2 never saw 15 (only 2 -> 1 warned, about random states)."""
+    crashed = _torchrun_n(before, "world_change_worker.py", tmp_path, "2", "5")  # backup at step 4: mid-epoch
+    assert all(r["outcome"] == "crashed: crash" for r in crashed)
+    resumed = _torchrun_n(after, "world_change_worker.py", tmp_path, "2", "0")
+    for rank in resumed:
+        assert rank["outcome"].startswith("refused: "), rank
+        assert f"in the middle of an epoch by {before} processes and this run has {after}" in rank["outcome"]
+    assert (tmp_path / "backup" / "latest.safetensors").exists()  # still there for a rerun with the old count
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_an_epoch_end_backup_resumes_on_another_number_of_processes_with_a_warning(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    steps = 12 // before  # batches per epoch and process
+    _torchrun_n(before, "world_change_worker.py", tmp_path, "epoch", str(steps + 1))  # crash in epoch 1
+    resumed = _torchrun_n(after, "world_change_worker.py", tmp_path, "epoch", "0")
+    for rank in resumed:
+        assert rank["outcome"] == "finished" and rank["resumed_at"] == [1, 0], rank
+        assert any(f"written by {before} processes and this run has {after}" in w for w in rank["warnings"]), rank

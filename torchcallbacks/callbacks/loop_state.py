@@ -191,6 +191,7 @@ class LoopState:
             "epoch": epoch,
             "batch": batch,
             "global_step": self.global_step,
+            "world_size": get_world_size(),
             "model": unwrap_model(self.model).state_dict() if self.model is not None else {},
             "optimizers": [o.state_dict() for o in self.optimizers],
             "optimizer_types": [optimizer_type(o) for o in self.optimizers],
@@ -204,22 +205,26 @@ class LoopState:
 
     def _own_part(self, state: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         ranks = state.get("ranks")
-        if ranks:
+        if ranks is not None:
             check_list(ranks, where, "ranks")
-            if len(ranks) == get_world_size():
-                own: Mapping[str, Any] = ranks[get_rank()]
-                return own
-            if state.get("batch"):
-                raise CheckpointError(
-                    f"{where} was written in the middle of an epoch by {len(ranks)} processes and this run has "
-                    f"{get_world_size()}: resume it with {len(ranks)} processes, or from a backup taken at an epoch end"
-                )
-            warnings.warn(
-                f"{where} was written by {len(ranks)} processes and this run has {get_world_size()}: every "
-                "process restores the random states of process 0, so random draws differ from an uninterrupted run",
-                stacklevel=4,
+        saved_world = len(ranks) if ranks else state.get("world_size", 1)
+        world = get_world_size()
+        if saved_world == world:
+            own: Mapping[str, Any] = ranks[get_rank()] if ranks else {"rng": state.get("rng") or {}, "loop": state.get("loop") or {}}
+            return own
+        if state.get("batch"):
+            # Its batches to skip count each process's batches of the old run: another number of
+            # processes would train samples twice or never.
+            raise CheckpointError(
+                f"{where} was written in the middle of an epoch by {saved_world} processes and this run has "
+                f"{world}: resume it with {saved_world} processes, or from a backup taken at an epoch end"
             )
-        return {"rng": state.get("rng") or {}, "loop": state.get("loop") or {}}
+        warnings.warn(
+            f"{where} was written by {saved_world} processes and this run has {world}: every process restores "
+            "the random states of process 0, so random draws differ from an uninterrupted run",
+            stacklevel=4,
+        )
+        return {"rng": state.get("rng") or {}, "loop": {k: v for k, v in (state.get("loop") or {}).items() if k != "data"}}
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the state") -> None:
         """Check every part of `state`, then apply all of them: callbacks, the loop's parts, model,
