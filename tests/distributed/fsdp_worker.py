@@ -14,7 +14,8 @@
   full state (WORKDIR/<CKPT name>.after_W.safetensors, W the number of processes) and, after CONTINUE
   more steps, .resumed_W.safetensors. Then, as a control, save with DCP's default FileSystemWriter and
   load it under the same ban: rank 0 writes WORKDIR/control.txt saying whether the ban tripped.
-- `probe`: `fit` with each callback in turn on a fresh model, printing `PROBE <name>: OK | FAIL ...`.
+- `probe NAME`: `fit` with one callback (see `probe`), printing `PROBE <name>: OK | FAIL ...` (the
+  investigation of what breaks under FSDP2; not run by the tests).
 """
 
 from __future__ import annotations
@@ -171,41 +172,36 @@ def control(workdir: str, model: torch.nn.Module) -> None:
             file.write(outcome)
 
 
-def probe(workdir: str) -> None:
+def probe(workdir: str, name: str) -> None:
+    """`fit` with one callback (a launch per callback: a failure can leave the other process in a
+    collective); prints `PROBE <name>: OK` or the error and where it was raised, and exits 3 on failure."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 16, generator=generator)
     data = TensorDataset(x, x.sum(1, keepdim=True))
-    names = {
+    callbacks = {
         "fit": lambda: [],
         "EarlyStopping": lambda: [tc.EarlyStopping(monitor="loss", patience=1)],
         "EarlyStopping(restore_best_weights)": lambda: [tc.EarlyStopping(monitor="loss", patience=1, restore_best_weights=True)],
-        "ModelCheckpoint(weights)": lambda: [tc.ModelCheckpoint(os.path.join(workdir, "w.safetensors"))],
+        "ModelCheckpoint(weights)": lambda: [tc.ModelCheckpoint(os.path.join(workdir, "w.safetensors"), save_weights_only=True)],
         "ModelCheckpoint(full)": lambda: [tc.ModelCheckpoint(os.path.join(workdir, "s.safetensors"), save_weights_only=False)],
         "BackupAndRestore": lambda: [tc.BackupAndRestore(os.path.join(workdir, "backup"))],
         "SwapEMAWeights": lambda: [tc.SwapEMAWeights()],
         "TensorBoard(histogram_freq=1)": lambda: [tc.TensorBoard(os.path.join(workdir, "tb"), histogram_freq=1)],
         "ReduceLROnPlateau": lambda: [tc.ReduceLROnPlateau(monitor="loss")],
         "CSVLogger": lambda: [tc.CSVLogger(os.path.join(workdir, "log.csv"))],
-    }
-    for name, callbacks in names.items():
-        model = make_model(0)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        loader = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=False))
-        try:
-            tc.fit(model, loader, optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=2, verbose=0,
-                   callbacks=callbacks())
-            outcome = "OK"
-        except Exception as exc:
-            frames = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)[-4:]]
-            outcome = f"FAIL {type(exc).__name__}: {str(exc)[:160]} at {frames}"
-        results = [None] * dist.get_world_size()
-        dist.all_gather_object(results, outcome)  # one process's failure must not leave the other waiting
-        if dist.get_rank() == 0:
-            print(f"PROBE {name}: {results}", flush=True)
-        if any(r != "OK" for r in results):
-            break  # a process may be stuck in a collective of the failed run: stop probing
+    }[name]()
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=False))
+    try:
+        tc.fit(model, loader, optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=2, verbose=0, callbacks=callbacks)
+    except Exception as exc:
+        frames = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)[-6:]]
+        print(f"PROBE {name} (rank {dist.get_rank()}): FAIL {type(exc).__name__}: {str(exc)[:200]} at {frames}", flush=True)
+        os._exit(3)
+    print(f"PROBE {name} (rank {dist.get_rank()}): OK", flush=True)
 
 
 def main() -> None:
@@ -217,7 +213,7 @@ def main() -> None:
     elif mode == "load":
         load(workdir, sys.argv[3])
     elif mode == "probe":
-        probe(workdir)
+        probe(workdir, sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     dist.barrier()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,11 +97,18 @@ def test_two_processes_to_one_and_one_to_two_reshard(two: Path, one: Path) -> No
 def test_the_directory_holds_safetensors_shards_and_json_only(two: Path) -> None:
     ckpt = two / "ckpt"
     names = sorted(os.listdir(ckpt))
-    assert names == ["dcp_metadata.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors", "state.json"]
-    json.loads((ckpt / "state.json").read_text())
+    assert names == ["dcp_metadata.json", "replicated.safetensors", "shard-00000-of-00002.safetensors",
+                     "shard-00001-of-00002.safetensors", "state.json"]
+    state = json.loads((ckpt / "state.json").read_text())
     metadata = json.loads((ckpt / "dcp_metadata.json").read_text())
     before = load_file(two / "ckpt.before.safetensors")
-    assert sorted(metadata["tensors"]) == sorted(before)
+    # DTensors (4 parameters, 8 Adam moments) in shards; the rest (buffer, Adam steps) once, by rank 0
+    assert sorted(metadata["tensors"]) == state["sharded"] and len(state["sharded"]) == 12
+    assert sorted(state["sharded"] + state["replicated"]) == sorted(before)
+    replicated = load_file(ckpt / "replicated.safetensors")
+    assert sorted(replicated) == state["replicated"] == ["model/scale"] + [f"optim/state/{p}/step" for p in
+                                                                           ("0.bias", "0.weight", "2.bias", "2.weight")]
+    assert all(torch.equal(replicated[k], before[k]) for k in replicated)
     # safetensors' own reader reads every chunk, and the chunks put together are the full tensors
     for name, entry in metadata["tensors"].items():
         full = torch.zeros(entry["size"], dtype=before[name].dtype)
@@ -112,7 +120,7 @@ def test_the_directory_holds_safetensors_shards_and_json_only(two: Path) -> None
             full[index] = part
         assert torch.equal(full, before[name]), name
     # the 33-row weight is split between both files
-    assert {c["file"] for c in metadata["tensors"]["model/0.weight"]["chunks"]} == set(names[1:3])
+    assert {c["file"] for c in metadata["tensors"]["model/0.weight"]["chunks"]} == set(names[2:4])
 
 
 def test_each_process_writes_about_its_own_shards(two: Path) -> None:
@@ -121,8 +129,8 @@ def test_each_process_writes_about_its_own_shards(two: Path) -> None:
         info = json.loads((two / f"ckpt.save_{rank}.json").read_text())
         size = os.path.getsize(two / "ckpt" / f"shard-{rank:05d}-of-00002.safetensors")
         assert info["written"] == size
-        # its DTensor shards, plus at most the replicated tensors (Adam steps, the buffer) and the header
-        assert info["local_bytes"] <= size <= info["local_bytes"] + 2500, (rank, info, size)
+        # its DTensor shards and the header (names and offsets of its 6 chunks)
+        assert info["local_bytes"] <= size <= info["local_bytes"] + 1500, (rank, info, size)
         assert info["local_bytes"] < 0.6 * total
 
 
@@ -187,44 +195,81 @@ def test_a_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_pat
 
 
 # -- one process, no torchrun ------------------------------------------------------------------------
-def _single(path: Path) -> dict[str, Any]:
-    from torchcallbacks.checkpoint.sharded import save_sharded
+def _template(names: list[str], full: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A tree with a zero tensor of the full shape at each path (what a process without FSDP holds)."""
+    tree: dict[str, Any] = {}
+    for name in names:
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = torch.zeros_like(full[name])
+    return tree
 
-    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 7, "rng": [torch.tensor([1, 2], dtype=torch.uint8)]}
-    save_sharded(path, state, per_process={"seed": 3})
-    return state
+
+def test_a_process_without_a_process_group_loads_full_tensors(two: Path, tmp_path: Path) -> None:
+    from torchcallbacks.checkpoint.sharded import load_sharded
+
+    before = load_file(two / "ckpt.before.safetensors")
+    sharded = json.loads((two / "ckpt" / "state.json").read_text())["sharded"]
+    template = _template(sharded, before)
+    state, processes = load_sharded(two / "ckpt", template)
+    assert state["model"]["0.weight"] is template["model"]["0.weight"]
+    assert torch.equal(state["model"]["0.weight"], before["model/0.weight"])
+    assert torch.equal(state["optim"]["state"]["2.weight"]["exp_avg_sq"], before["optim/state/2.weight/exp_avg_sq"])
+    assert torch.equal(state["optim"]["state"]["2.weight"]["step"], before["optim/state/2.weight/step"])  # replicated
+    assert state["step"] == 3 and state["note"] == {"tuple": (1, 2.5), "inf": float("inf")}
+    assert [p["rank"] for p in processes or []] == [0, 1]
 
 
-def test_single_process_round_trip_and_template_mismatch_names_the_tensors(tmp_path: Path) -> None:
+def test_a_template_that_does_not_fit_is_refused_naming_the_tensors(two: Path) -> None:
     from torchcallbacks.checkpoint.errors import CheckpointError
     from torchcallbacks.checkpoint.sharded import load_sharded
 
-    _single(tmp_path / "c")
-    template = {"model": {"w": torch.zeros(2, 3)}, "rng": [torch.zeros(2, dtype=torch.uint8)]}
-    state, processes = load_sharded(tmp_path / "c", template)
-    assert state["step"] == 7 and processes == [{"seed": 3}]
-    assert state["model"]["w"] is template["model"]["w"] and torch.equal(state["model"]["w"], torch.arange(6.0).reshape(2, 3))
-    with pytest.raises(CheckpointError, match=r"template lacks: \['model/w'\].*checkpoint lacks: \['model/v'\]"):
-        load_sharded(tmp_path / "c", {"model": {"v": torch.zeros(2, 3)}, "rng": [torch.zeros(2, dtype=torch.uint8)]})
+    before = load_file(two / "ckpt.before.safetensors")
+    sharded = json.loads((two / "ckpt" / "state.json").read_text())["sharded"]
+    template = _template(sharded, before)
+    del template["model"]["0.weight"]
+    template["model"]["extra"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match=r"template lacks: \['model/0.weight'\].*checkpoint lacks: \['model/extra'\]"):
+        load_sharded(two / "ckpt", template)
+    template = _template(sharded, before)
+    template["model"]["0.weight"] = torch.zeros(34, 16)
     with pytest.raises(CheckpointError, match="Size mismatch"):
-        load_sharded(tmp_path / "c", {"model": {"w": torch.zeros(3, 3)}, "rng": [torch.zeros(2, dtype=torch.uint8)]})
+        load_sharded(two / "ckpt", template)
+    template = _template(sharded, before)
+    template["model"]["scale"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"replicated.safetensors.*'model/scale' is \(2,\)"):
+        load_sharded(two / "ckpt", template)
 
 
-def test_damaged_metadata_is_refused_naming_the_file_and_field(tmp_path: Path) -> None:
+def test_damaged_metadata_is_refused_naming_the_file_and_field(two: Path, tmp_path: Path) -> None:
     from torchcallbacks.checkpoint.errors import CheckpointError
     from torchcallbacks.checkpoint.sharded import load_sharded
 
-    _single(tmp_path / "c")
+    shutil.copytree(two / "ckpt", tmp_path / "c")
+    before = load_file(two / "ckpt.before.safetensors")
+    sharded = json.loads((two / "ckpt" / "state.json").read_text())["sharded"]
     path = tmp_path / "c" / "dcp_metadata.json"
     document = json.loads(path.read_text())
-    document["tensors"]["model/w"]["size"] = [4, 3]  # chunks now cover half the tensor
+    del document["tensors"]["model/0.weight"]["chunks"][1]  # as if process 1's part were lost
     path.write_text(json.dumps(document))
-    template = {"model": {"w": torch.zeros(4, 3)}, "rng": [torch.zeros(2, dtype=torch.uint8)]}
-    with pytest.raises(CheckpointError, match=r"dcp_metadata.json.*cover 6 of its 12 elements"):
-        load_sharded(tmp_path / "c", template)
+    with pytest.raises(CheckpointError, match=r"dcp_metadata.json.*'tensors/model/0.weight' cover 272 of its 528 elements"):
+        load_sharded(tmp_path / "c", _template(sharded, before))
+    (tmp_path / "c" / "shard-00001-of-00002.safetensors").unlink()
+    path.write_text((two / "ckpt" / "dcp_metadata.json").read_text())
+    with pytest.raises(CheckpointError, match=r"names file 'shard-00001-of-00002.safetensors', which the directory lacks"):
+        load_sharded(tmp_path / "c", _template(sharded, before))
     (tmp_path / "c" / "state.json").unlink()
     with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
-        load_sharded(tmp_path / "c", template)
+        load_sharded(tmp_path / "c", _template(sharded, before))
+
+
+def _single(path: Path, step: int = 7) -> None:
+    from torchcallbacks.checkpoint.sharded import save_sharded
+
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3) + step}, "step": step, "rng": [torch.tensor([1, 2], dtype=torch.uint8)]}
+    save_sharded(path, state, per_process={"seed": 3})
 
 
 def test_a_crash_between_the_two_renames_of_the_fallback_leaves_a_readable_old_directory(tmp_path: Path) -> None:
@@ -232,10 +277,10 @@ def test_a_crash_between_the_two_renames_of_the_fallback_leaves_a_readable_old_d
 
     _single(tmp_path / "c")
     os.rename(tmp_path / "c", tmp_path / "c.old-abc")  # what the fallback leaves after its first rename
-    template = {"model": {"w": torch.zeros(2, 3)}, "rng": [torch.zeros(2, dtype=torch.uint8)]}
     with pytest.warns(UserWarning, match="interrupted"):
-        state, _ = sharded.load_sharded(tmp_path / "c", template)
-    assert state["step"] == 7
+        state, processes = sharded.load_sharded(tmp_path / "c", {})
+    assert state["step"] == 7 and processes == [{"seed": 3}]
+    assert torch.equal(state["rng"][0], torch.tensor([1, 2], dtype=torch.uint8))
 
 
 def test_the_fallback_publication_replaces_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,9 +288,8 @@ def test_the_fallback_publication_replaces_a_directory(tmp_path: Path, monkeypat
 
     _single(tmp_path / "c")
     monkeypatch.setattr(sharded, "_exchange", lambda a, b: False)
-    state = {"model": {"w": torch.ones(2, 3)}, "step": 8, "rng": [torch.tensor([1, 2], dtype=torch.uint8)]}
-    sharded.save_sharded(tmp_path / "c", state)
+    _single(tmp_path / "c", step=8)
     assert sorted(os.listdir(tmp_path)) == ["c"]
-    template = {"model": {"w": torch.zeros(2, 3)}, "rng": [torch.zeros(2, dtype=torch.uint8)]}
-    loaded, processes = sharded.load_sharded(tmp_path / "c", template)
-    assert loaded["step"] == 8 and processes is None and torch.equal(template["model"]["w"], torch.ones(2, 3))
+    template = {"model": {"w": torch.zeros(2, 3)}}
+    state, _ = sharded.load_sharded(tmp_path / "c", template)
+    assert state["step"] == 8 and torch.equal(template["model"]["w"], torch.arange(6.0).reshape(2, 3) + 8)

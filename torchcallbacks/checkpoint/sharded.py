@@ -12,6 +12,9 @@ What goes where (the directory, once complete):
   files (readable by `safetensors.safe_open`), one tensor per chunk, named `<path>@<offsets>`.
 - `dcp_metadata.json`: DCP's `Metadata` as JSON (written by the coordinator): for every tensor its
   dtype, global size and chunks (offsets, sizes, the file and the key that hold each chunk).
+- `replicated.safetensors` (written by rank 0): the tensors that are not `DTensor`s (Adam's `step`,
+  buffers FSDP leaves replicated, random states), under their paths in the tree. They are the same on
+  every process, need no resharding, and every process reads them back without a template.
 - `state.json` (written by rank 0, last): the tree with every tensor replaced by
   `{"__tensor__": "<path>"}` (the `encoding` module's tags), every process's `per_process` value,
   and the format and versions.
@@ -84,6 +87,7 @@ PathLike = str | os.PathLike[str]
 #: The files of a complete sharded checkpoint directory.
 STATE_FILE = "state.json"
 METADATA_FILE = "dcp_metadata.json"
+REPLICATED_FILE = "replicated.safetensors"
 FORMAT = "torchcallbacks.sharded_state"
 METADATA_FORMAT = "torchcallbacks.dcp_metadata"
 FORMAT_VERSION = 1
@@ -498,6 +502,8 @@ def save_sharded(directory: PathLike, state: Mapping[str, Any], *, per_process: 
 
     target = os.path.abspath(os.fspath(directory))
     document, tensors = _encode_tree(state)
+    shards = {name: t for name, t in tensors.items() if isinstance(t, DTensor)}
+    replicated = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if not isinstance(t, DTensor)}
     own = to_json(per_process) if per_process is not None else None
     error = None
     if get_rank() == 0:
@@ -513,7 +519,7 @@ def save_sharded(directory: PathLike, state: Mapping[str, Any], *, per_process: 
     writer = SafetensorsShardWriter(tmp)
     try:
         with _one_process_is_intended():
-            dcp.save(tensors, storage_writer=writer, planner=DefaultSavePlanner())
+            dcp.save(shards, storage_writer=writer, planner=DefaultSavePlanner())
     except (Exception, CheckpointException) as exc:  # DCP raises on every process when one fails (a BaseException)
         if get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -522,11 +528,15 @@ def save_sharded(directory: PathLike, state: Mapping[str, Any], *, per_process: 
     error = None
     try:
         if get_rank() == 0:
-            os.makedirs(tmp, exist_ok=True)  # a tree without tensors
+            os.makedirs(tmp, exist_ok=True)  # a tree without DTensors
+            if replicated:
+                write_safetensors(replicated, os.path.join(tmp, REPLICATED_FILE), {"format": "pt"})
+                _fsync_file(os.path.join(tmp, REPLICATED_FILE))
             _write_json_file(os.path.join(tmp, STATE_FILE), {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
                 "torch_version": torch.__version__, "world_size": get_world_size(),
                 "state": document, "processes": processes,
+                "sharded": sorted(shards), "replicated": sorted(replicated),
             })
         _fsync_dir(tmp)
         if _before_publish is not None:
@@ -555,14 +565,17 @@ def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tupl
     """Read a directory of `save_sharded` into the tensors of `state_template`, in place.
 
     Collective: every process calls it at the same point. Each process reads only the chunks its own
-    shards need, whatever the number of processes that saved (so 2 -> 1 and 1 -> 2 reshard). The
-    tensors of the template (e.g. `get_state_dict` of a model and optimizer of the run that resumes)
-    receive the saved values; everything else comes from the JSON. Nothing is unpickled.
+    shards need, whatever the number of processes that saved (so 2 -> 1 and 1 -> 2 reshard; without a
+    process group, plain full-size tensors in the template receive whole tensors). The template must
+    hold a tensor for every tensor that was saved as a `DTensor` (e.g. `get_state_dict` of the model and
+    optimizer of the run that resumes) and may hold the others (replicated tensors it lacks are new
+    tensors read from `replicated.safetensors`); a tensor it holds that the checkpoint lacks is an
+    error. Values that are not tensors come from the JSON. Nothing is unpickled.
 
     Args:
         directory: the checkpoint directory.
-        state_template: a tree of the saved structure whose tensors (DTensors or plain) have the saved
-            shapes and dtypes; they are overwritten.
+        state_template: a tree of the saved structure whose tensors have the saved shapes and dtypes;
+            they are overwritten. Its values that are not tensors are ignored.
 
     Returns:
         `(state, processes)`: the saved tree, its tensors being the template's (now loaded), and the
@@ -593,22 +606,31 @@ def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tupl
     saved = document.get("state")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where!r}: field 'state' must be a JSON object")
-    _, tensors = _encode_tree(state_template)
     names = _tensor_names(saved, set())
-    missing, unexpected = sorted(names - tensors.keys()), sorted(tensors.keys() - names)
+    lists = [document.get(field) for field in ("sharded", "replicated")]
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+        raise CheckpointError(f"{where!r}: fields 'sharded' and 'replicated' must be lists of tensor names")
+    sharded_names, replicated_names = set(lists[0]), set(lists[1])
+    if sharded_names | replicated_names != names or sharded_names & replicated_names:
+        raise CheckpointError(f"{where!r}: fields 'sharded' and 'replicated' do not list the tensors of field 'state'")
+    _, template = _encode_tree(state_template)
+    missing, unexpected = sorted(sharded_names - template.keys()), sorted(template.keys() - names)
     if missing or unexpected:
         raise CheckpointError(
             f"{path!r} does not fit the template: "
             + "; ".join(part for part in (
-                f"tensors the template lacks: {missing[:10]}" if missing else "",
+                f"sharded tensors the template lacks: {missing[:10]}" if missing else "",
                 f"tensors the checkpoint lacks: {unexpected[:10]}" if unexpected else "",
             ) if part)
         )
+    tensors = _read_replicated(path, sorted(replicated_names), template)
     try:
         with _one_process_is_intended():
-            dcp.load(tensors, storage_reader=SafetensorsShardReader(path), planner=DefaultLoadPlanner())
+            shards = {name: template[name] for name in sharded_names}
+            dcp.load(shards, storage_reader=SafetensorsShardReader(path), planner=DefaultLoadPlanner())
     except (Exception, CheckpointException) as exc:  # DCP raises every process's error everywhere (a BaseException)
         raise CheckpointError(f"loading {path!r} failed: {exc}") from exc
+    tensors.update(shards)
     try:
         state = {key: decode(value, tensors) for key, value in saved.items()}
         processes = document.get("processes")
@@ -619,6 +641,40 @@ def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tupl
 
 
 # -- full weights for the world ----------------------------------------------------------------------
+def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The replicated tensors, copied into the template's tensors where it has them (same shape and
+    dtype required), else new ones. Every process reads the file itself (safetensors: no pickle)."""
+    if not names:
+        return {}
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, REPLICATED_FILE)
+    try:
+        stored = load_file(file)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path!r} is not a complete sharded checkpoint: no {REPLICATED_FILE}") from exc
+    except Exception as exc:  # safetensors' own errors (a truncated or damaged file)
+        raise CheckpointError(f"{file!r}: cannot read it: {exc}") from exc
+    absent = [n for n in names if n not in stored]
+    if absent:
+        raise CheckpointError(f"{file!r} lacks the tensors {absent[:10]}")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        value, target = stored[name], template.get(name)
+        if target is None:
+            out[name] = value
+            continue
+        if isinstance(target, DTensor) or target.shape != value.shape or target.dtype != value.dtype:
+            raise CheckpointError(
+                f"{file!r}: tensor {name!r} is {tuple(value.shape)} {value.dtype} (not sharded); the template has "
+                f"{tuple(target.shape)} {target.dtype}{' as a DTensor' if isinstance(target, DTensor) else ''}"
+            )
+        with torch.no_grad():
+            target.copy_(value)
+        out[name] = target
+    return out
+
+
 def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shard_size: int = 5_000_000_000) -> list[str]:
     """Write the model's full, unsharded weights in Hugging Face's layout: `model.safetensors`, or
     `model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json` when they exceed
