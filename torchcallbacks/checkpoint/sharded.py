@@ -21,7 +21,7 @@ What goes where (the directory, once complete):
 
 Why not DCP's own storage: `FileSystemWriter` pickles its `.metadata` (and `FileSystemReader`
 unpickles it), and DCP's planners store non-tensor values as `torch.save` bytes and read them back
-with `torch.load(weights_only=False)`. `HuggingFaceStorageWriter` writes no metadata file when every
+with `torch.load` and `weights_only` off. `HuggingFaceStorageWriter` writes no metadata file when every
 process saves its own shards (the reader rebuilds it from whatever `*.safetensors` files are in the
 directory, so a missing shard goes unnoticed), and it writes non-tensor values as raw pickled bytes
 in front of the safetensors data. So tensors only go through DCP here, with our own storage layer
