@@ -14,6 +14,8 @@
   full state (WORKDIR/<CKPT name>.after_W.safetensors, W the number of processes) and, after CONTINUE
   more steps, .resumed_W.safetensors. Then, as a control, save with DCP's default FileSystemWriter and
   load it under the same ban: rank 0 writes WORKDIR/control.txt saying whether the ban tripped.
+- `backup NAME` / `backup-hold NAME`: `fit` with `BackupAndRestore` (see `backup`); `backup-hold`
+  sleeps at step 10 (after the backup at step 8) after writing WORKDIR/held_R.
 - `probe NAME`: `fit` with one callback (see `probe`), printing `PROBE <name>: OK | FAIL ...` (the
   investigation of what breaks under FSDP2; not run by the tests).
 """
@@ -204,6 +206,56 @@ def probe(workdir: str, name: str) -> None:
     print(f"PROBE {name} (rank {dist.get_rank()}): OK", flush=True)
 
 
+BACKUP_FREQ, HOLD_AFTER, BACKUP_EPOCHS = 4, 10, 3
+
+
+class Hold(tc.Callback):
+    """Two steps after the backup at step 8: write WORKDIR/held_R and sleep, for the test to SIGKILL."""
+
+    stops_in_sync = True
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__()
+        self.workdir = workdir
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.loop.global_step == HOLD_AFTER:
+            path = os.path.join(self.workdir, f"held_{dist.get_rank()}")
+            with open(path + ".tmp", "w") as file:
+                file.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+            time.sleep(120)
+
+
+class Decay(tc.Callback):
+    """Lower the learning rate after every batch: it lives only in the optimizer's param_groups, so a
+    resume that did not restore them would train on with another rate."""
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= 0.9
+
+
+def backup(workdir: str, name: str, hold: bool) -> None:
+    """`fit` with BackupAndRestore(save_freq=4) (resuming from WORKDIR/backup if there is one); rank 0
+    writes the final gathered state to WORKDIR/<name>.safetensors."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 16, generator=generator)
+    data = TensorDataset(x, x.sum(1, keepdim=True) + 0.1 * torch.randn(60, 1, generator=generator))
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    saver = tc.BackupAndRestore(os.path.join(workdir, "backup"), save_freq=BACKUP_FREQ)
+    tc.fit(model, DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=True, seed=3)),
+           optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=BACKUP_EPOCHS, verbose=0,
+           callbacks=[saver, Decay()] + ([Hold(workdir)] if hold else []))
+    write_full(tree(model, optimizer, 0), os.path.join(workdir, f"{name}.safetensors"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(workdir, f"{name}.json"), "w") as file:
+            json.dump({"resumed_at": saver.restored.global_step if saver.restored else None}, file)
+
+
 def main() -> None:
     workdir, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -212,6 +264,8 @@ def main() -> None:
         save(workdir, sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 3, hold=mode == "hold")
     elif mode == "load":
         load(workdir, sys.argv[3])
+    elif mode in ("backup", "backup-hold"):
+        backup(workdir, sys.argv[3], hold=mode == "backup-hold")
     elif mode == "probe":
         probe(workdir, sys.argv[3])
     else:

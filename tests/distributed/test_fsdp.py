@@ -164,18 +164,29 @@ def test_exported_weights_are_full_tensors_in_hugging_face_layout(two: Path) -> 
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
 
 
+def _start_holding(workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = workdir / f"{args[0]}.log"
+    with open(log, "wb") as out:
+        job = subprocess.Popen(_command(2, workdir, *args), env=_env(), cwd=workdir, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    return job, log
+
+
+def _wait_for_hold(job: subprocess.Popen[bytes], log: Path, workdir: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not all((workdir / f"held_{r}").exists() for r in range(2)):
+        assert job.poll() is None, "the holding job ended before holding:\n" + log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the job never reached the hold:\n" + log.read_text()[-4000:]
+        time.sleep(0.2)
+
+
 def test_a_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     torchrun(2, tmp_path, "save", str(ckpt), "3")
     os.replace(tmp_path / "ckpt.before.safetensors", tmp_path / "first.safetensors")
-    job = subprocess.Popen(_command(2, tmp_path, "hold", str(ckpt), "5"), env=_env(), cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job, log = _start_holding(tmp_path, "hold", str(ckpt), "5")
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not all((tmp_path / f"held_{r}").exists() for r in range(2)):
-            assert job.poll() is None, "the holding job ended before holding"
-            assert time.monotonic() < deadline, "the job never reached the hold"
-            time.sleep(0.2)
+        _wait_for_hold(job, log, tmp_path)
         # both processes have written their files (the temp directory is complete) but not published it
         temps = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.tmp-")]
         assert len(temps) == 1 and (temps[0] / "state.json").exists()
@@ -293,3 +304,24 @@ def test_the_fallback_publication_replaces_a_directory(tmp_path: Path, monkeypat
     template = {"model": {"w": torch.zeros(2, 3)}}
     state, _ = sharded.load_sharded(tmp_path / "c", template)
     assert state["step"] == 8 and torch.equal(template["model"]["w"], torch.arange(6.0).reshape(2, 3) + 8)
+
+
+# -- BackupAndRestore of an FSDP2 model ---------------------------------------------------------------
+def test_backup_and_restore_of_an_fsdp_model_resumes_exactly_after_a_sigkill(tmp_path: Path) -> None:
+    torchrun(2, tmp_path, "backup", "straight")  # uninterrupted
+    assert not (tmp_path / "backup").exists()  # deleted at the end of a finished run
+    job, log = _start_holding(tmp_path, "backup-hold", "held")
+    try:
+        _wait_for_hold(job, log, tmp_path)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=30)
+    state = json.loads((tmp_path / "backup" / "latest" / "state.json").read_text())
+    assert state["state"]["global_step"] == 8 and len(state["state"]["ranks"]) == 2
+    assert "model/0.weight" in state["sharded"] and "optimizers/0/state/0.weight/exp_avg" in state["sharded"]
+    torchrun(2, tmp_path, "backup", "resumed")
+    assert json.loads((tmp_path / "resumed.json").read_text()) == {"resumed_at": 8}
+    _assert_same_state(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors")
