@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import warnings
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
@@ -95,6 +97,7 @@ class BackupAndRestore(Callback):
 
     LATEST = "latest.safetensors"
     PREVIOUS = "previous.safetensors"
+    LATEST_SHARDED = "latest"  # the directory of a sharded (FSDP2) backup: see checkpoint.sharded
 
     stops_in_sync = True  # batch hooks: its SIGTERM exit is agreed at save points (see Callback.stops_in_sync)
     dispatch_order = 2  # saves after every other callback's update, ModelCheckpoint's (1) included
@@ -123,6 +126,7 @@ class BackupAndRestore(Callback):
         self.save_on_sigterm = bool(save_on_sigterm)
         self.latest_path = os.path.join(self.backup_dir, self.LATEST)
         self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
+        self.latest_sharded_path = os.path.join(self.backup_dir, self.LATEST_SHARDED)
         self.restored: TrainingState | None = None
         self._writer = CheckpointWriter(async_save)
         self._sigterm = False
@@ -152,6 +156,8 @@ class BackupAndRestore(Callback):
             loader.worker_init_fn = current.previous
 
     def _restore(self) -> TrainingState | None:
+        if is_sharded(self.loop.model):
+            return self._restore_sharded()
         candidates = [self.latest_path] + ([self.previous_path] if self.double_checkpoint else [])
         errors: list[CheckpointError] = []
         for path in candidates:
@@ -173,6 +179,23 @@ class BackupAndRestore(Callback):
         if errors:
             raise errors[-1]
         return None
+
+    def _restore_sharded(self) -> TrainingState | None:
+        """FSDP2: every process reads its own shards of `latest/` (collective); see checkpoint.sharded."""
+        from torchcallbacks.checkpoint.sharded import STATE_FILE, load_sharded
+
+        path = self.latest_sharded_path
+        interrupted = os.path.isdir(self.backup_dir) and any(  # see checkpoint.sharded._publish
+            n.startswith(self.LATEST_SHARDED + ".old-") for n in os.listdir(self.backup_dir)
+        )
+        if not os.path.isfile(os.path.join(path, STATE_FILE)) and not interrupted:
+            return None
+        state, _ = load_sharded(path, self.loop.sharded_template())
+        self.loop.load_state_dict(state, path)
+        return TrainingState(
+            path=path, epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],
+            rng=state.get("rng") or {}, callbacks=state.get("callbacks") or {}, extra=state.get("extra") or {},
+        )
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
@@ -197,6 +220,11 @@ class BackupAndRestore(Callback):
 
     def _save(self) -> None:
         state = self.loop.state_dict()  # every process: its random states and loop parts are gathered
+        if is_sharded(self.loop.model):
+            from torchcallbacks.checkpoint.sharded import save_sharded
+
+            save_sharded(self.latest_sharded_path, state)  # every process writes its shards; atomic
+            return
         self._write(state)
         barrier()  # the backup is complete (or handed to the writer) before any process goes on
 
@@ -249,5 +277,6 @@ class BackupAndRestore(Callback):
         for path in (self.latest_path, self.previous_path):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+        shutil.rmtree(self.latest_sharded_path, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.backup_dir)

@@ -10,6 +10,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,16 @@ def _snapshot(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_snapshot(v) for v in value) if type(value) in (list, tuple) else value
     return value
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """True when the model has DTensor parameters (FSDP2's `fully_shard`): its state is then saved and
+    loaded through `torch.distributed.checkpoint` (`checkpoint.sharded`), each process its own shards."""
+    if model is None or "torch.distributed.tensor" not in sys.modules:
+        return False  # no DTensor can exist before its module is imported (and importing it costs ~0.7 s)
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap_model(model).parameters())
 
 
 def apply_states(where: str, items: list[tuple[str, Any, Any]]) -> None:
@@ -186,14 +197,31 @@ class LoopState:
         ```
         """
         epoch, batch = self.position
+        if is_sharded(self.model):  # DTensors: written by `checkpoint.sharded.save_sharded`
+            parts = self._sharded_parts()
+        else:
+            model = unwrap_model(self.model).state_dict() if self.model is not None else {}
+            parts = {"model": model, "optimizers": [o.state_dict() for o in self.optimizers]}
+        return self._rest(epoch, batch, parts)
+
+    # -- FSDP2: model and optimizers as DTensor state dicts (keyed by parameter names) ------------------
+    def _sharded_parts(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model = unwrap_model(self.model)  # type: ignore[arg-type]
+        return {
+            "model": get_model_state_dict(model),
+            "optimizers": [get_optimizer_state_dict(model, o) for o in self.optimizers],
+        }
+
+    def _rest(self, epoch: int, batch: int, parts: dict[str, Any]) -> dict[str, Any]:
         own = {"rng": {"current": capture_rng_state()}, "loop": {n: p.state_dict() for n, p in self.parts.items()}}
         state: dict[str, Any] = {
             "epoch": epoch,
             "batch": batch,
             "global_step": self.global_step,
             "world_size": get_world_size(),
-            "model": unwrap_model(self.model).state_dict() if self.model is not None else {},
-            "optimizers": [o.state_dict() for o in self.optimizers],
+            **parts,
             "optimizer_types": [optimizer_type(o) for o in self.optimizers],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "callbacks": self.callbacks.state_dict() if self.callbacks is not None else {},
@@ -202,6 +230,19 @@ class LoopState:
         if is_distributed():
             state["ranks"] = [from_json(part) for part in all_gather_json(to_json(own))]
         return state
+
+    def sharded_template(self) -> dict[str, Any]:
+        """What `checkpoint.sharded.load_sharded` loads a sharded state into (collective): the model's
+        and optimizers' DTensor state dicts (the optimizer state is initialised if it is empty).
+
+        Example:
+
+        ```python
+        state, _ = load_sharded("backup/latest", callbacks.loop.sharded_template())
+        callbacks.loop.load_state_dict(state, "backup/latest")
+        ```
+        """
+        return self._sharded_parts()
 
     def _own_part(self, state: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         ranks = state.get("ranks")
@@ -253,11 +294,16 @@ class LoopState:
         own = self._own_part(state, where)
         model = unwrap_model(self.model) if self.model is not None else None
         tensors = dict(state.get("model") or {})
+        sharded = is_sharded(model)
         if model is not None:
-            _check_keys(source, model, tensors, {}, strict=True)
+            _check_keys(source, model, tensors, {}, strict=True)  # DTensors have the global shapes
         saved = check_list(state.get("optimizers"), where, "optimizers", len(self.optimizers))
         types = state.get("optimizer_types") or [None] * len(saved)
         for i, (optimizer, optimizer_state) in enumerate(zip(self.optimizers, saved, strict=True)):
+            if sharded:  # keyed by parameter names; its tensors were checked when they were read
+                if types[i] is not None and types[i] != optimizer_type(optimizer):
+                    raise CheckpointError(f"{where}: field 'optimizers/{i}' is a {types[i]} state, the optimizer a {optimizer_type(optimizer)}")
+                continue
             check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}")
         scaler_state = state.get("scaler")
         if scaler_state is not None and not isinstance(scaler_state, Mapping):
@@ -273,10 +319,17 @@ class LoopState:
         items += [(f"loop/{name}", self.parts[name], parts[name]) for name in parts if name in self.parts]
         apply_states(where, items)  # all or nothing; the model and optimizers are untouched if it raises
 
-        if model is not None:
-            model.load_state_dict(tensors)
-        for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
-            optimizer.load_state_dict(optimizer_state)
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            set_model_state_dict(model, tensors)  # type: ignore[arg-type]
+            for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
+                set_optimizer_state_dict(model, optimizer, optimizer_state)  # type: ignore[arg-type]
+        else:
+            if model is not None:
+                model.load_state_dict(tensors)
+            for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
+                optimizer.load_state_dict(optimizer_state)
         if self.scaler is not None and scaler_state:
             self.scaler.load_state_dict(scaler_state)
         if rng is not None:

@@ -1,0 +1,753 @@
+"""Sharded training states (FSDP2 DTensors) as a directory of safetensors shards and JSON, without pickle.
+
+`save_sharded(directory, state)` / `load_sharded(directory, template)` store a state tree (the layout
+of `LoopState.state_dict()`, whose tensors may be `DTensor`s) through `torch.distributed.checkpoint`:
+every process writes only its own shards, nobody gathers the whole model or optimizer state. Both are
+collective: every process of the group calls them at the same point (outside a process group they
+work in one process).
+
+What goes where (the directory, once complete):
+
+- `shard-RRRRR-of-WWWWW.safetensors`, one per process that holds tensor chunks: plain safetensors
+  files (readable by `safetensors.safe_open`), one tensor per chunk, named `<path>@<offsets>`.
+- `dcp_metadata.json`: DCP's `Metadata` as JSON (written by the coordinator): for every tensor its
+  dtype, global size and chunks (offsets, sizes, the file and the key that hold each chunk).
+- `replicated.safetensors` (written by rank 0): the tensors that are not `DTensor`s (Adam's `step`,
+  buffers FSDP leaves replicated, random states), under their paths in the tree. They are the same on
+  every process, need no resharding, and every process reads them back without a template.
+- `state.json` (written by rank 0, last): the tree with every tensor replaced by
+  `{"__tensor__": "<path>"}` (the `encoding` module's tags), every process's `per_process` value,
+  and the format and versions.
+
+Why not DCP's own storage: `FileSystemWriter` pickles its `.metadata` (and `FileSystemReader`
+unpickles it), and DCP's planners store non-tensor values as `torch.save` bytes and read them back
+with `torch.load` and `weights_only` off. `HuggingFaceStorageWriter` writes no metadata file when every
+process saves its own shards (the reader rebuilds it from whatever `*.safetensors` files are in the
+directory, so a missing shard goes unnoticed), and it writes non-tensor values as raw pickled bytes
+in front of the safetensors data. So tensors only go through DCP here, with our own storage layer
+(`SafetensorsShardWriter` / `SafetensorsShardReader`), and everything else is JSON.
+
+Atomic at directory level: the files are written into `<directory>.tmp-<token>` (the token drawn by
+rank 0 and sent to everyone), each fsynced; after a barrier rank 0 publishes the directory: when
+there is none yet, one `rename`; when one exists, an atomic exchange of the two directories
+(`renameat2(RENAME_EXCHANGE)` on Linux) and then the old one (now under the temp name) is deleted.
+Where the exchange is not available the previous directory is first renamed to
+`<directory>.old-<token>` and the new one renamed into place; a crash between those two renames
+leaves no `<directory>` but a complete `.old-` one, which `load_sharded` then reads. A process killed
+at any instant leaves the previous checkpoint loadable; the temp directory it leaves behind is removed
+by the next save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import glob
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.tensor import DTensor
+from torch.futures import Future
+
+from torchcallbacks.checkpoint.encoding import decode, encode, from_json, to_json
+from torchcallbacks.checkpoint.errors import CheckpointError
+from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_save_file
+from torchcallbacks.distributed import all_gather_json, barrier, get_rank, get_world_size
+
+PathLike = str | os.PathLike[str]
+
+#: The files of a complete sharded checkpoint directory.
+STATE_FILE = "state.json"
+METADATA_FILE = "dcp_metadata.json"
+REPLICATED_FILE = "replicated.safetensors"
+FORMAT = "torchcallbacks.sharded_state"
+METADATA_FORMAT = "torchcallbacks.dcp_metadata"
+FORMAT_VERSION = 1
+
+#: dtype names allowed in `dcp_metadata.json` (those safetensors stores).
+_DTYPE_NAMES = {name: d for name in dir(torch) if isinstance(d := getattr(torch, name), torch.dtype)}
+
+#: Called by every process after its files are written and before the directory is published (a test
+#: hook: a test sets it to sleep there, to kill the job in the middle of a save).
+_before_publish: Callable[[], None] | None = None
+
+
+# -- small file helpers ------------------------------------------------------------------------------
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_file(path: str, value: Any) -> None:
+    """Write strict JSON to `path` (a temp name beside it, fsync, rename): a reader sees all or nothing."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump(value, file, allow_nan=False)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _read_json_file(path: str, what: str) -> Any:
+    from torchcallbacks.checkpoint.reader import loads_strict
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{os.path.dirname(path)!r} is not a complete sharded checkpoint: no {what}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path!r}: cannot read the {what}: {exc}") from exc
+    document = loads_strict(text, repr(path))
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path!r}: the {what} is not a JSON object")
+    return document
+
+
+# -- DCP storage: safetensors shards and JSON metadata -----------------------------------------------
+def _shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _chunk_key(fqn: str, offsets: Any) -> str:
+    return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkLocation:
+    """Where one chunk of a tensor is stored: a shard file of the directory and the tensor name in it."""
+
+    file: str
+    key: str
+
+
+class SafetensorsShardWriter(StorageWriter):
+    """A DCP `StorageWriter` that writes each process's chunks to one safetensors file and the
+    checkpoint's `Metadata` as JSON (`dcp_metadata.json`): nothing is pickled.
+
+    Only tensors can be stored (a non-tensor value of the state dict raises a `TypeError`: such values
+    belong in JSON, see `save_sharded`).
+
+    Args:
+        path: the directory to write into (created if needed).
+
+    Example:
+
+    ```python
+    torch.distributed.checkpoint.save({"w": dtensor}, storage_writer=SafetensorsShardWriter("ckpt.tmp"))
+    ```
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.bytes_written = 0
+        self.is_coordinator = False
+
+    def reset(self, checkpoint_id: PathLike | None = None) -> None:
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self.bytes_written = 0
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        bad = [item.index.fqn for item in plan.items if item.type == WriteItemType.BYTE_IO]
+        if bad:
+            raise TypeError(f"only tensors are stored through DCP here; non-tensor values: {bad}")
+        os.makedirs(self.path, exist_ok=True)
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [dataclasses.replace(plan, storage_data=_shard_name(i, len(plans))) for i, plan in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        file_name: str = plan.storage_data
+        tensors: dict[str, torch.Tensor] = {}
+        results: list[WriteResult] = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            if not isinstance(data, torch.Tensor):  # pragma: no cover - refused by prepare_local_plan
+                raise TypeError(f"{item.index.fqn}: only tensors are stored through DCP here")
+            assert item.tensor_data is not None
+            key = _chunk_key(item.index.fqn, item.tensor_data.chunk.offsets)
+            tensor = data.detach().to("cpu").contiguous()
+            tensors[key] = tensor
+            size = tensor.numel() * tensor.element_size()
+            results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=_ChunkLocation(file_name, key)))
+        if tensors:
+            path = os.path.join(self.path, file_name)
+            save_file(tensors, path, metadata={"format": "pt"})
+            _fsync_file(path)
+            self.bytes_written = os.path.getsize(path)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        locations = {(r.index.fqn, tuple(r.index.offset or ())): r.storage_data for rs in results for r in rs}
+        tensors: dict[str, Any] = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            if not isinstance(md, TensorStorageMetadata):  # pragma: no cover - refused by prepare_local_plan
+                raise TypeError(f"{fqn}: only tensors are stored through DCP here")
+            chunks = []
+            for chunk in md.chunks:
+                where = locations[(fqn, tuple(chunk.offsets))]
+                chunks.append({"offsets": list(chunk.offsets), "sizes": list(chunk.sizes), "file": where.file, "key": where.key})
+            tensors[fqn] = {
+                "dtype": str(md.properties.dtype).removeprefix("torch."), "size": list(md.size), "chunks": chunks,
+            }
+        _write_json_file(os.path.join(self.path, METADATA_FILE),
+                         {"format": METADATA_FORMAT, "format_version": FORMAT_VERSION, "tensors": tensors})
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+def _parse_metadata(path: str) -> Metadata:
+    """`dcp_metadata.json` as DCP's `Metadata`, every field checked (a damaged file names itself)."""
+    where = os.path.join(path, METADATA_FILE)
+    document = _read_json_file(where, METADATA_FILE)
+    if document.get("format") != METADATA_FORMAT or document.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where!r}: not a {METADATA_FORMAT} document of version {FORMAT_VERSION}")
+    entries = document.get("tensors")
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{where!r}: field 'tensors' must be a JSON object")
+
+    def ints(value: Any, field: str) -> list[int]:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise CheckpointError(f"{where!r}: field {field!r} must be a list of integers >= 0, found {value!r}")
+        return value
+
+    state_dict_metadata: dict[str, Any] = {}
+    storage_data: dict[MetadataIndex, _ChunkLocation] = {}
+    for fqn, entry in entries.items():
+        field = f"tensors/{fqn}"
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_NAMES or not isinstance(entry.get("chunks"), list):
+            raise CheckpointError(f"{where!r}: field {field!r} must have a known 'dtype', a 'size' and 'chunks'")
+        size = ints(entry.get("size"), f"{field}/size")
+        chunks, volume = [], 0
+        for i, chunk in enumerate(entry["chunks"]):
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("file"), str) or not isinstance(chunk.get("key"), str):
+                raise CheckpointError(f"{where!r}: field {field}/chunks/{i} must name a 'file' and a 'key'")
+            offsets = ints(chunk.get("offsets"), f"{field}/chunks/{i}/offsets")
+            sizes = ints(chunk.get("sizes"), f"{field}/chunks/{i}/sizes")
+            if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)
+            ):
+                raise CheckpointError(f"{where!r}: field {field}/chunks/{i} lies outside the tensor of size {size}")
+            if os.path.basename(chunk["file"]) != chunk["file"] or not os.path.isfile(os.path.join(path, chunk["file"])):
+                raise CheckpointError(f"{where!r}: field {field}/chunks/{i} names file {chunk['file']!r}, which the directory lacks")
+            volume += math.prod(sizes)
+            chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+            storage_data[MetadataIndex(fqn, offsets)] = _ChunkLocation(chunk["file"], chunk["key"])
+        if volume != math.prod(size):  # chunks never overlap (DCP's planner checks that), so this is coverage
+            raise CheckpointError(f"{where!r}: the chunks of {field!r} cover {volume} of its {math.prod(size)} elements")
+        state_dict_metadata[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=_DTYPE_NAMES[entry["dtype"]]), size=torch.Size(size), chunks=chunks,
+        )
+    return Metadata(state_dict_metadata=state_dict_metadata, storage_data=storage_data, storage_meta=StorageMeta())
+
+
+class SafetensorsShardReader(StorageReader):
+    """The DCP `StorageReader` of `SafetensorsShardWriter`'s directories: the metadata is read from
+    JSON (checked: known dtypes, chunks inside their tensor and covering it, files present) and each
+    chunk with `safetensors.safe_open`, sliced to what the reading process needs. Nothing is unpickled.
+
+    Args:
+        path: the directory.
+
+    Example:
+
+    ```python
+    torch.distributed.checkpoint.load(template, storage_reader=SafetensorsShardReader("ckpt"))
+    ```
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.storage_data: dict[MetadataIndex, _ChunkLocation] = {}
+
+    def reset(self, checkpoint_id: PathLike | None = None) -> None:
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self.storage_data = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return _parse_metadata(self.path)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        from safetensors import safe_open
+
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].file, []).append(item)
+        for file_name, items in per_file.items():
+            path = os.path.join(self.path, file_name)
+            try:
+                with safe_open(path, framework="pt") as file:
+                    for item in items:
+                        key = self.storage_data[item.storage_index].key
+                        source = file.get_slice(key)
+                        if not item.lengths:
+                            tensor = file.get_tensor(key)
+                        else:
+                            tensor = source[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True))]
+                        target = planner.resolve_tensor(item).detach()
+                        if target.size() != tensor.size() or target.dtype != tensor.dtype:
+                            raise CheckpointError(
+                                f"{path!r}: tensor {key!r} read as {tuple(tensor.shape)} {tensor.dtype}, expected "
+                                f"{tuple(target.shape)} {target.dtype}"
+                            )
+                        target.copy_(tensor)
+                        planner.commit_tensor(item, target)
+            except (OSError, KeyError) as exc:
+                raise CheckpointError(f"{path!r}: cannot read a chunk: {exc}") from exc
+            except Exception as exc:  # safetensors' own errors (a truncated or damaged file)
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path!r}: cannot read a chunk: {exc}") from exc
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+# -- publishing a directory atomically ---------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap directories `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False
+    where that is not available (another OS, an old C library, a file system that refuses it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, f"cannot exchange {a!r} and {b!r}: {os.strerror(code)}")
+
+
+def _publish(tmp: str, target: str, token: str) -> None:
+    """Make the complete directory `tmp` appear as `target` (rank 0 only); see the module docstring."""
+    parent = os.path.dirname(target)
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+    elif not os.path.isdir(target) or os.path.islink(target):
+        raise FileExistsError(f"{target!r} exists and is not a checkpoint directory")
+    elif _exchange(tmp, target):
+        _fsync_dir(parent)
+        shutil.rmtree(tmp)  # the previous checkpoint, now under the temp name
+    else:
+        old = f"{target}.old-{token}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_dir(parent)
+        shutil.rmtree(old)
+    _fsync_dir(parent)
+
+
+def _remove_leftovers(target: str) -> None:
+    """Temp directories of saves that were killed, and `.old-` copies once `target` is complete."""
+    for path in glob.glob(glob.escape(target) + ".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.isfile(os.path.join(target, STATE_FILE)):
+        for path in glob.glob(glob.escape(target) + ".old-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _complete_directory(directory: str) -> str:
+    """The directory to read: `directory` if complete, else (after a crash in the middle of the
+    two-rename fallback of `_publish`) the newest complete `<directory>.old-*`."""
+    if os.path.isfile(os.path.join(directory, STATE_FILE)):
+        return directory
+    if not os.path.lexists(directory):
+        olds = [p for p in glob.glob(glob.escape(directory) + ".old-*") if os.path.isfile(os.path.join(p, STATE_FILE))]
+        if olds:
+            chosen = max(olds, key=os.path.getmtime)
+            warnings.warn(f"{directory!r} is missing; reading {chosen!r}, left by a save that was interrupted", stacklevel=3)
+            return chosen
+        raise FileNotFoundError(f"no sharded checkpoint at {directory!r}")
+    raise CheckpointError(f"{directory!r} is not a complete sharded checkpoint: no {STATE_FILE}")
+
+
+def _raise_if_any(errors: list[Any], what: str) -> None:
+    bad = [(rank, message) for rank, message in enumerate(errors) if message]
+    if bad:
+        raise CheckpointError(f"{what} failed: " + "; ".join(f"process {r}: {m}" for r, m in bad))
+
+
+@contextlib.contextmanager
+def _one_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process outside a process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+# -- the state tree ----------------------------------------------------------------------------------
+def _encode_tree(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and k and "/" not in k for k in state):
+        raise TypeError("state: expected a dict with non-empty string keys without '/'")
+    tensors: dict[str, torch.Tensor] = {}
+    document = {key: encode(value, key, tensors) for key, value in state.items()}
+    return document, tensors
+
+
+def _tensor_names(document: Any, out: set[str]) -> set[str]:
+    if isinstance(document, list):
+        for value in document:
+            _tensor_names(value, out)
+    elif isinstance(document, dict):
+        if len(document) == 1 and "__tensor__" in document:
+            out.add(document["__tensor__"])
+        else:
+            for value in document.values():
+                _tensor_names(value, out)
+    return out
+
+
+def save_sharded(directory: PathLike, state: Mapping[str, Any], *, per_process: Any = None) -> int:
+    """Save a state tree whose tensors may be `DTensor`s as a sharded checkpoint directory, atomically.
+
+    Collective: every process calls it at the same point with trees of the same structure. Each
+    process writes the chunks of its own shards (a tensor that is not a `DTensor` is taken to be the
+    same on every process and written once); rank 0 writes the rest of the tree as JSON, so every
+    value that is not a tensor must also be the same on every process. Values that differ between
+    processes (random states, a loop's own parts) go in `per_process`: every process's value is kept.
+
+    Args:
+        directory: the checkpoint directory to create or replace (it appears only complete).
+        state: the tree: dicts, lists, tuples, numbers, strings, None and tensors (e.g. model and
+            optimizer state dicts from `torch.distributed.checkpoint.state_dict.get_state_dict`).
+        per_process: this process's own JSON-able value (tensors allowed), or None.
+
+    Returns:
+        The bytes this process wrote to its shard file.
+
+    Raises:
+        CheckpointError: a process failed to write (every process raises; the previous checkpoint
+            is left as it was).
+
+    Example:
+
+    ```python
+    model_state, optim_state = get_state_dict(model, optimizer)
+    save_sharded("ckpt/step-100", {"model": model_state, "optim": optim_state, "step": 100},
+                 per_process={"rng": capture_rng_state()})
+    ```
+    """
+    from torchcallbacks import __version__
+
+    target = os.path.abspath(os.fspath(directory))
+    document, tensors = _encode_tree(state)
+    shards = {name: t for name, t in tensors.items() if isinstance(t, DTensor)}
+    replicated = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if not isinstance(t, DTensor)}
+    own = to_json(per_process) if per_process is not None else None
+    error = None
+    if get_rank() == 0:
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _remove_leftovers(target)
+        except OSError as exc:
+            error = repr(exc)
+    agreed = all_gather_json([uuid.uuid4().hex, error])
+    _raise_if_any([e for _, e in agreed], f"saving {target!r}")
+    token = agreed[0][0]
+    tmp = f"{target}.tmp-{token}"
+    writer = SafetensorsShardWriter(tmp)
+    try:
+        with _one_process_is_intended():
+            dcp.save(shards, storage_writer=writer, planner=DefaultSavePlanner())
+    except (Exception, CheckpointException) as exc:  # DCP raises on every process when one fails (a BaseException)
+        if get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving {target!r} failed: {exc}") from exc
+    processes = all_gather_json(own) if per_process is not None else None
+    error = None
+    try:
+        if get_rank() == 0:
+            os.makedirs(tmp, exist_ok=True)  # a tree without DTensors
+            if replicated:
+                save_file(replicated, os.path.join(tmp, REPLICATED_FILE), metadata={"format": "pt"})
+                _fsync_file(os.path.join(tmp, REPLICATED_FILE))
+            _write_json_file(os.path.join(tmp, STATE_FILE), {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+                "torch_version": torch.__version__, "world_size": get_world_size(),
+                "state": document, "processes": processes,
+                "sharded": sorted(shards), "replicated": sorted(replicated),
+            })
+        _fsync_dir(tmp)
+        if _before_publish is not None:
+            _before_publish()
+    except Exception as exc:
+        error = repr(exc)
+    _raise_if_any(_cleanup_on_error(all_gather_json(error), tmp), f"saving {target!r}")
+    error = None
+    if get_rank() == 0:
+        try:
+            _publish(tmp, target, token)
+        except OSError as exc:
+            error = repr(exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+    _raise_if_any(all_gather_json(error), f"publishing {target!r}")
+    return writer.bytes_written
+
+
+def _cleanup_on_error(errors: list[Any], tmp: str) -> list[Any]:
+    if any(errors) and get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return errors
+
+
+def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any] | None]:
+    """Read a directory of `save_sharded` into the tensors of `state_template`, in place.
+
+    Collective: every process calls it at the same point. Each process reads only the chunks its own
+    shards need, whatever the number of processes that saved (so 2 -> 1 and 1 -> 2 reshard; without a
+    process group, plain full-size tensors in the template receive whole tensors). The template must
+    hold a tensor for every tensor that was saved as a `DTensor` (e.g. `get_state_dict` of the model and
+    optimizer of the run that resumes) and may hold the others (replicated tensors it lacks are new
+    tensors read from `replicated.safetensors`); a tensor it holds that the checkpoint lacks is an
+    error. Values that are not tensors come from the JSON. Nothing is unpickled.
+
+    Args:
+        directory: the checkpoint directory.
+        state_template: a tree of the saved structure whose tensors have the saved shapes and dtypes;
+            they are overwritten. Its values that are not tensors are ignored.
+
+    Returns:
+        `(state, processes)`: the saved tree, its tensors being the template's (now loaded), and the
+        list of every saving process's `per_process` value (None if none was saved).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: an incomplete or damaged directory, or a template that does not fit (tensors
+            missing on either side, other shapes or dtypes): the message names the directory and the
+            tensors.
+
+    Example:
+
+    ```python
+    model_state, optim_state = get_state_dict(model, optimizer)  # the templates
+    state, processes = load_sharded("ckpt/step-100", {"model": model_state, "optim": optim_state, "step": 0})
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    ```
+    """
+    path = _complete_directory(os.path.abspath(os.fspath(directory)))
+    where = os.path.join(path, STATE_FILE)
+    document = _read_json_file(where, STATE_FILE)
+    if document.get("format") != FORMAT:
+        raise CheckpointError(f"{where!r}: not a {FORMAT} document")
+    version = document.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{where!r}: format version {version!r}; this torchcallbacks reads 1 to {FORMAT_VERSION}")
+    saved = document.get("state")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where!r}: field 'state' must be a JSON object")
+    names = _tensor_names(saved, set())
+    lists = [document.get(field) for field in ("sharded", "replicated")]
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+        raise CheckpointError(f"{where!r}: fields 'sharded' and 'replicated' must be lists of tensor names")
+    sharded_names, replicated_names = set(lists[0]), set(lists[1])
+    if sharded_names | replicated_names != names or sharded_names & replicated_names:
+        raise CheckpointError(f"{where!r}: fields 'sharded' and 'replicated' do not list the tensors of field 'state'")
+    _, template = _encode_tree(state_template)
+    missing, unexpected = sorted(sharded_names - template.keys()), sorted(template.keys() - names)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path!r} does not fit the template: "
+            + "; ".join(part for part in (
+                f"sharded tensors the template lacks: {missing[:10]}" if missing else "",
+                f"tensors the checkpoint lacks: {unexpected[:10]}" if unexpected else "",
+            ) if part)
+        )
+    tensors = _read_replicated(path, sorted(replicated_names), template)
+    try:
+        with _one_process_is_intended():
+            shards = {name: template[name] for name in sharded_names}
+            dcp.load(shards, storage_reader=SafetensorsShardReader(path), planner=DefaultLoadPlanner())
+    except (Exception, CheckpointException) as exc:  # DCP raises every process's error everywhere (a BaseException)
+        raise CheckpointError(f"loading {path!r} failed: {exc}") from exc
+    tensors.update(shards)
+    try:
+        state = {key: decode(value, tensors) for key, value in saved.items()}
+        processes = document.get("processes")
+        ranks = [from_json(p) for p in processes] if isinstance(processes, list) else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where!r} is damaged: {exc}") from exc
+    return state, ranks
+
+
+# -- full weights for the world ----------------------------------------------------------------------
+def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The replicated tensors, copied into the template's tensors where it has them (same shape and
+    dtype required), else new ones. Every process reads the file itself (safetensors: no pickle)."""
+    if not names:
+        return {}
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, REPLICATED_FILE)
+    try:
+        stored = load_file(file)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path!r} is not a complete sharded checkpoint: no {REPLICATED_FILE}") from exc
+    except Exception as exc:  # safetensors' own errors (a truncated or damaged file)
+        raise CheckpointError(f"{file!r}: cannot read it: {exc}") from exc
+    absent = [n for n in names if n not in stored]
+    if absent:
+        raise CheckpointError(f"{file!r} lacks the tensors {absent[:10]}")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        value, target = stored[name], template.get(name)
+        if target is None:
+            out[name] = value
+            continue
+        if isinstance(target, DTensor) or target.shape != value.shape or target.dtype != value.dtype:
+            raise CheckpointError(
+                f"{file!r}: tensor {name!r} is {tuple(value.shape)} {value.dtype} (not sharded); the template has "
+                f"{tuple(target.shape)} {target.dtype}{' as a DTensor' if isinstance(target, DTensor) else ''}"
+            )
+        with torch.no_grad():
+            target.copy_(value)
+        out[name] = target
+    return out
+
+
+def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shard_size: int = 5_000_000_000) -> list[str]:
+    """Write the model's full, unsharded weights in Hugging Face's layout: `model.safetensors`, or
+    `model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json` when they exceed
+    `max_shard_size` bytes. Keys are the plain `state_dict()` names.
+
+    Collective: every process calls it. The tensors are gathered one at a time
+    (`DTensor.full_tensor()`); rank 0 holds at most one file's worth of them and writes each file
+    atomically; files of an earlier export that the new one does not have are removed.
+
+    Args:
+        model: the model (FSDP2-sharded or not; wrappers are removed).
+        directory: where to write (created if needed).
+        max_shard_size: the most bytes of tensors in one file (a larger tensor gets a file of its own).
+
+    Returns:
+        The names of the files written, the index last when there is one.
+
+    Example:
+
+    ```python
+    export_full_weights(model, "export/")
+    safetensors.torch.load_file("export/model.safetensors")
+    ```
+    """
+    from torchcallbacks.distributed import unwrap_model
+
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ValueError(f"max_shard_size: expected a positive integer (bytes), received {max_shard_size!r}")
+    out = os.fspath(directory)
+    items = list(unwrap_model(model).state_dict().items())
+    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, tensor))
+        size += nbytes
+    count = len(groups)
+    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    rank0 = get_rank() == 0
+    error = None
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file_name, group in zip(names, groups, strict=True):
+        buffer: dict[str, torch.Tensor] = {}
+        for name, tensor in group:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if rank0:
+                buffer[name] = full.detach().to("cpu").clone()  # its own memory: tied weights are copies
+                weight_map[name] = file_name
+                total += full.numel() * full.element_size()
+        if rank0 and error is None:
+            try:
+                atomic_save_file(buffer, os.path.join(out, file_name), {"format": "pt"})
+            except (OSError, TypeError, ValueError) as exc:
+                error = repr(exc)
+        del buffer
+    if rank0 and error is None:
+        try:
+            index = os.path.join(out, "model.safetensors.index.json")
+            if count > 1:
+                _write_json_file(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+                names.append(os.path.basename(index))
+            keep = set(names)
+            for stale in glob.glob(os.path.join(glob.escape(out), "model*.safetensors*")):
+                if os.path.basename(stale) not in keep and (stale.endswith(".safetensors") or stale == index):
+                    os.remove(stale)
+            _fsync_dir(out)
+        except OSError as exc:
+            error = repr(exc)
+    _raise_if_any(all_gather_json(error), f"exporting weights to {out!r}")
+    barrier()
+    return names
