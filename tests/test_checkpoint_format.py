@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import make_model
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 import torchcallbacks as tc
-from torchcallbacks.checkpoint import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.files import ALIASES_KEY, KIND_KEY, STATE_KEY
 
 
@@ -71,6 +71,56 @@ def test_load_weights_reads_files_written_by_safetensors_save_model(tmp_path: Pa
     other = Tied()
     tc.load_weights(other, tmp_path / "s.safetensors")
     assert _equal_state(model, other)
+
+
+def test_a_tied_weight_left_out_of_the_file_is_filled_from_its_tie(tmp_path: Path) -> None:
+    """A `save_pretrained`-style file stores a tied weight once and records nothing about the other
+    name (GPT-2's `lm_head.weight` is left out for `transformer.wte.weight`): it loads with strict."""
+    model = Tied()
+    with torch.no_grad():
+        model.embed.weight.normal_()
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "head.weight"}
+    save_file(state, str(tmp_path / "hf.safetensors"), metadata={"format": "pt"})
+    other = Tied()
+    tc.load_weights(other, tmp_path / "hf.safetensors")
+    assert _equal_state(model, other)
+    assert other.head.weight is other.embed.weight
+    # either name of the tie may be the one stored
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "embed.weight"}
+    save_file(state, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    other = Tied()
+    tc.load_weights(other, tmp_path / "other.safetensors")
+    assert _equal_state(model, other)
+
+
+def test_a_missing_weight_that_is_not_tied_is_still_named(tmp_path: Path) -> None:
+    model = Tied()
+    state = {k: v.clone() for k, v in model.state_dict().items() if k not in ("head.weight", "head.bias")}
+    save_file(state, str(tmp_path / "hf.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing in the file: head\.bias$"):
+        tc.load_weights(Tied(), tmp_path / "hf.safetensors")
+    untied = make_model()
+    save_file({k: v for k, v in untied.state_dict().items() if k != "2.weight"}, str(tmp_path / "u.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing in the file: 2\.weight"):
+        tc.load_weights(make_model(), tmp_path / "u.safetensors")
+
+
+@pytest.mark.slow  # importing transformers takes a few seconds
+def test_load_weights_reads_a_hugging_face_save_pretrained_file_of_a_tied_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # stored once, as wte
+    torch.manual_seed(1)
+    other = transformers.GPT2LMHeadModel(config)
+    assert not torch.equal(other.transformer.wte.weight, model.transformer.wte.weight)
+    tc.load_weights(other, tmp_path / "model.safetensors")
+    assert _equal_state(model, other)
+    assert other.lm_head.weight is other.transformer.wte.weight
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model.eval()(tokens).logits, other.eval()(tokens).logits)
 
 
 def test_load_weights_reads_the_model_part_of_a_training_state(tmp_path: Path) -> None:

@@ -362,3 +362,28 @@ def test_hand_written_loop() -> None:
         assert logs["learning_rate"] == seen[-1]
     callbacks.on_train_end()
     assert seen == pytest.approx([0.01 * (i + 1) for i in range(8)])
+
+
+def test_every_param_group_of_every_optimizer_is_logged() -> None:
+    model = make_model()
+    first = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].weight, "lr": 0.2}])
+    second = torch.optim.SGD([model[2].bias], lr=0.4)
+    step = lr_scheduler.StepLR(second, step_size=1, gamma=0.5)
+    history = torchcallbacks.fit(
+        model, make_regression(), optimizer=[first, second], loss=F.mse_loss, epochs=3, verbose=0,
+        callbacks=[LearningRateScheduler(step)],
+    )
+    assert history.history["learning_rate"] == [0.1, 0.1, 0.1]
+    assert history.history["learning_rate/group_1"] == [0.2, 0.2, 0.2]
+    assert history.history["learning_rate/optimizer_1/group_0"] == [0.4, 0.2, 0.1]  # before each epoch-end step
+
+
+def test_every_param_group_of_a_function_schedule_is_logged() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.2}])
+    history = torchcallbacks.fit(
+        model, make_regression(), optimizer=optimizer, loss=F.mse_loss, epochs=2, verbose=0,
+        callbacks=[LearningRateScheduler(lambda epoch, lr: lr * 10 if epoch == 1 else lr)],
+    )
+    assert history.history["learning_rate"] == [0.1, 1.0]
+    assert history.history["learning_rate/group_1"] == [0.2, 2.0]

@@ -210,3 +210,29 @@ def test_argument_errors() -> None:
         ReduceLROnPlateau(cooldown=-1)
     with pytest.raises(ValueError, match="min_lr"):
         ReduceLROnPlateau(min_lr=-1.0)
+
+
+def test_every_param_group_of_every_optimizer_is_logged_in_history_and_csv(tmp_path) -> None:
+    import csv
+
+    model = make_model()
+    first = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].weight, "lr": 0.2}])
+    second = torch.optim.SGD([model[2].bias], lr=0.4)
+    never_better = iter([1.0, 2.0, 3.0])
+    path = tmp_path / "log.csv"
+    history = torchcallbacks.fit(
+        model, make_regression(), optimizer=[first, second], loss=F.mse_loss, epochs=3, verbose=0,
+        callbacks=[
+            LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(watched=next(never_better))),
+            # acts on the second optimizer only; logs every optimizer's groups, named by their place in the loop
+            ReduceLROnPlateau(monitor="watched", mode="min", patience=1, factor=0.5, optimizers=second),
+            torchcallbacks.CSVLogger(path),
+        ],
+    )
+    assert history.history["learning_rate"] == [0.1, 0.1, 0.1]
+    assert history.history["learning_rate/group_1"] == [0.2, 0.2, 0.2]
+    assert history.history["learning_rate/optimizer_1/group_0"] == [0.4, 0.4, 0.2]  # the rate of each epoch
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [float(row["learning_rate/optimizer_1/group_0"]) for row in rows] == [0.4, 0.4, 0.2]
+    assert [float(row["learning_rate/group_1"]) for row in rows] == [0.2, 0.2, 0.2]

@@ -340,3 +340,36 @@ def test_learning_rate_of_a_scheduler_stepped_before_tensorboard_without_logging
         callbacks=[stepper, torchcallbacks.TensorBoard(tmp_path, write_graph=False)],
     )
     assert _scalars(_run(tmp_path / "train"), "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05, 0.025])))
+
+
+def test_every_param_group_of_every_optimizer_has_a_learning_rate_tag(tmp_path: Path) -> None:
+    model = make_model()
+    first = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].weight, "lr": 0.2}])
+    second = torch.optim.SGD([model[2].bias], lr=0.3)
+    halve = torch.optim.lr_scheduler.StepLR(second, step_size=1, gamma=0.5)
+    stepper = torchcallbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: halve.step())  # logs nothing
+    torchcallbacks.fit(
+        model, make_regression(), optimizer=[first, second], loss=torch.nn.functional.mse_loss, epochs=2, verbose=0,
+        callbacks=[stepper, torchcallbacks.TensorBoard(tmp_path, write_graph=False)],
+    )
+    train = _run(tmp_path / "train")
+    assert {t for t in train.Tags()["scalars"] if "learning_rate" in t} == {
+        "epoch_learning_rate", "epoch_learning_rate/group_1", "epoch_learning_rate/optimizer_1/group_0",
+    }
+    assert _scalars(train, "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.1])))
+    assert _scalars(train, "epoch_learning_rate/group_1") == list(enumerate(_f32([0.2, 0.2])))
+    # the rate each epoch trained with, although the scheduler stepped before TensorBoard's epoch end
+    assert _scalars(train, "epoch_learning_rate/optimizer_1/group_0") == list(enumerate(_f32([0.3, 0.15])))
+
+
+def test_learning_rate_tags_of_every_group_from_a_learning_rate_callback(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.2}])
+    schedule = torchcallbacks.LearningRateScheduler(lambda epoch, lr: lr if epoch == 0 else lr / 2)
+    torchcallbacks.fit(
+        model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=2, verbose=0,
+        callbacks=[schedule, torchcallbacks.TensorBoard(tmp_path, write_graph=False)],
+    )
+    train = _run(tmp_path / "train")
+    assert _scalars(train, "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05])))
+    assert _scalars(train, "epoch_learning_rate/group_1") == list(enumerate(_f32([0.2, 0.1])))

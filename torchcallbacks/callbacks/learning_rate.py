@@ -112,6 +112,58 @@ def first_lr(optimizer: torch.optim.Optimizer) -> Any:
     return optimizer.param_groups[0]["lr"]
 
 
-def lr_logs(optimizer: torch.optim.Optimizer) -> float:
-    """The value logged as `learning_rate`: the first parameter group's learning rate."""
-    return to_float(first_lr(optimizer))
+#: The log name of the first optimizer's first parameter group's learning rate (Keras' name).
+LEARNING_RATE = "learning_rate"
+
+
+def lr_name(optimizer_index: int, group_index: int) -> str:
+    """The log name of one parameter group's learning rate.
+
+    The first optimizer's first group is `learning_rate` (Keras' name); the first optimizer's other
+    groups are `learning_rate/group_<j>`; optimizer `i > 0` logs `learning_rate/optimizer_<i>/group_<j>`
+    (0-based indices, in the order of the loop's optimizers and of `param_groups`). A `/` keeps them
+    together in TensorBoard (one section, `epoch_learning_rate`) and is a plain character in a CSV
+    header.
+
+    Example:
+
+    ```python
+    lr_name(0, 0)  # "learning_rate"
+    lr_name(0, 1)  # "learning_rate/group_1"
+    lr_name(1, 0)  # "learning_rate/optimizer_1/group_0"
+    ```
+    """
+    if optimizer_index == 0:
+        return LEARNING_RATE if group_index == 0 else f"{LEARNING_RATE}/group_{group_index}"
+    return f"{LEARNING_RATE}/optimizer_{optimizer_index}/group_{group_index}"
+
+
+def all_lrs(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Every parameter group's learning rate as stored (numbers, or tensors read later without a
+    device sync now), under the names of `lr_name`."""
+    return {
+        lr_name(i, j): group["lr"]
+        for i, optimizer in enumerate(optimizers)
+        for j, group in enumerate(optimizer.param_groups)
+    }
+
+
+def lr_logs(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
+    """The learning rates written into the epoch logs: every parameter group of every optimizer, as
+    floats, named by `lr_name` (`learning_rate` is the first optimizer's first group's).
+
+    Example:
+
+    ```python
+    logs.update(lr_logs(self.optimizers))
+    ```
+    """
+    return {name: to_float(lr) for name, lr in all_lrs(optimizers).items()}
+
+
+def logged_optimizers(callback: Callback, acted_on: Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """The optimizers whose rates a learning-rate callback logs: every optimizer of the loop, so the
+    names (indices) are the same whichever optimizers the callback acts on; `acted_on` when the loop
+    has none (a hand-written loop that gave the callback its optimizers directly)."""
+    loop_optimizers = [o for o in callback.optimizers if isinstance(o, torch.optim.Optimizer)]
+    return loop_optimizers if loop_optimizers else list(acted_on)

@@ -15,7 +15,9 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.learning_rate import (
     check_lr,
     check_optimizers_argument,
+    first_lr,
     get_lr,
+    logged_optimizers,
     lr_logs,
     set_lr,
     target_optimizers,
@@ -23,6 +25,7 @@ from torchcallbacks.callbacks.learning_rate import (
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checks import check_count, check_verbose
 from torchcallbacks.distributed import mean_over_processes, print_main
+from torchcallbacks.logs import to_float
 
 # torch warns when a scheduler steps before the optimizer has. This callback steps its scheduler only
 # after a training step, so the warning can only come from a step that a GradScaler skipped (inf/NaN
@@ -65,8 +68,11 @@ class LearningRateScheduler(MonitorCallback):
 
     A schedule's result may be any real number or a 0-d tensor; NaN, infinite and negative values and
     non-numbers are an error naming the schedule's arguments. A TypeError raised inside the schedule
-    propagates unchanged. The epoch's learning rate (the first parameter group's) is written into the
-    epoch logs as `learning_rate`.
+    propagates unchanged. The epoch's learning rates are written into the epoch logs (before a torch
+    scheduler steps at epoch end): every parameter group of every optimizer of the loop,
+    `learning_rate` for the first optimizer's first group (Keras' name), `learning_rate/group_<j>` for
+    its other groups and `learning_rate/optimizer_<i>/group_<j>` for the other optimizers (see
+    `learning_rate.lr_name`).
 
     With `per_batch=True` the schedule is applied before every training batch with the global step
     (batches trained since the start of training, 0-based) in place of the epoch, which warm-up and
@@ -153,7 +159,7 @@ class LearningRateScheduler(MonitorCallback):
         self.last_applied = position
         if self.verbose > 0 and not self.per_batch:
             print_main(
-                f"\nEpoch {position + 1}: LearningRateScheduler setting learning rate to {lr_logs(optimizers[0])}."
+                f"\nEpoch {position + 1}: LearningRateScheduler setting learning rate to {to_float(first_lr(optimizers[0]))}."
             )
 
     # -- torch schedulers ---------------------------------------------------------------------------
@@ -202,9 +208,9 @@ class LearningRateScheduler(MonitorCallback):
             self._step_scheduler(logs)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
-        optimizer = self.scheduler.optimizer if self.scheduler is not None else target_optimizers(self, self.chosen_optimizers)[0]
         if logs is not None:
-            logs["learning_rate"] = lr_logs(optimizer)
+            acted_on = [self.scheduler.optimizer] if self.scheduler is not None else target_optimizers(self, self.chosen_optimizers)
+            logs.update(lr_logs(logged_optimizers(self, acted_on)))
         if self.scheduler is not None and not self.per_batch:
             self._step_scheduler(logs)
 

@@ -11,6 +11,7 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.learning_rate import (
     check_optimizers_argument,
     get_lr,
+    logged_optimizers,
     lr_logs,
     set_lr,
     target_optimizers,
@@ -29,7 +30,10 @@ class ReduceLROnPlateau(MonitorCallback):
     those given as `optimizers`) whose learning rate is above its `min_lr` gets
     `max(lr * factor, min_lr)`; then `cooldown` epochs pass before counting starts again. Parameter
     groups keep their own learning rates (a group at 1e-3 and one at 1e-4 become 1e-4 and 1e-5 with
-    `factor=0.1`). `learning_rate` in the logs is the first optimizer's first group's.
+    `factor=0.1`). Every group of every optimizer of the loop is logged: `learning_rate` is the first
+    optimizer's first group's, `learning_rate/group_<j>` the first optimizer's other groups',
+    `learning_rate/optimizer_<i>/group_<j>` those of the other optimizers (see
+    `learning_rate.lr_name`).
 
     Unlike Keras, unknown keyword arguments are an error rather than silently ignored.
 
@@ -118,7 +122,7 @@ class ReduceLROnPlateau(MonitorCallback):
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         optimizers = target_optimizers(self, self.chosen_optimizers)
         if logs is not None:
-            logs["learning_rate"] = lr_logs(optimizers[0])
+            logs.update(lr_logs(logged_optimizers(self, optimizers)))
         current = self.get_monitor_value(logs)
         if current is None:
             return

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
-from torchcallbacks.callbacks.learning_rate import first_lr
+from torchcallbacks.callbacks.learning_rate import LEARNING_RATE, all_lrs
 from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import main_process_only
 from torchcallbacks.logs import to_float, to_floats
@@ -107,9 +107,11 @@ class TensorBoard(Callback):
     What is written, under the tags Keras uses so that dashboards look the same:
 
     * `log_dir/train`: `epoch_<name>` for every epoch log (at step = epoch, 0-based), including
-      `epoch_learning_rate` (the first param group's rate during the epoch: the logged
-      `learning_rate` when a callback before this one wrote it, else the rate at the epoch's first
-      batch, so a scheduler stepped at epoch end does not shift it by one epoch) and, with `write_steps_per_second`,
+      `epoch_learning_rate` (the first optimizer's first param group's rate during the epoch: the
+      logged `learning_rate` when a callback before this one wrote it, else the rate at the epoch's
+      first batch, so a scheduler stepped at epoch end does not shift it by one epoch), the other
+      groups' rates the same way as `epoch_learning_rate/group_<j>` and
+      `epoch_learning_rate/optimizer_<i>/group_<j>` (the log names of `learning_rate.lr_name`) and, with `write_steps_per_second`,
       `epoch_steps_per_second`. With `update_freq` "batch" or n, `batch_<name>` (the running means of
       the epoch so far) every n training batches at the global step (1-based batch count).
     * `log_dir/validation`: the `val_<name>` epoch logs as `epoch_<name>` (no prefix), so TensorBoard
@@ -207,7 +209,7 @@ class TensorBoard(Callback):
         self._epoch_start_time = 0.0
         self._epoch_start_step = 0
         self._batch_start_time = 0.0
-        self._epoch_lr: Any = None  # the learning rate when the epoch's first batch began
+        self._epoch_lr: dict[str, Any] | None = None  # the learning rates when the epoch's first batch began
         self._graph_hook: torch.utils.hooks.RemovableHandle | None = None
         self._graph_input: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._profiler: torch.profiler.profile | None = None
@@ -234,6 +236,12 @@ class TensorBoard(Callback):
         for name, value in logs.items():
             if isinstance(value, Real):
                 writer.add_scalar(f"{prefix}{name}{suffix}", float(value), step)
+
+    def _current_lrs(self) -> dict[str, Any]:
+        """Every parameter group's learning rate now, named as in the logs; tensors are copied (no
+        device sync now, read at epoch end)."""
+        rates = all_lrs([o for o in self.optimizers if isinstance(o, torch.optim.Optimizer)])
+        return {name: lr.detach().clone() if isinstance(lr, torch.Tensor) else lr for name, lr in rates.items()}
 
     # -- training -------------------------------------------------------------------------------
     @main_process_only
@@ -271,12 +279,9 @@ class TensorBoard(Callback):
         # The rate the epoch trained with: the logged one (what History and CSVLogger record, written
         # by a learning-rate callback before it steps a scheduler), else the one at the epoch's first
         # batch. The optimizer's rate now may already be the next epoch's (a scheduler stepped here).
-        if "learning_rate" not in train:
-            lr = self._epoch_lr
-            if lr is None and self.optimizer is not None and self.optimizer.param_groups:
-                lr = first_lr(self.optimizer)
-            if lr is not None:
-                train["learning_rate"] = to_float(lr)
+        if LEARNING_RATE not in train:
+            rates = self._epoch_lr if self._epoch_lr is not None else self._current_lrs()
+            train.update({name: to_float(lr) for name, lr in rates.items()})
         if self.write_steps_per_second:
             elapsed = time.perf_counter() - self._epoch_start_time
             train["steps_per_second"] = (self.loop.global_step - self._epoch_start_step) / max(elapsed, 1e-12)
@@ -292,9 +297,8 @@ class TensorBoard(Callback):
 
     @main_process_only
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        if self._epoch_lr is None and self.optimizer is not None and self.optimizer.param_groups:
-            lr = first_lr(self.optimizer)
-            self._epoch_lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr  # no sync: a copy
+        if self._epoch_lr is None:
+            self._epoch_lr = self._current_lrs()
         if self.write_steps_per_second and self.update_freq != "epoch":
             self._batch_start_time = time.perf_counter()
         if self._start_batch:

@@ -123,14 +123,42 @@ def _model_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
 
 
+def _tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """`name -> the other names of the same tensor` among a model's state-dict entries: tied weights
+    (one Parameter under two names, as GPT-2's `lm_head.weight` and `transformer.wte.weight`), found as
+    entries that are the same view of the same memory."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        groups.setdefault(view, []).append(name)
+    return {name: [other for other in names if other != name] for names in groups.values() if len(names) > 1 for name in names}
+
+
 def _check_keys(path: str, model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], strict: bool) -> None:
-    """Fill in tied names the way `safetensors.torch.save_model` records them, then compare keys and
-    shapes with the model, raising a CheckpointError that names the keys that differ."""
-    expected = model.state_dict()
+    """Fill in tied names, then compare keys and shapes with the model, raising a CheckpointError that
+    names the keys that differ.
+
+    Tied names are filled from the way `safetensors.torch.save_model` records them (metadata
+    `alias -> kept`), and from the model itself: a key missing from the file whose tensor is tied in
+    the model to one the file has gets that one's value (a Hugging Face `save_pretrained` file stores a
+    tied weight once, e.g. GPT-2's `lm_head.weight` is left out for `transformer.wte.weight`). Keys
+    missing otherwise stay missing."""
+    expected = model.state_dict(keep_vars=True)
+    tied: dict[str, list[str]] | None = None
     for name in expected:
+        if name in tensors:
+            continue
         kept = metadata.get(name)
-        if name not in tensors and kept in tensors:
+        if kept in tensors:
             tensors[name] = tensors[kept]
+            continue
+        if tied is None:
+            tied = _tied_names(expected)
+        present = [other for other in tied.get(name, ()) if other in tensors]
+        if present:
+            tensors[name] = tensors[present[0]]
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = sorted(

@@ -24,7 +24,7 @@ from torchcallbacks.training.arguments import (
 )
 from torchcallbacks.training.data import EpochIterator, check_same_length, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
-from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_direction, normalize_metrics
+from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_directions, normalize_metrics
 from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
 
@@ -162,7 +162,7 @@ def fit(
         "verbose": verbose,
         "epochs": epochs,
         "steps": steps_per_epoch if steps_per_epoch is not None else known_length(x),
-        "metric_directions": {name: metric_direction(m) for name, m in named_metrics.items()},
+        "metric_directions": metric_directions(named_metrics),
     }
     callback_list = make_callback_list(callbacks, model, optimizers, True, verbose != 0, params)
     loop = callback_list.loop

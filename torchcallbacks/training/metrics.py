@@ -201,6 +201,9 @@ def load_metric_state(metric: Any, state: Mapping[str, Any]) -> None:
     if "metric_state" in state:
         for name, value in state["metric_state"].items():
             current = getattr(metric, name)
+            if isinstance(value, Mapping) and isinstance(getattr(current, "metric_state", None), dict):
+                load_metric_state(current, {"metric_state": value})  # a MetricCollection's member
+                continue
             if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
                 value = value.to(current.device)
             setattr(metric, name, value)
@@ -211,6 +214,68 @@ def load_metric_state(metric: Any, state: Mapping[str, Any]) -> None:
             setattr(metric, name, value)
     else:
         raise KeyError(f"metric state: expected 'metric_state', 'state_dict' or 'attributes', received {sorted(state)}")
+
+
+def flatten_metric_value(name: str, value: Any) -> Any:
+    """A metric's value as logs: `{name: value}` for a scalar, and for a mapping (torchmetrics'
+    `MetricCollection`, or any metric returning a dict of scalars) each entry under its own key, as
+    Keras does with metrics whose result is a dict (a `MetricCollection`'s `prefix=` / `postfix=`
+    namespace them). Validation logs get the `val_` prefix on those keys like on any other name.
+
+    Args:
+        name: the metric's name in `metrics`.
+        value: what the metric returned (a number, a one-element tensor or a mapping of them).
+
+    Example:
+
+    ```python
+    flatten_metric_value("mae", torch.tensor(0.5))  # {"mae": tensor(0.5)}
+    flatten_metric_value("scores", {"precision": torch.tensor(0.5), "recall": torch.tensor(1.0)})
+    # {"precision": tensor(0.5), "recall": tensor(1.)}
+    ```
+    """
+    if not isinstance(value, Mapping):
+        return {name: value}
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metric {name!r} returned a dict whose key {key!r} is not a string")
+        if isinstance(item, Mapping):
+            raise TypeError(f"metric {name!r} returned a nested dict under {key!r}; expected a dict of scalars")
+        out[key] = item
+    return out
+
+
+def metric_directions(metrics: Mapping[str, MetricLike]) -> dict[str, str | None]:
+    """Each logged name's declared direction (see `metric_direction`), for `params["metric_directions"]`.
+
+    A `MetricCollection`'s entries are logged under their own keys: each gets its member metric's
+    `higher_is_better`. Keys of a callable returning a dict are known only once it runs; the
+    callable's own `mode` (if any) is listed under its name.
+
+    Args:
+        metrics: name -> metric, as `normalize_metrics` returns.
+
+    Example:
+
+    ```python
+    metric_directions({"scores": torchmetrics.MetricCollection({"acc": torchmetrics.Accuracy(task="binary")})})
+    # {"scores": None, "acc": "max"}
+    ```
+    """
+    out: dict[str, str | None] = {}
+    for name, metric in metrics.items():
+        out[name] = metric_direction(metric)
+        items = getattr(metric, "items", None)
+        if is_stateful_metric(metric) and callable(items):
+            try:
+                members = list(items(keep_base=False, copy_state=False))  # torchmetrics' MetricCollection
+            except TypeError:
+                members = list(items())
+            for key, member in members:
+                if isinstance(key, str):
+                    out[key] = metric_direction(member)
+    return out
 
 
 class RunningMean:
@@ -345,7 +410,9 @@ class MetricTracker:
 
     Callable metrics are evaluated per batch on detached outputs and averaged weighted by batch size;
     stateful metrics (update/compute/reset) keep their own state. Extra values returned by a custom
-    step are averaged like callable metrics.
+    step are averaged like callable metrics. A metric that returns a dict of scalars (a callable, or a
+    stateful metric's `compute()` such as torchmetrics' `MetricCollection`) is logged as one value per
+    key, under the key itself (see `flatten_metric_value`); two metrics logging one name are an error.
 
     Args:
         metrics: name -> metric, as `normalize_metrics` returns.
@@ -369,6 +436,7 @@ class MetricTracker:
             n: m for n, m in self.metrics.items() if n not in self._stateful
         }
         self._means: dict[str, RunningMean] = {}
+        self._owners: dict[str, str] = {}  # logged name -> the metric (or step value) that logs it
         self.reset()
 
     def reset(self) -> None:
@@ -383,12 +451,33 @@ class MetricTracker:
         """
         self._means = {}
         self._stateful_seen = 0.0  # samples fed to the stateful metrics this epoch (their weight across processes)
+        self._owners = {}
         for metric in self._stateful.values():
             metric.reset()
 
     def _add(self, name: str, value: Any, weight: float) -> None:
+        if isinstance(value, Mapping):  # a metric returning a dict: each entry is a running mean of its own
+            for key, item in flatten_metric_value(name, value).items():
+                self._claim(key, name)
+                self._add_one(key, item, weight, name)
+            return
+        self._add_one(name, value, weight, name)
+
+    def _claim(self, key: str, owner: str) -> None:
+        """Record that `owner` logs `key`; two metrics logging one name is an error naming both."""
+        other = self._owners.setdefault(key, owner)
+        if other == owner and key != owner and (key == "loss" or key in self.metrics):
+            other = key  # the loss or another metric's own name (also after a resume, which claims nothing)
+        if other != owner:
+            raise ValueError(
+                f"metrics {other!r} and {owner!r} both log {key!r}; rename one (a MetricCollection takes "
+                "prefix= / postfix=)"
+            )
+
+    def _add_one(self, name: str, value: Any, weight: float, owner: str) -> None:
         mean = self._means.get(name)
         if mean is None:
+            self._claim(name, owner)
             mean = self._means[name] = RunningMean()
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(float(value))
@@ -418,6 +507,7 @@ class MetricTracker:
         """
         mean = self._means.get("loss")
         if mean is None:
+            self._owners["loss"] = "loss"
             mean = self._means["loss"] = RunningMean()
         mean.add(loss, weight)
 
@@ -470,9 +560,23 @@ class MetricTracker:
             mean = RunningMean.mean_of(snapshot)
             if mean is not None:
                 out[name] = mean
-        for name, metric in self._stateful.items():
-            out[name] = metric.compute()
+        self._add_stateful(out)
         return out
+
+    def _add_stateful(self, out: dict[str, Any], sources: dict[str, Any] | None = None) -> None:
+        """Each stateful metric's `compute()`, flattened when it is a dict (`MetricCollection`); with
+        `sources`, which metric each key came from."""
+        for name, metric in self._stateful.items():
+            for key, value in flatten_metric_value(name, metric.compute()).items():
+                if key in out or key == "loss" or (key != name and key in self.metrics):
+                    owner = self._owners.get(key, key)
+                    raise ValueError(
+                        f"metrics {owner!r} and {name!r} both log {key!r}; rename one (a MetricCollection "
+                        "takes prefix= / postfix=)"
+                    )
+                out[key] = value
+                if sources is not None:
+                    sources[key] = metric
 
     def batch_logs(self) -> LazyLogs:
         """The running means as of now, computed only if a callback reads them.
@@ -572,22 +676,23 @@ class MetricTracker:
         """
         if not is_distributed():
             return self.result()
+        values: dict[str, Any] = dict.fromkeys(self._means)  # the names taken, for the clash check
+        sources: dict[str, Any] = {}
+        self._add_stateful(values, sources)
         pairs: dict[str, tuple[Any, float]] = {name: mean.sum_and_weight() for name, mean in self._means.items()}
-        own: dict[str, Any] = {}
-        for name, metric in self._stateful.items():
-            value = metric.compute()
+        weight = self._stateful_seen
+        for key, metric in sources.items():
+            value = values[key]
             scalar = isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
             if scalar and not syncs_itself(metric):
-                weight = self._stateful_seen
-                pairs[name] = (torch.as_tensor(value).detach().reshape(()).double() * weight, weight)
-            else:
-                own[name] = value
+                pairs[key] = (torch.as_tensor(value).detach().reshape(()).double() * weight, weight)
         # One all-reduce; sorted so that every process packs the values in the same order.
         reduced = reduce_weighted_means({name: pairs[name] for name in sorted(pairs)})
         out: dict[str, Any] = {name: reduced[name] for name in self._means if name in reduced}
-        for name in self._stateful:
-            if name in own:
-                out[name] = own[name]
-            elif name in reduced:
-                out[name] = reduced[name]
+        for key in sources:
+            if key in pairs:
+                if key in reduced:
+                    out[key] = reduced[key]
+            else:
+                out[key] = values[key]
         return out
