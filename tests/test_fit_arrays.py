@@ -291,3 +291,24 @@ def test_resume_of_a_shuffled_array_fit_is_exact(tmp_path: Path, crash_at: int) 
         _train_arrays(tmp_path, [Crash(crash_at)], seed=0)
     resumed = _train_arrays(tmp_path, [], seed=1234)  # fresh objects, another seed: everything restored
     assert _same_weights(reference, resumed)
+
+
+def test_under_a_process_group_each_process_reads_its_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Array data under torch.distributed gets a DistributedSampler: the shards of two processes
+    cover the samples, and fit's set_sampler_epoch gives each epoch its own order."""
+    from torchcallbacks.training import arrays
+
+    x, y = _data(20)
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(arrays, "is_distributed", lambda: True)
+        monkeypatch.setattr(arrays, "get_world_size", lambda: 2)
+        monkeypatch.setattr(arrays, "get_rank", lambda rank=rank: rank)
+        loader = arrays.array_loader((x, y), ("x", "y"), batch_size=4, shuffle=True)
+        first = torch.cat([bx for bx, _ in loader])
+        loader.sampler.set_epoch(1)  # type: ignore[attr-defined]
+        second = torch.cat([bx for bx, _ in loader])
+        assert len(first) == 10 and not torch.equal(first, second)
+        shards.append(first)
+    both = torch.cat(shards)
+    assert torch.equal(both[both[:, 0].argsort()], x[x[:, 0].argsort()])
