@@ -236,6 +236,8 @@ def fit(
     if accumulation > 1:
         loop.track("gradients", stepper.accumulator)
     callback_list.stop_training = False
+    # The step per batch, chosen once: the default path costs what it did without accumulation.
+    train_batch = stepper.train if stepper.accumulator is None else stepper.accumulate
 
     def validate(epoch: int) -> dict[str, float]:
         if validation_data is None or not _validation_due(epoch, validation_freq):
@@ -248,7 +250,7 @@ def fit(
             run.logs = {}
             for epoch in range(loop.initial_epoch, epochs):
                 resumed = loop.initial_batch if epoch == loop.initial_epoch else 0  # batches trained before a resume
-                if not _train_epoch(epoch, resumed, model, x, train_data, stepper, tracker, callback_list):
+                if not _train_epoch(epoch, resumed, model, x, train_data, train_batch, tracker, callback_list):
                     break
                 run.logs = to_floats(tracker.reduced_result())
                 run.logs.update(validate(epoch))
@@ -353,7 +355,7 @@ def _train_epoch(
     model: torch.nn.Module,
     x: Iterable[Any],
     train_data: EpochIterator,
-    stepper: Stepper,
+    train_batch: Callable[[Any], None],
     tracker: MetricTracker,
     callback_list: CallbackList,
 ) -> bool:
@@ -373,7 +375,7 @@ def _train_epoch(
     with contextlib.closing(train_data.epoch()) as batches:  # closed at a stop too: the epoch is over
         for index, batch in batches:
             callback_list.on_train_batch_begin(index)
-            stepper.train_batch(batch)
+            train_batch(batch)
             seen += 1
             callback_list.on_train_batch_end(index, tracker.batch_logs() if batch_logs else None)
             if callback_list.stop_training:

@@ -136,12 +136,10 @@ class Stepper:
         self.custom_test = test_step
         self.custom_predict = predict_step
         self._params = [p for p in model.parameters() if p.requires_grad] if clip_grad_norm else []
-        #: The training step fit calls per batch: `train`, or `accumulate` with gradient accumulation.
-        self.train_batch: Callable[[Any], None] = self.train
+        #: With gradient accumulation (k > 1) the group's state; fit then calls `accumulate`, not `train`.
         self.accumulator: GradientAccumulator | None = None
         if gradient_accumulation_steps > 1:
             self.accumulator = GradientAccumulator(model, gradient_accumulation_steps)
-            self.train_batch = self.accumulate
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
