@@ -68,7 +68,10 @@ def test_batch_of_an_unexpected_shape_says_what_was_received() -> None:
 def test_unknown_keyword_arguments() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
         _fit(epoch=3)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_size'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'shuffle'"):
+        tc.evaluate(make_model(), make_regression(), loss=F.mse_loss, shuffle=True)
+    # batch_size is an argument now (for array x), and with a loader an error that names it
+    with pytest.raises(TypeError, match="evaluate: batch_size given, but x is DataLoader"):
         tc.evaluate(make_model(), make_regression(), loss=F.mse_loss, batch_size=3)
 
 

@@ -76,7 +76,10 @@ class LearningRateScheduler(MonitorCallback):
 
     With `per_batch=True` the schedule is applied before every training batch with the global step
     (batches trained since the start of training, 0-based) in place of the epoch, which warm-up and
-    cosine schedules need; a torch scheduler is then stepped after every batch.
+    cosine schedules need; a torch scheduler is then stepped after every batch. With gradient
+    accumulation (`params["gradient_accumulation_steps"]` = k, set by `fit`) a step is an optimizer
+    step: the schedule gets `global_step // k`, the index of the optimizer step the batch belongs to,
+    and a torch scheduler is stepped after the batches that step the optimizer (every k-th).
 
     The position in the schedule is in `state_dict()` (for a torch scheduler, its own `state_dict()`),
     so a resumed run continues the schedule. Applying the schedule is idempotent per epoch (per step
@@ -199,12 +202,15 @@ class LearningRateScheduler(MonitorCallback):
         if self.schedule is not None and not self.per_batch:
             self._apply(epoch)
 
+    def _accumulation(self) -> int:
+        return self.params.get("gradient_accumulation_steps") or 1
+
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         if self.schedule is not None and self.per_batch:
-            self._apply(self.loop.global_step)
+            self._apply(self.loop.global_step // self._accumulation())
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
-        if self.scheduler is not None and self.per_batch:
+        if self.scheduler is not None and self.per_batch and self.loop.global_step % self._accumulation() == 0:
             self._step_scheduler(logs)
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:

@@ -17,6 +17,7 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
+from torchcallbacks.training.arrays import array_batches
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
 from torchcallbacks.training.run import run_hooks
@@ -76,10 +77,13 @@ def run_evaluation(
 
 def evaluate(
     model: torch.nn.Module,
-    x: Iterable[Any],
+    x: Any,
+    y: Any = None,
     *,
     loss: Callable[..., Any] | None = None,
     metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None = None,
+    batch_size: int | None = None,
+    sample_weight: Any = None,
     steps: int | None = None,
     callbacks: Sequence[Callback] | CallbackList | None = None,
     verbose: int | str = "auto",
@@ -95,9 +99,15 @@ def evaluate(
         x: an iterable of `(x, y)` or `(x, y, sample_weight)` batches, e.g. a DataLoader. Under
             `torch.distributed` each process evaluates its shard (e.g. a `DistributedSampler`) and the
             results are means over every process's samples, the same on every process.
+            Or, as in Keras, the inputs themselves (a tensor, a numpy array, or a tuple or dict of
+            them) with the targets in `y`; a loader is built for them, in order.
+        y: the targets when `x` holds arrays; not with a loader (a `TypeError`).
         loss: `loss(y_pred, y) -> scalar tensor`.
         metrics: a dict name -> metric, or a list of metrics; a metric is a callable
             `(y_pred, y) -> tensor` or an object with `update/compute/reset`.
+        batch_size: samples per batch with array `x` (default 32); not with a loader.
+        sample_weight: with array `x`, one weight per sample (`loss` must then return per-sample
+            values).
         steps: number of batches to evaluate; None for one full pass.
         callbacks: callbacks receiving the test hooks.
         verbose: "auto" or 1 for a progress bar, 2 for one line, 0 for silence.
@@ -125,6 +135,7 @@ def evaluate(
         raise TypeError("evaluate: loss is required (loss(y_pred, y) -> scalar tensor), or pass a test_step")
     verbose = check_verbose(verbose)
     steps = check_steps(steps, "steps")
+    x = array_batches(x, y, batch_size, sample_weight, "evaluate")
     device = resolve_device(model, device)
     named_metrics = normalize_metrics(metrics)
     stepper = Stepper(model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step)

@@ -22,6 +22,15 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
+from torchcallbacks.training.arrays import (
+    array_loader,
+    check_batch_size,
+    check_validation_split,
+    class_weights_to_sample_weights,
+    is_array_data,
+    is_array_validation,
+    split_for_validation,
+)
 from torchcallbacks.training.data import EpochIterator, check_same_length, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_directions, normalize_metrics
@@ -58,23 +67,31 @@ def _is_positive(value: Any) -> bool:
 
 def fit(
     model: torch.nn.Module,
-    x: Iterable[Any],
+    x: Any,
+    y: Any = None,
     *,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     loss: Callable[..., Any] | None = None,
     metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None = None,
+    batch_size: int | None = None,
     epochs: int = 1,
     verbose: int | str = "auto",
     callbacks: Sequence[Callback] | CallbackList | None = None,
-    validation_data: Iterable[Any] | None = None,
+    validation_split: float = 0.0,
+    validation_data: Any = None,
+    shuffle: bool = True,
+    class_weight: Mapping[int, float] | None = None,
+    sample_weight: Any = None,
     initial_epoch: int = 0,
     steps_per_epoch: int | None = None,
     validation_steps: int | None = None,
+    validation_batch_size: int | None = None,
     validation_freq: int | Sequence[int] = 1,
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
+    gradient_accumulation_steps: int | None = None,
     train_step: StepFunction | None = None,
     test_step: StepFunction | None = None,
 ) -> History:
@@ -95,23 +112,48 @@ def fit(
         model: a `torch.nn.Module` (DistributedDataParallel-wrapped models work too).
         x: an iterable of batches, e.g. a DataLoader. A batch is `(x, y)` or `(x, y, sample_weight)`;
             `x` is a tensor, a tuple (positional arguments of the model) or a dict (keyword arguments).
+            Or, as in Keras, the inputs themselves: a tensor, a numpy array, or a tuple or dict of them
+            (one row per sample), with the targets in `y`; a loader is built for them (see
+            `batch_size`, `shuffle`, `validation_split`, `class_weight`, `sample_weight`). Numpy
+            arrays are shared with `torch.from_numpy`; floating ones become float32 (torch's default
+            dtype), as Keras casts to its floatx.
+        y: the targets when `x` holds arrays: a tensor, a numpy array, or a tuple or dict of them.
+            Not with a loader (its batches hold the targets): that is a `TypeError`.
         optimizer: a `torch.optim.Optimizer`, or a list of them (all are stepped).
         loss: `loss(y_pred, y) -> scalar tensor`, any callable (e.g. `torch.nn.functional.mse_loss`).
-            With sample weights in the batch it must return per-sample values (`reduction="none"`).
+            With sample weights in the batch (or `sample_weight` / `class_weight` given) it must
+            return per-sample values (`reduction="none"`); they are weighted and averaged over the
+            batch's elements as Keras does (`compute_loss` in steps.py).
         metrics: a dict name -> metric, or a list of metrics (named after the function or class). A
             metric is a callable `(y_pred, y) -> tensor`, averaged over the epoch weighted by batch
             size, or an object with `update/compute/reset` (torchmetrics style). Give a metric the
             attribute `mode = "max"` (or torchmetrics' `higher_is_better`) to tell monitors its direction.
+        batch_size: samples per batch with array `x` (default 32, as Keras); not with a loader.
         epochs: the epoch to stop at (training runs epochs `initial_epoch` .. `epochs - 1`).
         verbose: "auto" or 1 for a progress bar, 2 for one line per epoch, 0 for silence.
         callbacks: callbacks (or a `CallbackList`). A `History` is added, and a `ProgbarLogger` unless
             `verbose=0`, when the list has none.
+        validation_split: with array `x`, the fraction of the samples to hold out for validation:
+            the LAST ones, taken before any shuffling, as Keras does (with their sample weights, if
+            given; `class_weight` applies to training only). Not with a loader, nor together with
+            `validation_data`.
         validation_data: an iterable of batches evaluated at the end of epochs; results are logged
-            with a `val_` prefix.
+            with a `val_` prefix. Or Keras' tuple of arrays `(x_val, y_val)` or
+            `(x_val, y_val, sample_weight_val)`.
+        shuffle: with array `x`, reshuffle the training samples at every epoch (Keras' default for
+            arrays is True). A loader shuffles by its own sampler: ignored for it, as in Keras.
+        class_weight: with array `x`, a dict class index -> weight; each training sample weighs its
+            class's weight (1 for a class not in the dict), as a per-sample `sample_weight`. The class
+            is `y` itself (class indices, shape `(n,)` or `(n, 1)`), or the argmax of one-hot rows.
+            `loss` must then return per-sample values (see `loss`). Not with `sample_weight`.
+        sample_weight: with array `x`, one weight per training sample (a tensor or numpy array);
+            batches become `(x, y, sample_weight)`, and `loss` must return per-sample values.
         initial_epoch: epoch to start at (to continue an earlier run).
         steps_per_epoch: batches per epoch. With it, one iterator carries over between epochs (so an
             endless iterable works); without it, an epoch is one pass over `x`.
         validation_steps: batches per validation; None for one pass.
+        validation_batch_size: batch size of array validation data (`validation_split` or a tuple
+            of arrays); default `batch_size`.
         validation_freq: validate every this many epochs, or at the listed (1-based) epochs.
         device: where to train (the model and each batch are moved there); default: where the model's
             weights are.
@@ -119,6 +161,17 @@ def fit(
             `torch.float16` a `GradScaler` is created unless `grad_scaler` is given.
         grad_scaler: a `torch.amp.GradScaler` to scale the loss.
         clip_grad_norm: clip the gradients' total norm to this value before each optimizer step.
+        gradient_accumulation_steps: Keras 3's name: step the optimizers once every this many batches,
+            with each batch's loss scaled by 1/k, so that k batches make one step equal to a step on
+            their concatenation (for a mean loss). The batches are counted over the run, as Keras
+            does: an epoch whose length is not a multiple of k leaves gradients that carry into the
+            next epoch's first batches, and the gradients of an incomplete group at the end of
+            training are not applied. With a GradScaler, unscaling, clipping, `step` and `update`
+            happen on stepping batches only; a DistributedDataParallel model does not all-reduce
+            gradients on the other batches (`no_sync`). The accumulated gradients are part of the
+            training state, so a backup taken between optimizer steps resumes exactly. Callbacks see
+            it as `params["gradient_accumulation_steps"]`; per-batch learning-rate schedules count
+            optimizer steps (`global_step // k`). None or 1: a step every batch.
         train_step: `train_step(batch) -> loss tensor or dict of scalars`, replacing the whole default
             step (forward, backward and optimizer step are then yours); the batch is already on the
             device. Returned values are logged as running means.
@@ -139,6 +192,13 @@ def fit(
     ```
     """
     _check_arguments(model, loss, train_step, test_step, validation_data, epochs, initial_epoch, clip_grad_norm)
+    accumulation = _check_accumulation(gradient_accumulation_steps, train_step)
+    x, validation_data = _training_data(
+        x, y, batch_size, validation_split, validation_data, shuffle, class_weight, sample_weight,
+        validation_batch_size,
+    )
+    if validation_data is not None and loss is None and test_step is None:
+        raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
     optimizers = check_optimizers(optimizer)
     verbose = check_verbose(verbose)
     steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
@@ -156,6 +216,7 @@ def fit(
     stepper = Stepper(
         model, device, tracker, loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
         scaler=grad_scaler, clip_grad_norm=clip_grad_norm, train_step=train_step, test_step=test_step,
+        gradient_accumulation_steps=accumulation,
     )
     train_data = EpochIterator(x, steps_per_epoch, "x")
     params = {
@@ -164,15 +225,21 @@ def fit(
         "steps": steps_per_epoch if steps_per_epoch is not None else known_length(x),
         "metric_directions": metric_directions(named_metrics),
     }
+    if accumulation > 1:
+        params["gradient_accumulation_steps"] = accumulation
     callback_list = make_callback_list(callbacks, model, optimizers, True, verbose != 0, params)
     loop = callback_list.loop
     loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
     loop.scaler = grad_scaler
     loop.track("metrics", tracker)
     loop.track("data", train_data)
+    if accumulation > 1:
+        loop.track("gradients", stepper.accumulator)
     if steps_per_epoch is None:
         check_same_length(x, "x")  # under torch.distributed: uneven batch counts would hang or mis-pair
     callback_list.stop_training = False
+    # The step per batch, chosen once: the default path costs what it did without accumulation.
+    train_batch = stepper.train if stepper.accumulator is None else stepper.accumulate
 
     def validate(epoch: int) -> dict[str, float]:
         if validation_data is None or not _validation_due(epoch, validation_freq):
@@ -185,7 +252,7 @@ def fit(
             run.logs = {}
             for epoch in range(loop.initial_epoch, epochs):
                 resumed = loop.initial_batch if epoch == loop.initial_epoch else 0  # batches trained before a resume
-                if not _train_epoch(epoch, resumed, model, x, train_data, stepper, tracker, callback_list):
+                if not _train_epoch(epoch, resumed, model, x, train_data, train_batch, tracker, callback_list):
                     break
                 run.logs = to_floats(tracker.reduced_result())
                 run.logs.update(validate(epoch))
@@ -194,7 +261,7 @@ def fit(
                     break
     finally:
         train_data.close()  # DataLoader workers end now, even if an error's traceback keeps the loop alive
-        for name in ("metrics", "data"):
+        for name in ("metrics", "data", "gradients"):
             loop.parts.pop(name, None)  # the loop keeps no tensors of this run once it is over
     history = callback_list.history
     assert history is not None
@@ -210,12 +277,79 @@ def _check_arguments(
     check_callable(test_step, "test_step")
     if check_callable(loss, "loss") is None and train_step is None:
         raise TypeError("fit: loss is required (loss(y_pred, y) -> scalar tensor), or pass a train_step")
-    if validation_data is not None and loss is None and test_step is None:
-        raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
     check_count(epochs, "epochs", minimum=1)
     check_count(initial_epoch, "initial_epoch")
     if clip_grad_norm is not None and not _is_positive(clip_grad_norm):
         raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
+
+
+def _check_accumulation(value: Any, train_step: Any) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"gradient_accumulation_steps: expected None or an integer >= 1, received {value!r}")
+    if value > 1 and train_step is not None:
+        raise ValueError(
+            "gradient_accumulation_steps: not applied to a custom train_step, which does its own backward and "
+            "optimizer step; accumulate inside the step instead"
+        )
+    return value
+
+
+def _training_data(
+    x: Any, y: Any, batch_size: Any, validation_split: Any, validation_data: Any, shuffle: bool,
+    class_weight: Any, sample_weight: Any, validation_batch_size: Any,
+) -> tuple[Iterable[Any], Any]:
+    """The training loader and the validation data: `x` and `validation_data` as given when they
+    are loaders, else loaders built from the arrays (Keras' `fit(x, y, ...)`)."""
+    batch_size = check_batch_size(batch_size)
+    validation_batch_size = check_batch_size(validation_batch_size, "validation_batch_size")
+    validation_split = check_validation_split(validation_split)
+    if validation_split and validation_data is not None:
+        raise ValueError(
+            "fit: validation_split and validation_data both given; pass one (Keras lets validation_data win "
+            "silently)"
+        )
+    if is_array_validation(validation_data):
+        val_sample_weight = validation_data[2] if len(validation_data) == 3 else None
+        val_parts, val_names = _batch_parts(validation_data[0], validation_data[1], val_sample_weight, "validation_data")
+        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+    if not is_array_data(x):
+        given = [
+            name for name, value in (
+                ("y", y), ("batch_size", batch_size), ("class_weight", class_weight), ("sample_weight", sample_weight),
+            ) if value is not None
+        ] + (["validation_split"] if validation_split else [])
+        if given:
+            raise TypeError(
+                f"fit: {', '.join(given)} given, but x is {type(x).__name__}, an iterable of batches (e.g. a "
+                f"DataLoader) whose batches already hold the targets and the batching; {', '.join(given)} "
+                "only go with array x (tensors or numpy arrays, or tuples or dicts of them). Drop "
+                f"{'it' if len(given) == 1 else 'them'}, or put sample weights in the batches: (x, y, sample_weight)"
+            )
+        return x, validation_data
+    if class_weight is not None:
+        if sample_weight is not None:
+            raise ValueError("fit: class_weight and sample_weight both given; pass one (as in Keras)")
+        if y is None:
+            raise TypeError("fit: class_weight needs the targets y")
+        sample_weight = class_weights_to_sample_weights(y, class_weight)
+    if validation_split:
+        train, held_out = split_for_validation((x, y, sample_weight), validation_split)
+        x, y, sample_weight = train
+        val_parts, val_names = _batch_parts(held_out[0], held_out[1], held_out[2], "validation_split")
+        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+    parts, names = _batch_parts(x, y, sample_weight, "fit")
+    return array_loader(parts, names, batch_size, shuffle=bool(shuffle)), validation_data
+
+
+def _batch_parts(x: Any, y: Any, sample_weight: Any, where: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """The parts of a batch of arrays: `(x, y)` or `(x, y, sample_weight)`."""
+    if y is None:
+        raise TypeError(f"{where}: y (the targets) is required with array x")
+    if sample_weight is None:
+        return (x, y), ("x", "y")
+    return (x, y, sample_weight), ("x", "y", "sample_weight")
 
 
 def _train_epoch(
@@ -224,7 +358,7 @@ def _train_epoch(
     model: torch.nn.Module,
     x: Iterable[Any],
     train_data: EpochIterator,
-    stepper: Stepper,
+    train_batch: Callable[[Any], None],
     tracker: MetricTracker,
     callback_list: CallbackList,
 ) -> bool:
@@ -244,7 +378,7 @@ def _train_epoch(
     with contextlib.closing(train_data.epoch()) as batches:  # closed at a stop too: the epoch is over
         for index, batch in batches:
             callback_list.on_train_batch_begin(index)
-            stepper.train(batch)
+            train_batch(batch)
             seen += 1
             callback_list.on_train_batch_end(index, tracker.batch_logs() if batch_logs else None)
             if callback_list.stop_training:

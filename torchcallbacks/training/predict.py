@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
+from torchcallbacks.training.arrays import array_batches
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
@@ -90,8 +91,9 @@ def _gather(outputs: Any, loader: Any) -> Any:
 
 def predict(
     model: torch.nn.Module,
-    x: Iterable[Any],
+    x: Any,
     *,
+    batch_size: int | None = None,
     steps: int | None = None,
     callbacks: Sequence[Callback] | CallbackList | None = None,
     verbose: int | str = "auto",
@@ -107,7 +109,9 @@ def predict(
 
     Args:
         model: a `torch.nn.Module`.
-        x: an iterable of batches, e.g. a DataLoader.
+        x: an iterable of batches, e.g. a DataLoader. Or, as in Keras, the inputs themselves: a
+            tensor, a numpy array, or a tuple or dict of them; a loader is built for them, in order.
+        batch_size: samples per batch with array `x` (default 32); not with a loader.
         steps: number of batches; None for one full pass.
         callbacks: callbacks receiving the predict hooks (`on_predict_batch_end` gets `{"outputs": ...}`).
         verbose: "auto" or 1 for a progress bar, 2 for one line, 0 for silence.
@@ -135,6 +139,7 @@ def predict(
     check_callable(predict_step, "predict_step")
     verbose = check_verbose(verbose)
     steps = check_steps(steps, "steps")
+    x = array_batches(x, None, batch_size, None, "predict")
     device = resolve_device(model, device)
     stepper = Stepper(model, device, amp_dtype=amp_dtype, predict_step=predict_step)
     callback_list = make_callback_list(

@@ -122,6 +122,7 @@ class Stepper:
         train_step: StepFunction | None = None,
         test_step: StepFunction | None = None,
         predict_step: StepFunction | None = None,
+        gradient_accumulation_steps: int = 1,
     ) -> None:
         self.model = model
         self.device = device
@@ -135,6 +136,10 @@ class Stepper:
         self.custom_test = test_step
         self.custom_predict = predict_step
         self._params = [p for p in model.parameters() if p.requires_grad] if clip_grad_norm else []
+        #: With gradient accumulation (k > 1) the group's state; fit then calls `accumulate`, not `train`.
+        self.accumulator: GradientAccumulator | None = None
+        if gradient_accumulation_steps > 1:
+            self.accumulator = GradientAccumulator(model, gradient_accumulation_steps)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -197,6 +202,63 @@ class Stepper:
         tracker.update_loss(loss, size)
         tracker.update_metrics(y_pred, y, size)
 
+    def accumulate(self, batch: Any) -> None:
+        """One training batch with gradient accumulation: the loss scaled by 1/k is backpropagated
+        into the gradients of the group's earlier batches; on every k-th batch (counted by the
+        `accumulator`, whose count is part of the training state) the gradients are unscaled and
+        clipped when asked and the optimizers step, once. The gradients are zeroed before a group's
+        first batch. A DistributedDataParallel model runs the other batches under `no_sync()`, so
+        that gradients are all-reduced once per optimizer step. The unscaled loss is logged.
+
+        Args:
+            batch: `(x, y)` or `(x, y, sample_weight)`.
+
+        Example:
+
+        ```python
+        stepper = Stepper(model, torch.device("cpu"), MetricTracker({}), loss=F.mse_loss,
+                          optimizers=[opt], gradient_accumulation_steps=4)
+        for batch in loader:
+            stepper.accumulate(batch)  # opt.step() on every 4th batch
+        ```
+        """
+        tracker, accumulator = self.tracker, self.accumulator
+        assert tracker is not None and accumulator is not None
+        steps = accumulator.steps
+        if accumulator.pending == 0:
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        stepping = accumulator.pending + 1 == steps
+        no_sync = accumulator.no_sync
+        context = no_sync() if no_sync is not None and not stepping else contextlib.nullcontext()
+        scaler = self.scaler
+        with context:
+            loss, y_pred, y, size = self._forward(batch, "fit")
+            scaled = loss / steps
+            if scaler is None:
+                scaled.backward()
+            else:
+                scaler.scale(scaled).backward()
+        if stepping:
+            if scaler is None:
+                if self.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+                for optimizer in self.optimizers:
+                    optimizer.step()
+            else:
+                if self.clip_grad_norm:
+                    for optimizer in self.optimizers:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+                for optimizer in self.optimizers:
+                    scaler.step(optimizer)
+                scaler.update()
+            accumulator.pending = 0
+        else:
+            accumulator.pending += 1
+        tracker.update_loss(loss, size)
+        tracker.update_metrics(y_pred, y, size)
+
     def test(self, batch: Any, where: str) -> None:
         """One evaluation step on `batch` (call it under `torch.no_grad()`); its loss and metrics go
         to the tracker.
@@ -245,3 +307,79 @@ class Stepper:
         x = to_device(unpack_x(batch), self.device)
         with self._autocast():
             return call_model(self.model, x)
+
+
+class GradientAccumulator:
+    """Where a gradient-accumulation group stands: how many of its `steps` batches have been
+    backpropagated since the last optimizer step (`pending`), and, as state, the gradients they left.
+
+    `fit` tracks it as the loop part `"gradients"`, so a backup taken between optimizer steps holds
+    the accumulated gradients (each parameter's `.grad`, in `model.parameters()` order, None where
+    there is none) and a resumed run continues the group exactly. Between groups (`pending == 0`) the
+    state holds no tensors.
+
+    Args:
+        model: the model whose parameters' gradients accumulate (a DistributedDataParallel model's
+            batches that do not step run under its `no_sync()`).
+        steps: batches per optimizer step, >= 2.
+
+    Example:
+
+    ```python
+    accumulator = GradientAccumulator(model, steps=4)
+    callbacks.loop.track("gradients", accumulator)
+    ```
+    """
+
+    def __init__(self, model: torch.nn.Module, steps: int) -> None:
+        self.model = model
+        self.steps = steps
+        self.pending = 0
+        self.no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = (
+            model.no_sync if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """`{"steps", "pending", "gradients"}`; the gradients only while a group is under way.
+
+        Example:
+
+        ```python
+        accumulator.state_dict()["pending"]  # batches of the current group already backpropagated
+        ```
+        """
+        gradients = None
+        if self.pending:
+            gradients = [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()]
+        return {"steps": self.steps, "pending": self.pending, "gradients": gradients}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check a state from `state_dict()` and put its gradients into the parameters' `.grad`.
+
+        Example:
+
+        ```python
+        accumulator.load_state_dict(saved)
+        ```
+        """
+        steps, pending, gradients = state["steps"], state["pending"], state["gradients"]
+        if steps != self.steps:
+            raise ValueError(
+                f"the state was saved with gradient_accumulation_steps={steps}; this run has {self.steps}"
+            )
+        if isinstance(pending, bool) or not isinstance(pending, int) or not 0 <= pending < steps:
+            raise ValueError(f"pending: expected an integer in [0, {steps}), found {pending!r}")
+        parameters = list(self.model.parameters())
+        if pending == 0:
+            self.pending = 0
+            return
+        if not isinstance(gradients, list) or len(gradients) != len(parameters):
+            count = len(gradients) if isinstance(gradients, list) else gradients
+            raise ValueError(f"gradients: expected one entry per parameter ({len(parameters)}), found {count!r}")
+        for i, (parameter, gradient) in enumerate(zip(parameters, gradients, strict=True)):
+            if gradient is not None and (not isinstance(gradient, torch.Tensor) or gradient.shape != parameter.shape):
+                found = tuple(gradient.shape) if isinstance(gradient, torch.Tensor) else type(gradient).__name__
+                raise ValueError(f"gradients/{i}: expected shape {tuple(parameter.shape)}, found {found}")
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            parameter.grad = None if gradient is None else gradient.to(parameter.device, parameter.dtype).clone()
+        self.pending = pending
