@@ -54,7 +54,9 @@ def _finish(proc: subprocess.Popen[str]) -> None:
 
 
 def _results(workdir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    ckpts = {name: load_file(workdir / "ckpt" / name) for name in os.listdir(workdir / "ckpt")}
+    # A write killed mid-way leaves its hidden temp file (never read; removed at the next save there).
+    names = [n for n in os.listdir(workdir / "ckpt") if not n.startswith(".")]
+    ckpts = {name: load_file(workdir / "ckpt" / name) for name in names}
     return load_file(workdir / "final.safetensors"), json.loads((workdir / "final.json").read_text()), ckpts
 
 
