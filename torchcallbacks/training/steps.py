@@ -186,21 +186,28 @@ class Stepper:
         scaler = self.scaler
         if scaler is None:
             loss.backward()
+        else:
+            scaler.scale(loss).backward()
+        self._step_optimizers(scaler)
+        tracker.update_loss(loss, size)
+        tracker.update_metrics(y_pred, y, size)
+
+    def _step_optimizers(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Clip the gradients when asked (after unscaling them, with a GradScaler) and step every
+        optimizer (through the scaler, then update it)."""
+        if scaler is None:
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
             for optimizer in self.optimizers:
                 optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            if self.clip_grad_norm:
-                for optimizer in self.optimizers:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+            return
+        if self.clip_grad_norm:
             for optimizer in self.optimizers:
-                scaler.step(optimizer)
-            scaler.update()
-        tracker.update_loss(loss, size)
-        tracker.update_metrics(y_pred, y, size)
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        for optimizer in self.optimizers:
+            scaler.step(optimizer)
+        scaler.update()
 
     def accumulate(self, batch: Any) -> None:
         """One training batch with gradient accumulation: the loss scaled by 1/k is backpropagated
@@ -240,19 +247,7 @@ class Stepper:
             else:
                 scaler.scale(scaled).backward()
         if stepping:
-            if scaler is None:
-                if self.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
-                for optimizer in self.optimizers:
-                    optimizer.step()
-            else:
-                if self.clip_grad_norm:
-                    for optimizer in self.optimizers:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
-                for optimizer in self.optimizers:
-                    scaler.step(optimizer)
-                scaler.update()
+            self._step_optimizers(scaler)
             accumulator.pending = 0
         else:
             accumulator.pending += 1
