@@ -90,6 +90,19 @@ def make_regression(n: int = 64, features: int = 4, batch_size: int = 16, shuffl
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
 
 
+def make_arrays(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regression data of `make_regression` as two tensors (for `fit(model, x, y)`)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    return x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=generator)
+
+
+def seeded_model(seed: int = 0) -> torch.nn.Module:
+    """`make_model()` initialised from `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    return make_model()
+
+
 def make_model(features: int = 4) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(features, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 

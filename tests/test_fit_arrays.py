@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Crash, make_model
+from conftest import Crash, make_arrays, make_model, seeded_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -21,14 +21,7 @@ PER_SAMPLE_CE = functools.partial(F.cross_entropy, reduction="none")
 
 
 def _data(n: int = 40, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=generator)
-    return x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=generator)
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return make_model()
+    return make_arrays(n, seed)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -63,7 +56,7 @@ class Recorder(tc.Callback):
 # -- the same training as a loader --------------------------------------------------------------------
 def test_fit_on_tensors_equals_fit_on_the_loader_of_them() -> None:
     x, y = _data()
-    by_loader, by_arrays = _model(), _model()
+    by_loader, by_arrays = seeded_model(), seeded_model()
     _fit(by_loader, DataLoader(TensorDataset(x, y), batch_size=8), epochs=2)
     history = _fit(by_arrays, x, y, batch_size=8, shuffle=False, epochs=2)
     assert _same_weights(by_loader, by_arrays)
@@ -73,14 +66,14 @@ def test_fit_on_tensors_equals_fit_on_the_loader_of_them() -> None:
 def test_default_batch_size_is_32_and_the_last_batch_is_partial() -> None:
     x, y = _data(70)
     recorder = Recorder()
-    _fit(_model(), x, y, shuffle=False, callbacks=[recorder])
+    _fit(seeded_model(), x, y, shuffle=False, callbacks=[recorder])
     assert [len(batch) for batch in recorder.epochs[0]] == [32, 32, 6]
     assert torch.equal(torch.cat(recorder.epochs[0]), x)
 
 
 def test_numpy_arrays_float64_become_float32_and_train_like_tensors() -> None:
     x, y = _data()
-    by_tensors, by_numpy = _model(), _model()
+    by_tensors, by_numpy = seeded_model(), seeded_model()
     _fit(by_tensors, x, y, batch_size=8, shuffle=False)
     _fit(by_numpy, x.double().numpy(), y.double().numpy(), batch_size=8, shuffle=False)
     for a, b in zip(by_tensors.parameters(), by_numpy.parameters(), strict=True):
@@ -130,7 +123,7 @@ def test_multi_input_tuple_and_dict_of_arrays(as_dict: bool) -> None:
 def test_shuffle_reshuffles_every_epoch_and_covers_every_sample() -> None:
     x, y = _data()
     recorder = Recorder()
-    _fit(_model(), x, y, batch_size=8, epochs=3, callbacks=[recorder])
+    _fit(seeded_model(), x, y, batch_size=8, epochs=3, callbacks=[recorder])
     orders = [torch.cat(epoch) for epoch in recorder.epochs]
     for order in orders:
         assert torch.equal(order[order[:, 0].argsort()], x[x[:, 0].argsort()])  # a permutation of x
@@ -141,7 +134,7 @@ def test_shuffle_reshuffles_every_epoch_and_covers_every_sample() -> None:
 def test_validation_split_holds_out_the_last_samples_before_shuffling() -> None:
     x, y = _data(40)
     recorder = Recorder()
-    history = _fit(_model(), x, y, batch_size=8, epochs=2, validation_split=0.25, callbacks=[recorder])
+    history = _fit(seeded_model(), x, y, batch_size=8, epochs=2, validation_split=0.25, callbacks=[recorder])
     held_out = x[30:]
     for epoch in recorder.epochs:  # training sees exactly the first 30 samples, shuffled
         seen = torch.cat(epoch)
@@ -153,7 +146,7 @@ def test_validation_split_holds_out_the_last_samples_before_shuffling() -> None:
 
 def test_validation_split_val_loss_is_the_loss_of_the_held_out_samples() -> None:
     x, y = _data(40)
-    model = _model()
+    model = seeded_model()
     history = _fit(model, x, y, batch_size=8, validation_split=0.2, validation_batch_size=3)
     with torch.no_grad():
         expected = F.mse_loss(model(x[32:]), y[32:]).item()
@@ -163,7 +156,7 @@ def test_validation_split_val_loss_is_the_loss_of_the_held_out_samples() -> None
 def test_validation_data_as_a_tuple_of_arrays() -> None:
     x, y = _data(40)
     x_val, y_val = _data(12, seed=5)
-    model = _model()
+    model = seeded_model()
     history = _fit(model, x, y, validation_data=(x_val.numpy(), y_val.numpy()), batch_size=8)
     with torch.no_grad():
         expected = F.mse_loss(model(x_val), y_val).item()
@@ -174,7 +167,7 @@ def test_validation_data_as_a_tuple_of_arrays() -> None:
 def test_sample_weight_array_equals_a_loader_of_weighted_batches() -> None:
     x, y = _data()
     weights = torch.rand(40, generator=torch.Generator().manual_seed(3))
-    by_loader, by_arrays = _model(), _model()
+    by_loader, by_arrays = seeded_model(), seeded_model()
     _fit(by_loader, DataLoader(TensorDataset(x, y, weights), batch_size=8), loss=PER_SAMPLE_MSE)
     _fit(by_arrays, x, y, sample_weight=weights.numpy(), batch_size=8, shuffle=False, loss=PER_SAMPLE_MSE)
     for a, b in zip(by_loader.parameters(), by_arrays.parameters(), strict=True):
@@ -217,7 +210,7 @@ def test_class_weight_with_a_mean_loss_names_the_per_sample_requirement() -> Non
 # -- evaluate and predict --------------------------------------------------------------------------------
 def test_evaluate_and_predict_on_arrays_equal_the_loader_results() -> None:
     x, y = _data(45)
-    model = _model()
+    model = seeded_model()
     on_loader = tc.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=32), loss=F.mse_loss, verbose=0)
     on_arrays = tc.evaluate(model, x.numpy(), y.numpy(), loss=F.mse_loss, verbose=0)
     assert on_arrays == pytest.approx(on_loader, rel=1e-6)
@@ -237,38 +230,38 @@ def test_a_loader_with_y_or_array_options_is_a_type_error_naming_them() -> None:
     x, y = _data()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     with pytest.raises(TypeError, match=r"fit: y given, but x is DataLoader"):
-        _fit(_model(), loader, y)
+        _fit(seeded_model(), loader, y)
     with pytest.raises(TypeError, match=r"fit: batch_size, validation_split given"):
-        _fit(_model(), loader, batch_size=8, validation_split=0.2)
+        _fit(seeded_model(), loader, batch_size=8, validation_split=0.2)
     with pytest.raises(TypeError, match=r"fit: class_weight given"):
-        _fit(_model(), loader, class_weight={0: 1.0})
+        _fit(seeded_model(), loader, class_weight={0: 1.0})
     with pytest.raises(TypeError, match=r"evaluate: y given, but x is DataLoader"):
-        tc.evaluate(_model(), loader, y, loss=F.mse_loss, verbose=0)
+        tc.evaluate(seeded_model(), loader, y, loss=F.mse_loss, verbose=0)
     with pytest.raises(TypeError, match=r"predict: batch_size given, but x is DataLoader"):
-        tc.predict(_model(), loader, batch_size=4, verbose=0)
+        tc.predict(seeded_model(), loader, batch_size=4, verbose=0)
 
 
 def test_argument_errors_of_array_data() -> None:
     x, y = _data()
     with pytest.raises(TypeError, match=r"y \(the targets\) is required"):
-        _fit(_model(), x)
+        _fit(seeded_model(), x)
     with pytest.raises(ValueError, match="class_weight and sample_weight"):
-        _fit(_model(), x, y, class_weight={0: 1.0}, sample_weight=torch.ones(40))
+        _fit(seeded_model(), x, y, class_weight={0: 1.0}, sample_weight=torch.ones(40))
     with pytest.raises(ValueError, match="validation_split and validation_data"):
-        _fit(_model(), x, y, validation_split=0.2, validation_data=(x, y))
+        _fit(seeded_model(), x, y, validation_split=0.2, validation_data=(x, y))
     with pytest.raises(ValueError, match="validation_split: expected a fraction"):
-        _fit(_model(), x, y, validation_split=1.0)
+        _fit(seeded_model(), x, y, validation_split=1.0)
     with pytest.raises(ValueError, match="too few to split"):
-        _fit(_model(), x[:1], y[:1], validation_split=0.5)
+        _fit(seeded_model(), x[:1], y[:1], validation_split=0.5)
     with pytest.raises(ValueError, match=r"different numbers of samples \(x: 40; y: 39\)"):
-        _fit(_model(), x, y[:39])
+        _fit(seeded_model(), x, y[:39])
     with pytest.raises(ValueError, match="batch_size: expected None or an integer >= 1"):
-        _fit(_model(), x, y, batch_size=0)
+        _fit(seeded_model(), x, y, batch_size=0)
 
 
 def test_a_loader_keeps_working_without_y() -> None:
     x, y = _data()
-    model = _model()
+    model = seeded_model()
     history = _fit(model, DataLoader(TensorDataset(x, y), batch_size=8), epochs=2)
     assert len(history.history["loss"]) == 2
 

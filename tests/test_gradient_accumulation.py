@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Crash, make_model
+from conftest import Crash, make_arrays, make_model, seeded_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -22,14 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data(n: int = 48, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=generator)
-    return x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=generator)
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return make_model()
+    return make_arrays(n, seed)
 
 
 def _count_steps(optimizer: torch.optim.Optimizer) -> list[int]:
@@ -49,7 +42,7 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
 @pytest.mark.parametrize("k", [2, 4])
 def test_k_batches_of_b_equal_one_batch_of_k_times_b_with_sgd(k: int) -> None:
     x, y = _data()
-    small, big = _model(), _model()
+    small, big = seeded_model(), seeded_model()
     small_sgd = torch.optim.SGD(small.parameters(), lr=0.1)
     steps = _count_steps(small_sgd)
     tc.fit(small, _loader(x, y, 3), optimizer=small_sgd, loss=F.mse_loss, epochs=2, verbose=0,
@@ -58,14 +51,14 @@ def test_k_batches_of_b_equal_one_batch_of_k_times_b_with_sgd(k: int) -> None:
            epochs=2, verbose=0)
     assert len(steps) == 2 * 16 // k
     assert _close(small, big)
-    assert not _close(small, _model())  # it trained
+    assert not _close(small, seeded_model())  # it trained
 
 
 def test_logged_loss_is_the_unscaled_loss() -> None:
     x, y = _data()
     history_k, history_1 = tc.History(), tc.History()
     for history, k in ((history_k, 4), (history_1, None)):
-        model = _model()
+        model = seeded_model()
         tc.fit(model, _loader(x, y, 48), optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=F.mse_loss,
                verbose=0, gradient_accumulation_steps=k, callbacks=[history])
     assert history_k.history["loss"] == pytest.approx(history_1.history["loss"])
@@ -76,7 +69,7 @@ def test_an_epoch_not_a_multiple_of_k_carries_its_gradients_into_the_next_epoch(
     per epoch and k=2 step after global batches 2, 4, 6, 8, 10; the gradient of an incomplete
     group at the end of training (none here) is not applied."""
     x, y = _data(20)
-    model, by_hand = _model(), _model()
+    model, by_hand = seeded_model(), seeded_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     steps = _count_steps(sgd)
     tc.fit(model, _loader(x, y, 4), optimizer=sgd, loss=F.mse_loss, epochs=2, verbose=0, gradient_accumulation_steps=2)
@@ -93,7 +86,7 @@ def test_an_epoch_not_a_multiple_of_k_carries_its_gradients_into_the_next_epoch(
 
 def test_an_incomplete_group_at_the_end_of_training_is_not_applied() -> None:
     x, y = _data(20)
-    model, by_hand = _model(), _model()
+    model, by_hand = seeded_model(), seeded_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = _count_steps(sgd)
     tc.fit(model, _loader(x, y, 4), optimizer=sgd, loss=F.mse_loss, verbose=0, gradient_accumulation_steps=3)
@@ -112,7 +105,7 @@ def test_a_per_batch_schedule_counts_optimizer_steps() -> None:
         positions.append(step)
         return 0.1 / (1 + step)
 
-    model = _model()
+    model = seeded_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     lrs: list[float] = []
     sgd.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
@@ -124,7 +117,7 @@ def test_a_per_batch_schedule_counts_optimizer_steps() -> None:
 
 def test_a_per_batch_torch_scheduler_steps_with_the_optimizer() -> None:
     x, y = _data(24)
-    model = _model()
+    model = seeded_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(sgd, step_size=1, gamma=0.5)
     tc.fit(model, _loader(x, y, 4), optimizer=sgd, loss=F.mse_loss, epochs=2, verbose=0,
@@ -159,7 +152,7 @@ class CountingScaler(torch.amp.GradScaler):
 def test_grad_scaler_and_clipping_act_on_stepping_batches_only() -> None:
     x, y = _data(16)
     calls: list[str] = []
-    model, big = _model(), _model()
+    model, big = seeded_model(), seeded_model()
     tc.fit(model, _loader(x, y, 4), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=F.mse_loss,
            verbose=0, gradient_accumulation_steps=2, grad_scaler=CountingScaler(calls), clip_grad_norm=0.05)
     group = ["scale", "scale", "unscale", "step", "update"]
@@ -172,7 +165,7 @@ def test_grad_scaler_and_clipping_act_on_stepping_batches_only() -> None:
 
 def test_clipping_without_a_scaler_clips_the_accumulated_gradient() -> None:
     x, y = _data(16)
-    model, big = _model(), _model()
+    model, big = seeded_model(), seeded_model()
     tc.fit(model, _loader(x, y, 4), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=F.mse_loss,
            verbose=0, gradient_accumulation_steps=2, clip_grad_norm=0.05)
     tc.fit(big, _loader(x, y, 8), optimizer=torch.optim.SGD(big.parameters(), lr=0.1), loss=F.mse_loss,
@@ -183,7 +176,7 @@ def test_clipping_without_a_scaler_clips_the_accumulated_gradient() -> None:
 def test_bfloat16_autocast_with_a_scaler_trains() -> None:
     x, y = _data(16)
     calls: list[str] = []
-    model = _model()
+    model = seeded_model()
     history = tc.fit(model, _loader(x, y, 4), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                      loss=F.mse_loss, verbose=0, epochs=2, gradient_accumulation_steps=2, amp_dtype=torch.bfloat16,
                      grad_scaler=CountingScaler(calls))
@@ -231,7 +224,7 @@ def test_a_backup_with_another_k_is_refused(tmp_path: Path) -> None:
 # -- arguments ---------------------------------------------------------------------------------------------------
 def test_argument_errors() -> None:
     x, y = _data()
-    model = _model()
+    model = seeded_model()
     for bad in (0, -2, True, 2.0):
         with pytest.raises(ValueError, match="gradient_accumulation_steps: expected None or an integer >= 1"):
             tc.fit(model, _loader(x, y, 8), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=F.mse_loss,
@@ -246,7 +239,7 @@ def test_params_tell_callbacks_k_and_the_default_path_is_unchanged() -> None:
     seen: list[dict[str, Any]] = []
     recorder = tc.LambdaCallback(on_train_begin=lambda logs: seen.append(dict(recorder.params)))
     for k in (None, 1, 3):
-        model = _model()
+        model = seeded_model()
         stepper_params = tc.fit(model, _loader(x, y, 8), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                 loss=F.mse_loss, verbose=0, gradient_accumulation_steps=k, callbacks=[recorder])
         assert stepper_params is not None

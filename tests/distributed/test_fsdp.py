@@ -180,22 +180,30 @@ def _wait_for_hold(job: subprocess.Popen[bytes], log: Path, workdir: Path) -> No
         time.sleep(0.2)
 
 
+def _kill_when_held(job: subprocess.Popen[bytes], log: Path, workdir: Path, check: Any = None) -> None:
+    """Wait until the job holds, run `check()` on what it left, then SIGKILL the whole job (also when
+    the wait or the check fails, so that no process outlives the test)."""
+    try:
+        _wait_for_hold(job, log, workdir)
+        if check is not None:
+            check()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+
+
 def test_a_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     torchrun(2, tmp_path, "save", str(ckpt), "3")
     os.replace(tmp_path / "ckpt.before.safetensors", tmp_path / "first.safetensors")
     job, log = _start_holding(tmp_path, "hold", str(ckpt), "5")
-    try:
-        _wait_for_hold(job, log, tmp_path)
+    def complete_but_unpublished() -> None:
         # both processes have written their files (the temp directory is complete) but not published it
         temps = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.tmp-")]
         assert len(temps) == 1 and (temps[0] / "state.json").exists()
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=30)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait(timeout=30)
+
+    _kill_when_held(job, log, tmp_path, complete_but_unpublished)
     assert json.loads((ckpt / "state.json").read_text())["state"]["step"] == 3
     torchrun(2, tmp_path, "load", str(ckpt))
     _assert_same_state(tmp_path / "first.safetensors", tmp_path / "ckpt.after_2.safetensors")
@@ -311,14 +319,7 @@ def test_backup_and_restore_of_an_fsdp_model_resumes_exactly_after_a_sigkill(tmp
     torchrun(2, tmp_path, "backup", "straight")  # uninterrupted
     assert not (tmp_path / "backup").exists()  # deleted at the end of a finished run
     job, log = _start_holding(tmp_path, "backup-hold", "held")
-    try:
-        _wait_for_hold(job, log, tmp_path)
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=30)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait(timeout=30)
+    _kill_when_held(job, log, tmp_path)
     state = json.loads((tmp_path / "backup" / "latest" / "state.json").read_text())
     assert state["state"]["global_step"] == 8 and len(state["state"]["ranks"]) == 2
     assert "model/0.weight" in state["sharded"] and "optimizers/0/state/0.weight/exp_avg" in state["sharded"]
