@@ -31,6 +31,7 @@ import time
 import traceback
 from typing import Any
 
+import ddp_common as common
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -270,8 +271,7 @@ def main() -> None:
         probe(workdir, sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    dist.barrier()
-    dist.destroy_process_group()
+    common.shut_down()  # the FSDP modules freed first (they sit in reference cycles)
 
 
 if __name__ == "__main__":
