@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -107,13 +107,40 @@ def atomic_save_file(
                      keep_previous_as="ckpt.previous.safetensors")
     ```
     """
+    # save_file creates the temp file with the usual permissions.
+    atomic_write(path, lambda tmp: _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None),
+                 keep_previous_as)
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[str], None],
+    keep_previous_as: str | os.PathLike[str] | None = None,
+) -> None:
+    """Create or replace the file `path` atomically with what `write(temp_path)` writes: `write`
+    creates a uniquely named temp file in the same directory, which is then fsynced, moved over
+    `path` with `os.replace`, and the directory fsynced. On an error (also one of `write`) the temp
+    file is removed and the previous file is left as it was. Leftover temp files of dead writers in
+    the directory are removed afterwards.
+
+    Args:
+        path: the file to create or replace; its directory is created if needed.
+        write: writes the whole content to the file it is given (and closes it).
+        keep_previous_as: if given and `path` exists, the old file is moved there (also atomically)
+            just before the new one takes its place.
+
+    Example:
+
+    ```python
+    atomic_write("index.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index)))
+    ```
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # save_file creates the temp file with the usual permissions.
     tmp = os.path.join(directory, _temp_name(os.path.basename(path)))
     try:
-        _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None)
+        write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
