@@ -14,12 +14,19 @@ more, safetensors orders them arbitrarily):
   dtype, largest alignment first (its `Dtype` order, reversed), then by name; offsets are relative to
   the end of the header.
 
+The dtype names and their order are asked of the installed safetensors (once per set of dtypes: it
+saves a one-element tensor of each to memory), not copied into a table here, so every dtype it
+stores is streamed as it would store it. Packed 4-bit dtypes (whose safetensors shape is not torch's)
+are refused with a TypeError naming the tensor.
+
 Writes are atomic (`writer.atomic_write`: temp file, fsync, rename, directory fsync).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,15 +39,25 @@ import torch
 
 from torchcallbacks.checkpoint.writer import atomic_write
 
-#: torch dtype -> safetensors dtype name, in safetensors' data order (its `Dtype` enum, reversed).
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
-    torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16",
-    torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-_ORDER = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+@functools.lru_cache(maxsize=64)
+def _dtype_layout(dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, tuple[int, str]]:
+    """dtype -> (its rank in safetensors' data order, its safetensors name), asked of safetensors
+    itself (a one-element tensor of each dtype saved to memory), so that the header says what
+    `save_file` would for every dtype this safetensors stores. A dtype it refuses, or stores with
+    another shape (packed 4-bit types), is left out."""
+    from safetensors.torch import save
+
+    probes: dict[str, torch.Tensor] = {}
+    for i, dtype in enumerate(dtypes):
+        with contextlib.suppress(Exception):
+            probe = torch.zeros(1, dtype=dtype)
+            save({"t": probe})  # refused dtypes raise here
+            probes[str(i)] = probe
+    blob = save(probes)
+    header = json.loads(blob[8 : 8 + struct.unpack("<Q", blob[:8])[0]])
+    names = [k for k in header if k != "__metadata__"]
+    return {dtypes[int(k)]: (rank, header[k]["dtype"]) for rank, k in enumerate(names) if header[k]["shape"] == [1]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +113,19 @@ class StreamPlan:
             raise ValueError(f"tensor names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
         if "__metadata__" in names:
             raise ValueError("'__metadata__' is reserved in safetensors and cannot name a tensor")
+        layout = _dtype_layout(tuple(sorted({s.dtype for s in specs}, key=str)))
         for spec in specs:
-            if spec.dtype not in SAFETENSORS_DTYPES:
-                raise TypeError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
+            if spec.dtype not in layout:
+                raise TypeError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors (streamed)")
         if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("metadata: safetensors stores string -> string entries only")
-        self.specs: list[TensorSpec] = sorted(specs, key=lambda s: (_ORDER[s.dtype], s.name))
+        self.specs: list[TensorSpec] = sorted(specs, key=lambda s: (layout[s.dtype][0], s.name))
         header: dict[str, object] = {}
         if metadata is not None:
             header["__metadata__"] = dict(metadata)
         offset = 0
         for spec in self.specs:
-            header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+            header[spec.name] = {"dtype": layout[spec.dtype][1], "shape": list(spec.shape),
                                  "data_offsets": [offset, offset + spec.nbytes]}
             offset += spec.nbytes
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
