@@ -11,7 +11,7 @@
   falling loss (its best stays epoch 1's file), and `TensorBoard`
   (histograms, gradients, images, embeddings), a `Record` callback writing the gathered parameters and
   gradients of every epoch end (WORKDIR/epoch_<e>.safetensors). WORKDIR/report_<rank>.json: the
-  checkpoints' paths, the losses and the error of `max_shard_size=0`.
+  checkpoints' paths, the losses, the error of `max_shard_size=0` and that of a save rank 0 cannot write.
 - `hf`: a tiny GPT-2 (tied embeddings) sharded with `fully_shard`, exported with a small
   `max_shard_size` (WORKDIR/hf, with the config), and its gathered state (WORKDIR/hf_expected.safetensors).
 """
@@ -114,6 +114,10 @@ def weights(workdir: str) -> None:
         tc.save_weights(model, os.path.join(out, "bad.safetensors"), max_shard_size=0)
     except ValueError as exc:
         report["bad_max_shard_size"] = str(exc)
+    try:  # rank 0 cannot write there (a file stands where the directory would be): every process raises
+        tc.save_weights(model, os.path.join(workdir, "expected.safetensors", "x.safetensors"))
+    except tc.CheckpointError as exc:
+        report["unwritable"] = str(exc)
     for seed, (name, source) in enumerate({"split": os.path.join(out, "split.safetensors"),
                                            "export": os.path.join(workdir, "export_small"),
                                            "one": os.path.join(out, "one.safetensors")}.items(), start=1):

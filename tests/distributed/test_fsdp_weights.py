@@ -131,6 +131,12 @@ def test_a_bad_max_shard_size_is_refused_naming_the_argument(run: Path) -> None:
     assert not (run / "w" / "bad.safetensors").exists()
 
 
+def test_a_save_rank_0_cannot_write_fails_on_every_process_instead_of_hanging(run: Path) -> None:
+    for rank in range(2):
+        report = json.loads((run / f"report_{rank}.json").read_text())
+        assert report["unwritable"].startswith("writing the weights") and "process 0:" in report["unwritable"]
+
+
 def _model_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("grad/")}
 

@@ -7,6 +7,10 @@ fsyncs it, moves it over the target with `os.replace` and fsyncs the directory: 
 leaves the old file or the new one, never a torn one. On an error (a full disk, say) the temp file is
 removed and the previous file is left as it was.
 
+`atomic_write(path, write)` is that protocol for any content (`write` fills the temp file it is
+given): `atomic_save_file` uses it, and so do the streamed safetensors files (`stream.py`) and the
+index of split weights files.
+
 Temp files are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
 characters other than ASCII letters, digits and `-` replaced by `-`). A process killed mid-write leaves
 its temp file behind; after each save, the writer removes such leftovers in the directory it wrote to,
