@@ -23,13 +23,20 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.files import ALIASES_KEY, _check_keys, _deduplicate, read_file, restore_aliases
+from torchcallbacks.checkpoint.files import (
+    ALIASES_KEY,
+    PREFIX,
+    _check_keys,
+    _deduplicate,
+    read_file,
+    restore_aliases,
+)
 from torchcallbacks.checkpoint.stream import StreamPlan, TensorSpec, write_stream
 from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write
 from torchcallbacks.distributed import all_gather_json, full_tensor, get_rank, has_dtensors
@@ -338,11 +345,18 @@ def read_weights(filepath: PathLike) -> tuple[str, dict[str, torch.Tensor], dict
     where, tensors, metadata = read_weights("export")
     ```
     """
+    return _read_all(filepath, read_file)
+
+
+def _read_all(
+    filepath: PathLike, read: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, str]]]
+) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """`read(file)` of every file of a weights path, checked against the index and merged."""
     where, files, weight_map = weight_files(filepath)
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for file in files:
-        part, meta = read_file(file)
+        part, meta = read(file)
         _check_index(where, file, part, weight_map)
         twice = sorted(set(part) & set(tensors))
         if twice:
@@ -381,29 +395,23 @@ def load_sharded_weights(model: torch.nn.Module, filepath: PathLike, strict: boo
 
     from torchcallbacks.checkpoint.reader import check_header_size
 
-    where, files, weight_map = weight_files(filepath)
-    headers: dict[str, torch.Tensor] = {}  # meta tensors standing for the files' tensors
     sources: dict[int, tuple[str, str]] = {}  # id(meta tensor) -> (file, key)
-    metadata: dict[str, str] = {}
-    for file in files:
+
+    def read_header(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Meta tensors (the shape is what is checked) standing for the file's tensors."""
         check_header_size(file)
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
-                part: dict[str, torch.Tensor] = {}
-                for key in f.keys():  # noqa: SIM118
-                    view = f.get_slice(key)
-                    part[key] = torch.empty(view.get_shape(), device="meta")  # the shape is what is checked
-                    sources[id(part[key])] = (file, key)
+                part = {key: torch.empty(f.get_slice(key).get_shape(), device="meta")
+                        for key in f.keys() if not key.startswith(PREFIX)}  # noqa: SIM118 (a training state's own tensors left out)
         except Exception as exc:
             raise CheckpointError(f"{file!r} is not a readable safetensors file (truncated, damaged or another format): {exc}") from exc
+        sources.update({id(t): (file, key) for key, t in part.items()})
         restore_aliases(file, meta, part)
-        _check_index(where, file, part, weight_map)
-        twice = sorted(set(part) & set(headers))
-        if twice:
-            raise CheckpointError(f"{where!r}: tensors in more than one file: {twice[:10]}")
-        headers.update(part)
-        metadata.update(meta)
+        return part, meta
+
+    where, headers, metadata = _read_all(filepath, read_header)
     _check_keys(where, model, headers, metadata, strict)
     targets = model.state_dict()
     per_file: dict[str, list[tuple[str, str]]] = {}
