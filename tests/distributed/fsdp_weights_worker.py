@@ -11,17 +11,20 @@
   falling loss (its best stays epoch 1's file), and `TensorBoard`
   (histograms, gradients, images, embeddings), a `Record` callback writing the gathered parameters and
   gradients of every epoch end (WORKDIR/epoch_<e>.safetensors). WORKDIR/report_<rank>.json: the
-  checkpoints' paths, the losses, the error of `max_shard_size=0` and that of a save rank 0 cannot write.
+  checkpoints' paths, the losses, how many gathered tensors were alive at once during the saves, the error of `max_shard_size=0` and that of a save rank 0 cannot write.
 - `hf`: a tiny GPT-2 (tied embeddings) sharded with `fully_shard`, exported with a small
   `max_shard_size` (WORKDIR/hf, with the config), and its gathered state (WORKDIR/hf_expected.safetensors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import sys
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import ddp_common as common
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import torchcallbacks as tc
@@ -74,6 +78,30 @@ def write_gathered(tensors: dict[str, torch.Tensor], path: str) -> None:
     dist.barrier()
 
 
+@contextlib.contextmanager
+def count_gathered() -> Iterator[dict[str, int]]:
+    """Counts the tensors `DTensor.full_tensor` returns and the most of them alive at once."""
+    counts = {"total": 0, "alive": 0, "peak": 0}
+    original = DTensor.full_tensor
+
+    def died() -> None:
+        counts["alive"] -= 1
+
+    def tracked(self: DTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        full = original(self, *args, **kwargs)
+        counts["total"] += 1
+        counts["alive"] += 1
+        counts["peak"] = max(counts["peak"], counts["alive"])
+        weakref.finalize(full, died)
+        return full
+
+    DTensor.full_tensor = tracked  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        DTensor.full_tensor = original  # type: ignore[method-assign]
+
+
 def data() -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 16, generator=generator)
@@ -105,11 +133,12 @@ def weights(workdir: str) -> None:
         optimizer.step()
     write_gathered(model.state_dict(), os.path.join(workdir, "expected.safetensors"))
     out = os.path.join(workdir, "w")
-    tc.save_weights(model, os.path.join(out, "one.safetensors"))
-    tc.save_weights(model, os.path.join(out, "split.safetensors"), max_shard_size=SMALL)
-    export_full_weights(model, os.path.join(workdir, "export"))
-    export_full_weights(model, os.path.join(workdir, "export_small"), max_shard_size=SMALL)
-    report: dict[str, Any] = {}
+    with count_gathered() as gathered:
+        tc.save_weights(model, os.path.join(out, "one.safetensors"))
+        tc.save_weights(model, os.path.join(out, "split.safetensors"), max_shard_size=SMALL)
+        export_full_weights(model, os.path.join(workdir, "export"))
+        export_full_weights(model, os.path.join(workdir, "export_small"), max_shard_size=SMALL)
+    report: dict[str, Any] = {"gathered": gathered}
     try:
         tc.save_weights(model, os.path.join(out, "bad.safetensors"), max_shard_size=0)
     except ValueError as exc:

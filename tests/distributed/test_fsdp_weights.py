@@ -118,6 +118,13 @@ def test_above_max_shard_size_split_files_and_an_index_in_hugging_faces_layout(r
         _same(dict(plain.state_dict()), expected)
 
 
+def test_the_saves_hold_one_gathered_tensor_at_a_time(run: Path) -> None:
+    for rank in range(2):
+        gathered = json.loads((run / f"report_{rank}.json").read_text())["gathered"]
+        assert gathered["total"] == 4 * 5  # 4 saves of 5 parameters (the buffer is not sharded)
+        assert gathered["peak"] == 1 and gathered["alive"] == 0  # not the model, not a file's worth
+
+
 def test_load_weights_into_a_sharded_model_gives_each_process_its_shard_of_the_file(run: Path) -> None:
     expected = load_file(run / "expected.safetensors")
     for name in ("split", "export", "one"):  # loaded into models with other initial weights, then gathered

@@ -19,6 +19,7 @@ process reads each full tensor from the file itself, one at a time, keeps its ow
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -210,8 +211,9 @@ def write_weights(
                 write_stream(file, plan, tensors)
             except (OSError, ValueError, TypeError) as exc:
                 error = exc
-        for _ in tensors:  # a failed write still takes part in every gather, so no process waits forever
-            pass
+        # The other processes, and a failed write, still take part in every gather (so no process waits
+        # forever), holding nothing.
+        collections.deque(tensors, maxlen=0)
     written = list(paths)
     if writes and error is None:
         try:

@@ -187,6 +187,7 @@ def write_stream(
                 if tensor is None:
                     raise ValueError(f"tensor {spec.name!r} never came: fewer tensors than the plan has")
                 _write_tensor(file, spec, tensor)
+                del tensor  # before the next one is produced: one tensor at a time
             file.flush()
 
     atomic_write(path, write)
