@@ -69,7 +69,17 @@ def check_max_shard_size(value: Any, what: str = "max_shard_size") -> int | None
 
 
 def index_path(filepath: str) -> str:
-    """The index of the split files of `filepath`: `X.safetensors` -> `X.safetensors.index.json`."""
+    """The index of the split files of `filepath`: `X.safetensors` -> `X.safetensors.index.json`.
+
+    Args:
+        filepath: the path of the save.
+
+    Example:
+
+    ```python
+    index_path("out/model.safetensors")  # 'out/model.safetensors.index.json'
+    ```
+    """
     return filepath + INDEX_SUFFIX
 
 
