@@ -243,6 +243,7 @@ def test_data_without_a_length_ends_each_epoch_at_the_shortest_process(tmp_path:
         assert any("ran out of data on process(es) [0] after 2 of 4 steps" in w for w in rank["dry"]["warnings"])
     for run in ("epochs", "dry"):
         assert ranks[0][run]["weights"] == ranks[1][run]["weights"]  # the same steps on both: no divergence
+    assert [rank["epochs"]["evaluated"] for rank in ranks] == [6, 7]  # evaluate takes each process's own batches
 
 
 # -- stateful metrics that do not synchronise themselves -------------------------------------------------

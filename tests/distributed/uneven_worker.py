@@ -58,7 +58,19 @@ def _fit(data: Any, steps: int | None, epochs: int) -> dict[str, Any]:
         tc.fit(model, data, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), loss=torch.nn.functional.mse_loss,
                epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[counter])
     weights = [p.detach().flatten().tolist() for p in model.module.parameters()]
-    return {"batches": counter.per_epoch, "warnings": [str(w.message) for w in caught], "weights": weights}
+    return {"batches": counter.per_epoch, "warnings": [str(w.message) for w in caught], "weights": weights,
+            "evaluated": _evaluated(model, data)}
+
+
+def _evaluated(model: torch.nn.Module, data: Any) -> int:
+    """Batches evaluate takes: all of this process's own (no agreement: evaluation has no collective
+    per batch)."""
+    counter = CountBatches()
+    counter.on_epoch_begin(0)
+    counter.on_test_batch_end = counter.on_train_batch_end  # type: ignore[method-assign]
+    if isinstance(data, DataLoader):
+        tc.evaluate(model, data, loss=torch.nn.functional.mse_loss, verbose=0, callbacks=[counter])
+    return counter.per_epoch[0]
 
 
 def iterable(rank: int) -> dict[str, Any]:

@@ -123,12 +123,15 @@ class EpochIterator:
 
     Under torch.distributed, for data without a length, the processes agree before each batch (one
     all-reduce) that every one of them has one, so all of them end the epoch at the same batch: the
-    shortest process's count, with a warning naming the processes that had more.
+    shortest process's count, with a warning naming the processes that had more (`even_end`).
 
     Args:
         data: an iterable of batches, e.g. a `torch.utils.data.DataLoader`.
         steps: batches per epoch (validated with `check_steps`), or None for one pass.
         name: the argument's name, for error messages.
+        even_end: under torch.distributed, end each epoch at the same batch on every process for
+            data without a length (as training needs: each process must take as many steps). False
+            lets each process take all its own batches (evaluation, prediction).
 
     Example:
 
@@ -141,7 +144,7 @@ class EpochIterator:
     ```
     """
 
-    def __init__(self, data: Iterable[Any], steps: int | None = None, name: str = "x") -> None:
+    def __init__(self, data: Iterable[Any], steps: int | None = None, name: str = "x", *, even_end: bool = True) -> None:
         if not isinstance(data, Iterable):
             raise TypeError(
                 f"{name}: expected an iterable of batches (e.g. a torch.utils.data.DataLoader), "
@@ -150,6 +153,7 @@ class EpochIterator:
         self.data = data
         self.steps = steps
         self.name = name
+        self.even_end = even_end
         self.exhausted = False
         self._iterator: Iterator[Any] | None = None
         self._consumed = 0  # batches taken from the current pass
@@ -277,7 +281,7 @@ class EpochIterator:
         else:
             start = self._epoch_batch = 0
         try:
-            if known_length(self.data) is None and is_distributed():
+            if self.even_end and known_length(self.data) is None and is_distributed():
                 yield from self._agreed_epoch(start)
                 return
             if self.steps is None:
