@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import re
@@ -113,9 +114,6 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(everyone, {"rank": rank, "own": own, "full": full, **{k: v for k, v in results.items()}})
     if rank == 0:
         print(json.dumps(everyone))
-    del model, optimizer
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -127,7 +125,12 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        import torch.distributed as dist
+
         worker(args)
+        gc.collect()  # the FSDP model is freed before the group ends (gloo can abort at exit otherwise)
+        dist.barrier()
+        dist.destroy_process_group()
         return
     workdir = tempfile.mkdtemp(prefix="sharded-bench-", dir=args.dir)
     try:

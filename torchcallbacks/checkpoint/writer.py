@@ -1,17 +1,18 @@
 """Atomic safetensors writes, synchronous or on a background thread.
 
-`atomic_save_file` writes a temp file in the target's directory with `safetensors.torch.save_file`
+`atomic_save_file` writes a temp file (in a temp directory of its own, inside the target's directory,
+since `save_file` itself first writes a `.tmpXXXXXX` file beside the file it is given) with `safetensors.torch.save_file`
 (which writes each tensor straight from its memory, no serialised copy of the file; tensors on an
 accelerator are first copied to host memory, all of them before the file is written), flushes and
 fsyncs it, moves it over the target with `os.replace` and fsyncs the directory: a crash at any instant
 leaves the old file or the new one, never a torn one. On an error (a full disk, say) the temp file is
 removed and the previous file is left as it was.
 
-Temp files are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
+Temp directories are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
 characters other than ASCII letters, digits and `-` replaced by `-`). A process killed mid-write leaves
-its temp file behind; after each save, the writer removes such leftovers in the directory it wrote to,
-but only files whose names have that form and, of those, only files of a process of this host that is
-no longer running, or files last modified more than `STALE_TEMP_SECONDS` ago (whatever the host: on a
+its temp directory behind; after each save, the writer removes such leftovers in the directory it wrote to,
+but only entries whose names have that form and, of those, only those of a process of this host that is
+no longer running, or last modified more than `STALE_TEMP_SECONDS` ago (whatever the host: on a
 shared file system, another host's process cannot be checked from here, and its live writes keep
 their temp file's modification time recent).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -110,11 +112,14 @@ def atomic_save_file(
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # save_file creates the temp file with the usual permissions.
-    tmp = os.path.join(directory, _temp_name(os.path.basename(path)))
+    # A private temp directory: save_file itself writes a `.tmpXXXXXX` file next to the file it is
+    # given and renames it, so a kill leaves that one inside ours, removed with it as a leftover.
+    tmp_dir = os.path.join(directory, _temp_name(os.path.basename(path)))
+    tmp = os.path.join(tmp_dir, "file.safetensors")
     try:
+        os.mkdir(tmp_dir)
         _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None)
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDONLY)  # save_file creates the file with the usual permissions
         try:
             os.fsync(fd)
         finally:
@@ -122,10 +127,8 @@ def atomic_save_file(
         if keep_previous_as is not None and os.path.exists(path):
             os.replace(path, os.fspath(keep_previous_as))
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
     _fsync_dir(directory)
     _remove_stale_temp_files(directory)
 
@@ -145,10 +148,11 @@ def _process_is_dead(pid: int) -> bool:
 
 
 def _remove_stale_temp_files(directory: str) -> None:
-    """Remove temp files of this writer left in `directory` by processes that died mid-write (a
-    SIGKILL, a power cut): a file is removed only if its name has the writer's temp form and it was
-    named by a process of this host that is not running, or it was last modified more than
-    `STALE_TEMP_SECONDS` ago. Any other file is left alone: it may be a live write of another host."""
+    """Remove temp directories of this writer (with whatever `save_file` left in them; or temp files,
+    as earlier versions wrote) left in `directory` by processes that died mid-write (a SIGKILL, a
+    power cut): one is removed only if its name has the writer's temp form and it was named by a
+    process of this host that is not running, or it was last modified more than `STALE_TEMP_SECONDS`
+    ago. Anything else is left alone: it may be a live write of another host."""
     host, now = _host_name(), time.time()
     for name in os.listdir(directory):
         match = _TEMP_NAME.match(name)
@@ -163,8 +167,11 @@ def _remove_stale_temp_files(directory: str) -> None:
             except OSError:  # gone already
                 continue
         if stale:
-            with contextlib.suppress(OSError):
-                os.remove(full)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)  # a temp directory (and save_file's file in it)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(full)
 
 
 def _remove_files(paths: Iterable[str]) -> None:
