@@ -5,6 +5,10 @@ own cost is as visible as it can be. Every contender trains the same model on th
 (200 per epoch); after a warm-up, the median epoch time over several epochs is divided by the number of
 steps. Contenders run interleaved, round after round, so that machine noise hits all of them alike.
 
+The "usual kit" rows add ModelCheckpoint (the whole training state, every epoch, fsynced; the second
+row with `async_save=True`), EarlyStopping, LearningRateScheduler, TensorBoard and CSVLogger. Epochs
+of `fit` are timed from one epoch's start to the next one's, so the epoch-end work counts.
+
 Usage: python benchmarks/overhead.py [--epochs 15] [--rounds 3]
 """
 
@@ -56,25 +60,45 @@ def plain_loop(batches, epochs: int) -> list[float]:
 
 
 class EpochTimer(tc.Callback):
+    """Times from one epoch's start to the next one's, so that all epoch-end work (every callback's
+    `on_epoch_end`, the epoch logs' reduction) counts; the last epoch (followed by train end) is not
+    timed, so a run of n + 1 epochs gives n times."""
+
+    dispatch_order = -2  # before every other callback's on_epoch_begin
+
     def __init__(self) -> None:
         super().__init__()
         self.times: list[float] = []
-        self._start = 0.0
+        self._start: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        now = time.perf_counter()
+        if self._start is not None:
+            self.times.append(now - self._start)
+        self._start = now
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
+
+def kit(directory: str, async_save: bool) -> list[tc.Callback]:
+    """The usual callbacks: a full-state checkpoint every epoch, early stopping, a schedule, TensorBoard
+    and a CSV log."""
+    return [
+        tc.ModelCheckpoint(os.path.join(directory, "ckpt-{epoch:03d}.safetensors"), monitor="loss", max_to_keep=2,
+                           async_save=async_save),
+        tc.EarlyStopping(monitor="loss", patience=1000),
+        tc.LearningRateScheduler(lambda epoch, lr: lr * 0.999),
+        tc.TensorBoard(os.path.join(directory, "logs")),
+        tc.CSVLogger(os.path.join(directory, "log.csv")),
+    ]
 
 
-def torchcallbacks_fit(verbose: int) -> Callable[[list, int], list[float]]:
+def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = False) -> Callable[[list, int], list[float]]:
     def run(batches, epochs: int) -> list[float]:
         model, optimizer = make_model()
         timer = EpochTimer()
-        with tempfile.TemporaryFile("w+") as out:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryDirectory() as directory:
             callbacks = [timer] + ([tc.ProgbarLogger(file=out)] if verbose else [])
-            tc.fit(model, batches, optimizer=optimizer, loss=F.mse_loss, epochs=epochs, verbose=verbose,
+            callbacks += kit(directory, async_save) if with_kit else []
+            tc.fit(model, batches, optimizer=optimizer, loss=F.mse_loss, epochs=epochs + 1, verbose=verbose,
                    callbacks=callbacks)
         return timer.times
 
@@ -127,6 +151,8 @@ def main() -> None:
         "plain PyTorch loop": plain_loop,
         "torchcallbacks.fit verbose=0": torchcallbacks_fit(0),
         "torchcallbacks.fit verbose=1": torchcallbacks_fit(1),
+        "fit verbose=0 + usual kit": torchcallbacks_fit(0, with_kit=True),
+        "fit verbose=0 + kit, async": torchcallbacks_fit(0, with_kit=True, async_save=True),
     }
     if importlib.util.find_spec("ignite"):
         contenders["ignite"] = ignite_loop

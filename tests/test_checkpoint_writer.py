@@ -182,7 +182,7 @@ def test_temp_names_carry_the_sanitised_host_and_the_pid(tmp_path: Path, monkeyp
     real = writer.save_file
 
     def spy(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
-        names.append(os.path.basename(filename))
+        names.append(os.path.basename(os.path.dirname(filename)))  # the temp directory it writes in
         real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(writer, "save_file", spy)
@@ -209,6 +209,28 @@ def test_temp_files_of_dead_writers_on_this_host_are_removed_at_the_next_save(tm
     atomic_save_file({"w": torch.ones(2)}, tmp_path / "best-03.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, own.name, "best-03.safetensors"])
     assert not stale.exists() and not impossible.exists()
+
+
+def test_a_killed_save_files_own_temp_file_goes_with_its_temp_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors' save_file writes `.tmpXXXXXX` beside the file it is given before renaming it; a
+    kill leaves that one (as large as the checkpoint) inside our temp directory, which the next save
+    removes whole."""
+    seen: set[str] = set()
+    real = writer.save_file
+
+    def spy(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
+        real(tensors, filename, metadata=metadata)
+        seen.update(os.listdir(tmp_path))
+
+    monkeypatch.setattr(writer, "save_file", spy)
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    monkeypatch.undo()
+    assert seen and all(name.startswith(".w.safetensors.") and name.endswith(".tmp") for name in seen)  # nothing else
+    left = tmp_path / f".w.safetensors.{writer._host_name()}.{_dead_pid()}.0123abcd.tmp"
+    left.mkdir()
+    (left / ".tmpAb12Cd").write_bytes(b"x" * 1000)  # save_file's own temp file, killed mid-write
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
 
 
 def test_temp_files_of_other_hosts_are_removed_only_once_older_than_the_bound(tmp_path: Path) -> None:

@@ -87,3 +87,35 @@ def test_ddp_example_under_torchrun_writes_once_and_agrees(tmp_path) -> None:
     assert (tmp_path / "training.csv").read_text().count("\n") == 5  # header + 4 epochs, one writer
     assert len(list((tmp_path / "logs" / "train").iterdir())) == 1
     assert (tmp_path / "best.safetensors").exists() and not (tmp_path / "backup").exists()
+
+
+def test_fsdp_example_under_torchrun_exports_weights_a_plain_model_loads(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    import torch
+
+    import torchcallbacks as tc
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "examples" / "fsdp_train.py"), "--out", str(tmp_path), "--epochs", "3"],
+        capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("test accuracy:") == 1  # rank 0 prints
+    printed = float(re.search(r"test accuracy: (\d\.\d+)", result.stdout).group(1))
+    assert printed > 0.7, result.stdout
+    assert (tmp_path / "training.csv").read_text().count("\n") == 4  # header + 3 epochs, one writer
+    assert not (tmp_path / "backup").exists()  # a finished run removes its backup
+    # The exported and the best weights are full tensors with plain keys: a plain model loads them.
+    example = _load_example("fsdp_train")
+    plain = example.make_model()
+    names = dict(plain.state_dict())
+    best = load_file(tmp_path / "best.safetensors")
+    assert {k: v.shape for k, v in best.items()} == {k: v.shape for k, v in names.items()}
+    tc.load_weights(plain, tmp_path / "export" / "model.safetensors")
+    _, _, test_set = example.datasets()
+    metrics = {"accuracy": example.accuracy}
+    loader = torch.utils.data.DataLoader(test_set, batch_size=256)
+    scores = tc.evaluate(plain, loader, loss=torch.nn.functional.cross_entropy, metrics=metrics, return_dict=True, verbose=0)
+    assert f"{scores['accuracy']:.4f}" == f"{printed:.4f}"  # the sharded model's score, from the export

@@ -182,6 +182,22 @@ def test_torch_reduce_lr_on_plateau_with_a_monitor() -> None:
     assert lrs_of(optimizer) == pytest.approx([0.025])
 
 
+def test_it_reads_its_monitor_without_being_a_monitor_callback() -> None:
+    """It reads one value for torch's ReduceLROnPlateau; it keeps no best / baseline / min_delta state."""
+    callback = LearningRateScheduler(lambda epoch, lr: lr, monitor="val_loss")
+    assert not isinstance(callback, torchcallbacks.MonitorCallback)
+    assert not hasattr(callback, "best") and not hasattr(callback, "min_delta")
+    with pytest.raises(TypeError, match="monitor: expected the name of a logged value"):
+        LearningRateScheduler(lambda epoch, lr: lr, monitor="")
+    # a misspelt monitor is still an error naming it and the keys (mode "auto": Keras 3's rule)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=0)
+    callbacks = CallbackList([LearningRateScheduler(plateau, monitor="los")], model=model, optimizer=optimizer)
+    with pytest.raises(ValueError, match="LearningRateScheduler: the monitored value 'los' is not in the logs; available keys: learning_rate, loss. Monitor one of them.$"):
+        run_epochs(callbacks, [1.0], monitor="loss")
+
+
 def test_per_batch_function_schedule_uses_the_global_step() -> None:
     warmup = LearningRateScheduler(lambda step: 0.1 * min(1.0, (step + 1) / 6), per_batch=True)
     seen, history = fit_lrs(warmup, epochs=2)

@@ -14,8 +14,9 @@
   full state (WORKDIR/<CKPT name>.after_W.safetensors, W the number of processes) and, after CONTINUE
   more steps, .resumed_W.safetensors. Then, as a control, save with DCP's default FileSystemWriter and
   load it under the same ban: rank 0 writes WORKDIR/control.txt saying whether the ban tripped.
-- `backup NAME` / `backup-hold NAME`: `fit` with `BackupAndRestore` (see `backup`); `backup-hold`
-  sleeps at step 10 (after the backup at step 8) after writing WORKDIR/held_R.
+- `backup NAME` / `backup-hold NAME`: `fit` with `BackupAndRestore` (see `backup`; `async_save=True`
+  when NAME starts with "async"); `backup-hold` sleeps at step 10 (after the backup at step 8) after
+  writing WORKDIR/held_R.
 - `probe NAME`: `fit` with one callback (see `probe`), printing `PROBE <name>: OK | FAIL ...` (the
   investigation of what breaks under FSDP2; not run by the tests).
 """
@@ -247,7 +248,7 @@ def backup(workdir: str, name: str, hold: bool) -> None:
     data = TensorDataset(x, x.sum(1, keepdim=True) + 0.1 * torch.randn(60, 1, generator=generator))
     model = make_model(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    saver = tc.BackupAndRestore(os.path.join(workdir, "backup"), save_freq=BACKUP_FREQ)
+    saver = tc.BackupAndRestore(os.path.join(workdir, "backup"), save_freq=BACKUP_FREQ, async_save=name.startswith("async"))
     tc.fit(model, DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=True, seed=3)),
            optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=BACKUP_EPOCHS, verbose=0,
            callbacks=[saver, Decay()] + ([Hold(workdir)] if hold else []))

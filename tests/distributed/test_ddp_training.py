@@ -228,6 +228,24 @@ def test_uneven_batch_counts_are_refused_naming_them_and_steps_per_epoch_evens_t
     assert [r["epochs"] for r in _ranks(evened)] == [[0, 1], [0, 1]]
 
 
+def test_data_without_a_length_ends_each_epoch_at_the_shortest_process(tmp_path: Path) -> None:
+    """Before: the process with fewer batches left the epoch while the other waited in DDP's gradient
+    all-reduce for a batch nobody else trained (a hang, or collectives paired wrongly)."""
+    torchrun("uneven_worker.py", tmp_path, "iterable")
+    ranks = _ranks(tmp_path)
+    for rank in ranks:
+        assert rank["epochs"]["batches"] == [6, 6]  # process 1 has 7 per pass: it stops with process 0
+        uneven = [w for w in rank["epochs"]["warnings"] if "ran out of batches" in w]
+        assert len(uneven) == 2 and "process(es) [0] ran out of batches after 6 batches" in uneven[0]
+        assert "process(es) [1] had more" in uneven[0]
+        # steps_per_epoch=4 over one-shot generators of 6 and 9 batches: process 0 runs dry in epoch 2
+        assert rank["dry"]["batches"] == [4, 2]
+        assert any("ran out of data on process(es) [0] after 2 of 4 steps" in w for w in rank["dry"]["warnings"])
+    for run in ("epochs", "dry"):
+        assert ranks[0][run]["weights"] == ranks[1][run]["weights"]  # the same steps on both: no divergence
+    assert [rank["epochs"]["evaluated"] for rank in ranks] == [6, 7]  # evaluate takes each process's own batches
+
+
 # -- stateful metrics that do not synchronise themselves -------------------------------------------------
 def test_a_stateful_metric_that_does_not_sync_is_reduced_so_decisions_agree(tmp_path: Path) -> None:
     torchrun("stateful_metric_worker.py", tmp_path)

@@ -314,6 +314,26 @@ def test_the_fallback_publication_replaces_a_directory(tmp_path: Path, monkeypat
     assert state["step"] == 8 and torch.equal(template["model"]["w"], torch.arange(6.0).reshape(2, 3) + 8)
 
 
+def test_an_async_save_copies_the_state_and_is_published_at_flush(tmp_path: Path) -> None:
+    from torchcallbacks.checkpoint.sharded import ShardedCheckpointWriter, load_sharded
+
+    saver = ShardedCheckpointWriter(async_save=True)
+    weights = torch.arange(6.0).reshape(2, 3)
+    saver.save(tmp_path / "c", {"model": {"w": weights}, "step": 1})
+    weights.add_(100.0)  # training goes on: the save holds its own copy
+    assert not (tmp_path / "c").exists()  # written in the background, published at the next save or flush
+    saver.flush()
+    state, _ = load_sharded(tmp_path / "c", {})
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    # a save dropped after an error stays unpublished; the next save removes its temp directory
+    saver.save(tmp_path / "c", {"model": {"w": weights}, "step": 2})
+    saver.abandon()
+    assert load_sharded(tmp_path / "c", {})[0]["step"] == 1
+    saver.save(tmp_path / "c", {"model": {"w": weights}, "step": 3})
+    saver.flush()
+    assert load_sharded(tmp_path / "c", {})[0]["step"] == 3 and sorted(os.listdir(tmp_path)) == ["c"]
+
+
 # -- BackupAndRestore of an FSDP2 model ---------------------------------------------------------------
 def test_backup_and_restore_of_an_fsdp_model_resumes_exactly_after_a_sigkill(tmp_path: Path) -> None:
     torchrun(2, tmp_path, "backup", "straight")  # uninterrupted
@@ -326,3 +346,19 @@ def test_backup_and_restore_of_an_fsdp_model_resumes_exactly_after_a_sigkill(tmp
     torchrun(2, tmp_path, "backup", "resumed")
     assert json.loads((tmp_path / "resumed.json").read_text()) == {"resumed_at": 8}
     _assert_same_state(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors")
+    # async_save: the backup of step 8 is written while steps 9 and 10 train, and published at the next
+    # save; killed at step 10, the one on disk is step 4's (complete) and the resumed run is exact too
+    for r in range(2):
+        (tmp_path / f"held_{r}").unlink()
+    job, log = _start_holding(tmp_path, "backup-hold", "async-held")
+
+    def written_but_unpublished() -> None:
+        temps = [p for p in (tmp_path / "backup").iterdir() if p.name.startswith("latest.tmp-")]
+        assert len(temps) == 1 and json.loads((temps[0] / "state.json").read_text())["state"]["global_step"] == 8
+
+    _kill_when_held(job, log, tmp_path, written_but_unpublished)
+    assert json.loads((tmp_path / "backup" / "latest" / "state.json").read_text())["state"]["global_step"] == 4
+    torchrun(2, tmp_path, "backup", "async-resumed")
+    assert json.loads((tmp_path / "async-resumed.json").read_text()) == {"resumed_at": 4}
+    _assert_same_state(tmp_path / "straight.safetensors", tmp_path / "async-resumed.safetensors")
+    assert not (tmp_path / "backup").exists()  # the last one published, then deleted at the end

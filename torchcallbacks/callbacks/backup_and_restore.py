@@ -71,7 +71,9 @@ class BackupAndRestore(Callback):
         delete_checkpoint: delete the backup when training finishes normally (not after an exception,
             an interrupt or a SIGTERM).
         async_save: write backups on a background thread (at most one in flight; errors are raised on
-            the training thread at the next save or at train end).
+            the training thread at the next save or at train end). For an FSDP2 model the directory
+            is published at the next backup or at train end (see
+            `checkpoint.sharded.ShardedCheckpointWriter`): until then the previous one is on disk.
         scheduler: LR scheduler(s) stepped outside callbacks whose state to back up too.
         save_on_sigterm: handle SIGTERM as described above (main thread only).
 
@@ -81,6 +83,10 @@ class BackupAndRestore(Callback):
     barrier follows each backup. A SIGTERM (torchrun forwards it to every process) is acted on at the
     next backup point (every `save_freq` batches, or the epoch end), where the processes agree on it,
     so all of them save and exit at the same batch. `backup_dir` must be a directory every process sees.
+
+    For a model with DTensor parameters (FSDP2's `fully_shard`) the backup is the directory
+    `backup_dir/latest/` written by `checkpoint.sharded`: every process writes its own shards, nobody
+    gathers the model or optimizer state, nothing is pickled, and the directory appears only complete.
 
     Attributes:
         restored: what the last restore phase loaded (a `TrainingState`), or None.
@@ -129,6 +135,7 @@ class BackupAndRestore(Callback):
         self.latest_sharded_path = os.path.join(self.backup_dir, self.LATEST_SHARDED)
         self.restored: TrainingState | None = None
         self._writer = CheckpointWriter(async_save)
+        self._sharded_writer: Any = None  # a checkpoint.sharded.ShardedCheckpointWriter, for FSDP2 models
         self._sigterm = False
         self._previous_handler: Any = None
         self._installed = False
@@ -182,7 +189,16 @@ class BackupAndRestore(Callback):
 
     def _restore_sharded(self) -> TrainingState | None:
         """FSDP2: every process reads its own shards of `latest/` (collective); see checkpoint.sharded."""
-        from torchcallbacks.checkpoint.sharded import STATE_FILE, load_sharded
+        from torchcallbacks.checkpoint.sharded import STATE_FILE, ShardedCheckpointWriter, load_sharded
+
+        if self._sharded_writer is None:
+            self._sharded_writer = ShardedCheckpointWriter(self._writer.async_save)
+        if self.double_checkpoint:
+            warnings.warn(
+                "BackupAndRestore: double_checkpoint is not applied to a sharded (FSDP2) backup: its directory is "
+                "replaced atomically, the previous one staying complete until the new one is",
+                stacklevel=4,
+            )
 
         path = self.latest_sharded_path
         interrupted = os.path.isdir(self.backup_dir) and any(  # see checkpoint.sharded._publish
@@ -221,9 +237,7 @@ class BackupAndRestore(Callback):
     def _save(self) -> None:
         state = self.loop.state_dict()  # every process: its random states and loop parts are gathered
         if is_sharded(self.loop.model):
-            from torchcallbacks.checkpoint.sharded import save_sharded
-
-            save_sharded(self.latest_sharded_path, state)  # every process writes its shards; atomic
+            self._sharded_writer.save(self.latest_sharded_path, state)  # every process its shards; atomic
             return
         self._write(state)
         barrier()  # the backup is complete (or handed to the writer) before any process goes on
@@ -254,6 +268,8 @@ class BackupAndRestore(Callback):
     def _exit_on_sigterm(self) -> None:
         self._sigterm = False
         self._writer.flush()
+        if self._sharded_writer is not None:
+            self._sharded_writer.flush()  # every process is here (the SIGTERM was agreed on)
         handler = self._previous_handler
         self._uninstall_sigterm()
         if callable(handler):
@@ -265,6 +281,11 @@ class BackupAndRestore(Callback):
     def on_train_end(self, logs: Logs | None = None) -> None:
         try:
             self._writer.close()
+            if self._sharded_writer is not None:
+                if self.loop.exception is None:
+                    self._sharded_writer.flush()  # collective: every process ends here
+                else:
+                    self._sharded_writer.abandon()  # another process may be elsewhere: no collective
         finally:
             self._uninstall_sigterm()
             if self.loop.exception is None:

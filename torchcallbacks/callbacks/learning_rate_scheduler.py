@@ -11,7 +11,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 
-from torchcallbacks.callbacks.callback import Logs
+from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.learning_rate import (
     check_lr,
     check_optimizers_argument,
@@ -22,7 +22,7 @@ from torchcallbacks.callbacks.learning_rate import (
     set_lr,
     target_optimizers,
 )
-from torchcallbacks.callbacks.monitor import MonitorCallback
+from torchcallbacks.callbacks.monitor import monitored_value
 from torchcallbacks.checks import check_count, check_verbose
 from torchcallbacks.distributed import mean_over_processes, print_main
 from torchcallbacks.logs import to_float
@@ -49,7 +49,7 @@ def _takes_two_arguments(schedule: Callable[..., Any]) -> bool:
     return positional >= 2
 
 
-class LearningRateScheduler(MonitorCallback):
+class LearningRateScheduler(Callback):
     """Sets the optimizer's learning rate from a schedule, at every epoch (or every batch).
 
     `schedule` is one of:
@@ -123,7 +123,11 @@ class LearningRateScheduler(MonitorCallback):
         monitor: str = "val_loss",
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
-        super().__init__(monitor=monitor)
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"monitor: expected the name of a logged value, received {monitor!r}")
+        self.monitor = monitor
+        self._warned_missing = False
         self.chosen_optimizers = check_optimizers_argument(optimizers, "LearningRateScheduler")
         self.scheduler: LRScheduler | None = None
         self.schedule: Callable[..., Any] | None = None
@@ -172,7 +176,7 @@ class LearningRateScheduler(MonitorCallback):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_STEP_ORDER_WARNING)
             if isinstance(scheduler, TorchReduceLROnPlateau):
-                value = self.get_monitor_value(logs)
+                value = monitored_value(self, self.monitor, "auto", logs, has_mode=False)
                 if value is not None:
                     if self.per_batch:
                         # Batch logs are this process's running means: average them over processes so
@@ -184,7 +188,7 @@ class LearningRateScheduler(MonitorCallback):
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        super().on_train_begin(logs)
+        self._warned_missing = False  # warned once per run
         if not self.loop.resumed:
             self.last_applied = None
         if self.scheduler is not None and self.optimizers and self.scheduler.optimizer not in self.optimizers:

@@ -1,7 +1,8 @@
 """`MonitorCallback`: the one place that knows monitor, mode, min_delta and "is this better".
 
 ModelCheckpoint, EarlyStopping and ReduceLROnPlateau derive from it, so they read the monitored value,
-resolve `mode="auto"` and compare values by the same rules.
+resolve `mode="auto"` and compare values by the same rules. LearningRateScheduler, which only reads a
+value for torch's ReduceLROnPlateau, uses `monitored_value` alone.
 """
 
 from __future__ import annotations
@@ -49,6 +50,47 @@ def infer_mode(monitor: str, metric_directions: Mapping[str, str | None] | None 
         f"monitor={monitor!r}: cannot tell whether higher or lower is better. Pass mode='min' or "
         f"mode='max', or declare it on the metric (e.g. `metric.mode = 'max'`)."
     )
+
+
+def monitored_value(callback: Callback, monitor: str, mode: str, logs: Logs | None, *, has_mode: bool = True) -> float | None:
+    """The value `callback` monitors, as a float, or None when the logs do not have it.
+
+    A missing value is an error with `mode="auto"` (as in Keras 3, where such a monitor stops the
+    run): a ValueError naming the monitor and the available keys, raised at the first epoch (or
+    batch) end whose logs lack it, which catches a misspelt name such as `"val_acc"` for
+    `"val_accuracy"`. One case only warns: a `val_` monitor when the logs hold no `val_` value at
+    all, i.e. validation did not run then (no validation data, `validation_freq > 1`, or batch
+    logs). With an explicit `mode`, or in that case, a missing value warns once per run (the
+    callback's `_warned_missing`, reset at train begin), listing the available keys, and None is
+    returned: the caller skips this epoch.
+
+    Args:
+        callback: the callback that reads it (named in messages; remembers the warning).
+        monitor: the logged name.
+        mode: "auto", "min" or "max".
+        logs: the epoch or batch logs.
+        has_mode: whether the callback takes a `mode` argument (the error then suggests one).
+
+    Example:
+
+    ```python
+    value = monitored_value(self, "val_loss", "auto", logs)
+    ```
+    """
+    logs = logs or {}
+    value = logs.get(monitor)
+    if value is not None:
+        return to_float(value)
+    name = type(callback).__name__
+    keys = ", ".join(sorted(logs)) or "(none)"
+    validated = any(key.startswith("val_") for key in logs)
+    if mode == "auto" and (validated or not monitor.startswith("val_")):
+        hint = ", or pass mode='min' or mode='max' to warn and skip the epochs that lack it instead" if has_mode else ""
+        raise ValueError(f"{name}: the monitored value {monitor!r} is not in the logs; available keys: {keys}. Monitor one of them{hint}.")
+    if not getattr(callback, "_warned_missing", False):
+        callback._warned_missing = True  # type: ignore[attr-defined]
+        warnings.warn(f"{name}: the monitored value {monitor!r} is not in the logs; available keys: {keys}", stacklevel=4)
+    return None
 
 
 class MonitorCallback(Callback):
@@ -123,36 +165,9 @@ class MonitorCallback(Callback):
         self._warned_missing = False
 
     def get_monitor_value(self, logs: Logs | None) -> float | None:
-        """The monitored value as a float, or None when the logs do not have it.
-
-        A missing value is an error with `mode="auto"` (as in Keras 3, where such a monitor stops the
-        run): a ValueError naming the monitor and the available keys, raised at the first epoch (or
-        batch) end whose logs lack it, which catches a misspelt name such as `"val_acc"` for
-        `"val_accuracy"`. One case only warns: a `val_` monitor when the logs hold no `val_` value at
-        all, i.e. validation did not run then (no validation data, `validation_freq > 1`, or batch
-        logs). With an explicit `mode`, or in that case, a missing value warns once per run, listing
-        the available keys, and None is returned: the caller skips this epoch.
-        """
-        logs = logs or {}
-        value = logs.get(self.monitor)
-        if value is not None:
-            return to_float(value)
-        keys = ", ".join(sorted(logs)) or "(none)"
-        validated = any(key.startswith("val_") for key in logs)
-        if self.mode == "auto" and (validated or not self.monitor.startswith("val_")):
-            raise ValueError(
-                f"{type(self).__name__}: the monitored value {self.monitor!r} is not in the logs; available "
-                f"keys: {keys}. Monitor one of them, or pass mode='min' or mode='max' to warn and skip the "
-                "epochs that lack it instead."
-            )
-        if not self._warned_missing:
-            self._warned_missing = True
-            warnings.warn(
-                f"{type(self).__name__}: the monitored value {self.monitor!r} is not in the logs; "
-                f"available keys: {keys}",
-                stacklevel=3,
-            )
-        return None
+        """The monitored value as a float, or None when the logs do not have it (see
+        `monitored_value`: with `mode="auto"` a missing value is a ValueError, else it warns once)."""
+        return monitored_value(self, self.monitor, self.mode, logs)
 
     def identity(self) -> dict[str, str]:
         """`monitor` (and `mode` unless "auto"): two monitors of one class keep separate states."""

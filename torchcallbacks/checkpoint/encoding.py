@@ -59,6 +59,8 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, tuple):
         return {"__tuple__": [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
     if isinstance(value, list):
+        if all(type(v) is int for v in value):  # e.g. a random state's 624 words: nothing to walk
+            return list(value)
         return [encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         if all(isinstance(k, str) for k in value) and not any(tag in value for tag in _TAGS):

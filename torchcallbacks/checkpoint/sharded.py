@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -167,6 +168,9 @@ class SafetensorsShardWriter(StorageWriter):
 
     Args:
         path: the directory to write into (created if needed).
+        defer: copy this process's chunks into host buffers of their own during `dcp.save` and write
+            the file later, with `write_deferred()` (e.g. on a background thread while training goes
+            on); the metadata is written during `dcp.save` in either case.
 
     Example:
 
@@ -175,11 +179,13 @@ class SafetensorsShardWriter(StorageWriter):
     ```
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, defer: bool = False) -> None:
         super().__init__()
         self.path = os.fspath(path)
+        self.defer = defer
         self.bytes_written = 0
         self.is_coordinator = False
+        self._deferred: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         if checkpoint_id:
@@ -209,18 +215,37 @@ class SafetensorsShardWriter(StorageWriter):
                 raise TypeError(f"{item.index.fqn}: only tensors are stored through DCP here")
             assert item.tensor_data is not None
             key = _chunk_key(item.index.fqn, item.tensor_data.chunk.offsets)
-            tensor = data.detach().to("cpu").contiguous()
+            # deferred: a copy of its own (training changes the live shard meanwhile)
+            tensor = data.detach().to("cpu", copy=self.defer).contiguous()
             tensors[key] = tensor
             size = tensor.numel() * tensor.element_size()
             results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=_ChunkLocation(file_name, key)))
         if tensors:
-            path = os.path.join(self.path, file_name)
-            save_file(tensors, path, metadata={"format": "pt"})
-            _fsync_file(path)
-            self.bytes_written = os.path.getsize(path)
+            self._deferred = (os.path.join(self.path, file_name), tensors)
+            if not self.defer:
+                self.write_deferred()
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+    def write_deferred(self) -> None:
+        """Write this process's shard file (fsynced) if `dcp.save` left it to be written, and let go of
+        its buffers. Touches only this process's file: safe on a background thread.
+
+        Example:
+
+        ```python
+        writer = SafetensorsShardWriter("ckpt.tmp", defer=True)
+        torch.distributed.checkpoint.save(shards, storage_writer=writer)
+        writer.write_deferred()
+        ```
+        """
+        if self._deferred is None:
+            return
+        (path, tensors), self._deferred = self._deferred, None
+        save_file(tensors, path, metadata={"format": "pt"})
+        _fsync_file(path)
+        self.bytes_written = os.path.getsize(path)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         locations = {(r.index.fqn, tuple(r.index.offset or ())): r.storage_data for rs in results for r in rs}
@@ -499,15 +524,40 @@ def save_sharded(directory: PathLike, state: Mapping[str, Any], *, per_process: 
                  per_process={"rng": capture_rng_state()})
     ```
     """
+    pending = _stage(directory, state, per_process, defer=False)
+    return _finish(pending, _write_rest(pending))
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    """A save whose collective part is done (temp directory agreed, DCP planned, metadata written):
+    what is left is each process's own files (`_write_rest`) and the publication (`_finish`)."""
+
+    target: str
+    tmp: str
+    token: str
+    writer: SafetensorsShardWriter
+    replicated: dict[str, torch.Tensor]  # rank 0's to write; empty elsewhere
+    state_document: dict[str, Any] | None  # rank 0's state.json; None elsewhere
+
+
+def _stage(directory: PathLike, state: Mapping[str, Any], per_process: Any, *, defer: bool) -> _PendingSave:
+    """The collective first part of a save (every process): agree on the temp directory, run DCP's
+    planning and write its metadata, and gather every process's `per_process` value. With `defer`, the
+    shards and the replicated tensors are copied to host buffers of their own, to be written later."""
     from torchcallbacks import __version__
 
     target = os.path.abspath(os.fspath(directory))
     document, tensors = _encode_tree(state)
     shards = {name: t for name, t in tensors.items() if isinstance(t, DTensor)}
-    replicated = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if not isinstance(t, DTensor)}
+    rank0 = get_rank() == 0
+    replicated = {
+        name: t.detach().to("cpu", copy=defer).contiguous() for name, t in tensors.items() if not isinstance(t, DTensor)
+    } if rank0 else {}
+    replicated_names = sorted(name for name, t in tensors.items() if not isinstance(t, DTensor))
     own = to_json(per_process) if per_process is not None else None
     error = None
-    if get_rank() == 0:
+    if rank0:
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             _remove_leftovers(target)
@@ -517,43 +567,155 @@ def save_sharded(directory: PathLike, state: Mapping[str, Any], *, per_process: 
     _raise_if_any([e for _, e in agreed], f"saving {target!r}")
     token = agreed[0][0]
     tmp = f"{target}.tmp-{token}"
-    writer = SafetensorsShardWriter(tmp)
+    writer = SafetensorsShardWriter(tmp, defer=defer)
     try:
         with _one_process_is_intended():
             dcp.save(shards, storage_writer=writer, planner=DefaultSavePlanner())
     except (Exception, CheckpointException) as exc:  # DCP raises on every process when one fails (a BaseException)
-        if get_rank() == 0:
+        if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving {target!r} failed: {exc}") from exc
     processes = all_gather_json(own) if per_process is not None else None
-    error = None
+    state_document = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+        "torch_version": torch.__version__, "world_size": get_world_size(),
+        "state": document, "processes": processes,
+        "sharded": sorted(shards), "replicated": replicated_names,
+    } if rank0 else None
+    return _PendingSave(target, tmp, token, writer, replicated, state_document)
+
+
+def _write_rest(pending: _PendingSave) -> str | None:
+    """This process's files of a staged save (its shard file; on rank 0 also the replicated tensors and
+    state.json), fsynced. Local: may run on a background thread. Returns the error, if any, as text."""
     try:
-        if get_rank() == 0:
-            os.makedirs(tmp, exist_ok=True)  # a tree without DTensors
-            if replicated:
-                save_file(replicated, os.path.join(tmp, REPLICATED_FILE), metadata={"format": "pt"})
-                _fsync_file(os.path.join(tmp, REPLICATED_FILE))
-            _write_json_file(os.path.join(tmp, STATE_FILE), {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
-                "torch_version": torch.__version__, "world_size": get_world_size(),
-                "state": document, "processes": processes,
-                "sharded": sorted(shards), "replicated": sorted(replicated),
-            })
-        _fsync_dir(tmp)
-        if _before_publish is not None:
-            _before_publish()
+        pending.writer.write_deferred()
+        if pending.state_document is not None:
+            os.makedirs(pending.tmp, exist_ok=True)  # a tree without DTensors
+            if pending.replicated:
+                path = os.path.join(pending.tmp, REPLICATED_FILE)
+                save_file(pending.replicated, path, metadata={"format": "pt"})
+                _fsync_file(path)
+            _write_json_file(os.path.join(pending.tmp, STATE_FILE), pending.state_document)
+        _fsync_dir(pending.tmp)
     except Exception as exc:
-        error = repr(exc)
-    _raise_if_any(_cleanup_on_error(all_gather_json(error), tmp), f"saving {target!r}")
+        return repr(exc)
+    finally:
+        pending.replicated = {}  # the buffers go as soon as they are written
+    return None
+
+
+def _finish(pending: _PendingSave, error: str | None) -> int:
+    """The collective last part of a save (every process): once every process has written its files,
+    rank 0 publishes the directory. Raises a `CheckpointError` on every process if any failed."""
+    if error is None and _before_publish is not None:
+        try:
+            _before_publish()
+        except Exception as exc:
+            error = repr(exc)
+    _raise_if_any(_cleanup_on_error(all_gather_json(error), pending.tmp), f"saving {pending.target!r}")
     error = None
     if get_rank() == 0:
         try:
-            _publish(tmp, target, token)
+            _publish(pending.tmp, pending.target, pending.token)
         except OSError as exc:
             error = repr(exc)
-            shutil.rmtree(tmp, ignore_errors=True)
-    _raise_if_any(all_gather_json(error), f"publishing {target!r}")
-    return writer.bytes_written
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+    _raise_if_any(all_gather_json(error), f"publishing {pending.target!r}")
+    return pending.writer.bytes_written
+
+
+class ShardedCheckpointWriter:
+    """Saves sharded checkpoints (`save_sharded`) synchronously, or with the writing overlapping
+    training (`async_save=True`).
+
+    Asynchronous saves do their collective part on the calling (training) thread: the temp directory,
+    DCP's planning and metadata, and a copy of this process's shards (and, on rank 0, of the replicated
+    tensors) into host buffers of their own, so the extra memory is this process's own shards. A
+    background thread then writes the files and fsyncs them while training goes on. The directory is
+    published at the next `save()` or at `flush()` (both collective: every process calls them at the
+    same point), so until then the previous checkpoint is the one on disk. At most one save is in flight.
+
+    Args:
+        async_save: write on a background thread (see above).
+
+    Example:
+
+    ```python
+    saver = ShardedCheckpointWriter(async_save=True)
+    saver.save("backup/latest", callbacks.loop.state_dict())  # returns once the shards are copied
+    ...                                                       # training goes on while they are written
+    saver.flush()                                             # every process: published now
+    ```
+    """
+
+    def __init__(self, async_save: bool = False) -> None:
+        self.async_save = bool(async_save)
+        self._pending: _PendingSave | None = None
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def save(self, directory: PathLike, state: Mapping[str, Any], *, per_process: Any = None) -> None:
+        """Save `state` as a sharded checkpoint at `directory` (collective; see `save_sharded`).
+
+        Args:
+            directory: the checkpoint directory to create or replace.
+            state: the tree (see `save_sharded`).
+            per_process: this process's own value (see `save_sharded`).
+
+        Example:
+
+        ```python
+        saver.save("ckpt/epoch-3", {"model": model_state, "optim": optim_state, "epoch": 3})
+        ```
+        """
+        self.flush()  # the save in flight is published first: one at a time
+        if not self.async_save:
+            save_sharded(directory, state, per_process=per_process)
+            return
+        pending = _stage(directory, state, per_process, defer=True)
+        self._pending, self._error = pending, None
+
+        def job() -> None:
+            self._error = _write_rest(pending)
+
+        self._thread = threading.Thread(target=job, name="torchcallbacks-sharded-writer", daemon=False)
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Wait for the save in flight and publish it (collective); raises its error, if any, as a
+        `CheckpointError` on every process.
+
+        Example:
+
+        ```python
+        saver.flush()  # at train end, on every process
+        ```
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        self._wait()
+        self._pending = None
+        _finish(pending, self._error)
+
+    def abandon(self) -> None:
+        """Wait for the save in flight, if any, and drop it unpublished (not collective: for a process
+        that leaves after an error). Its temp directory is removed by the next save there.
+
+        Example:
+
+        ```python
+        saver.abandon()
+        ```
+        """
+        self._wait()
+        self._pending = None
+
+    def _wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
 
 
 def _cleanup_on_error(errors: list[Any], tmp: str) -> list[Any]:

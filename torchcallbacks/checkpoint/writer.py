@@ -1,6 +1,7 @@
 """Atomic safetensors writes, synchronous or on a background thread.
 
-`atomic_save_file` writes a temp file in the target's directory with `safetensors.torch.save_file`
+`atomic_save_file` writes a temp file (in a temp directory of its own, inside the target's directory,
+since `save_file` itself first writes a `.tmpXXXXXX` file beside the file it is given) with `safetensors.torch.save_file`
 (which writes each tensor straight from its memory, no serialised copy of the file; tensors on an
 accelerator are first copied to host memory, all of them before the file is written), flushes and
 fsyncs it, moves it over the target with `os.replace` and fsyncs the directory: a crash at any instant
@@ -8,14 +9,14 @@ leaves the old file or the new one, never a torn one. On an error (a full disk, 
 removed and the previous file is left as it was.
 
 `atomic_write(path, write)` is that protocol for any content (`write` fills the temp file it is
-given): `atomic_save_file` uses it, and so do the streamed safetensors files (`stream.py`) and the
-index of split weights files.
+given, inside the temp directory): `atomic_save_file` uses it, and so do the streamed safetensors
+files (`stream.py`) and the index of split weights files.
 
-Temp files are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
+Temp directories are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
 characters other than ASCII letters, digits and `-` replaced by `-`). A process killed mid-write leaves
-its temp file behind; after each save, the writer removes such leftovers in the directory it wrote to,
-but only files whose names have that form and, of those, only files of a process of this host that is
-no longer running, or files last modified more than `STALE_TEMP_SECONDS` ago (whatever the host: on a
+its temp directory behind; after each save, the writer removes such leftovers in the directory it wrote to,
+but only entries whose names have that form and, of those, only those of a process of this host that is
+no longer running, or last modified more than `STALE_TEMP_SECONDS` ago (whatever the host: on a
 shared file system, another host's process cannot be checked from here, and its live writes keep
 their temp file's modification time recent).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -111,7 +113,7 @@ def atomic_save_file(
                      keep_previous_as="ckpt.previous.safetensors")
     ```
     """
-    # save_file creates the temp file with the usual permissions.
+    # save_file creates the file with the usual permissions.
     atomic_write(path, lambda tmp: _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None),
                  keep_previous_as)
 
@@ -122,10 +124,10 @@ def atomic_write(
     keep_previous_as: str | os.PathLike[str] | None = None,
 ) -> None:
     """Create or replace the file `path` atomically with what `write(temp_path)` writes: `write`
-    creates a uniquely named temp file in the same directory, which is then fsynced, moved over
-    `path` with `os.replace`, and the directory fsynced. On an error (also one of `write`) the temp
-    file is removed and the previous file is left as it was. Leftover temp files of dead writers in
-    the directory are removed afterwards.
+    creates a temp file inside a uniquely named temp directory beside `path`; the file is then
+    fsynced, moved over `path` with `os.replace`, and the directory fsynced. On an error (also one of
+    `write`) the temp directory is removed and the previous file is left as it was. Leftover temp
+    directories of dead writers are removed afterwards.
 
     Args:
         path: the file to create or replace; its directory is created if needed.
@@ -142,8 +144,12 @@ def atomic_write(
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, _temp_name(os.path.basename(path)))
+    # A private temp directory: save_file itself writes a `.tmpXXXXXX` file next to the file it is
+    # given and renames it, so a kill leaves that one inside ours, removed with it as a leftover.
+    tmp_dir = os.path.join(directory, _temp_name(os.path.basename(path)))
+    tmp = os.path.join(tmp_dir, "file")
     try:
+        os.mkdir(tmp_dir)
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -153,10 +159,8 @@ def atomic_write(
         if keep_previous_as is not None and os.path.exists(path):
             os.replace(path, os.fspath(keep_previous_as))
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
     _fsync_dir(directory)
     _remove_stale_temp_files(directory)
 
@@ -176,10 +180,11 @@ def _process_is_dead(pid: int) -> bool:
 
 
 def _remove_stale_temp_files(directory: str) -> None:
-    """Remove temp files of this writer left in `directory` by processes that died mid-write (a
-    SIGKILL, a power cut): a file is removed only if its name has the writer's temp form and it was
-    named by a process of this host that is not running, or it was last modified more than
-    `STALE_TEMP_SECONDS` ago. Any other file is left alone: it may be a live write of another host."""
+    """Remove temp directories of this writer (with whatever `save_file` left in them; or temp files,
+    as earlier versions wrote) left in `directory` by processes that died mid-write (a SIGKILL, a
+    power cut): one is removed only if its name has the writer's temp form and it was named by a
+    process of this host that is not running, or it was last modified more than `STALE_TEMP_SECONDS`
+    ago. Anything else is left alone: it may be a live write of another host."""
     host, now = _host_name(), time.time()
     for name in os.listdir(directory):
         match = _TEMP_NAME.match(name)
@@ -194,8 +199,11 @@ def _remove_stale_temp_files(directory: str) -> None:
             except OSError:  # gone already
                 continue
         if stale:
-            with contextlib.suppress(OSError):
-                os.remove(full)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)  # a temp directory (and save_file's file in it)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(full)
 
 
 def _remove_files(paths: Iterable[str]) -> None:

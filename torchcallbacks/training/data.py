@@ -11,6 +11,7 @@ import torch
 
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.validate import check_counter, check_generator_state, check_rng_state
+from torchcallbacks.distributed import all_gather_json, any_process, is_distributed
 from torchcallbacks.training.skipping import iterate_from
 
 
@@ -76,7 +77,7 @@ def check_same_length(data: Iterable[Any], name: str) -> None:
 
     A process that runs out of batches first leaves the others waiting in DDP's gradient all-reduce
     (a hang) or pairs their collectives wrongly, so `fit` refuses it at train begin. Loaders without
-    a length cannot be compared ahead: give them `steps_per_epoch` (every process takes that many).
+    a length cannot be compared ahead: `EpochIterator` agrees on their end batch by batch instead.
 
     Args:
         data: this process's loader.
@@ -120,10 +121,17 @@ class EpochIterator:
     yields the rest of the interrupted epoch. A loader with its own `state_dict()` /
     `load_state_dict()` (torchdata's `StatefulDataLoader`) is positioned through them instead.
 
+    Under torch.distributed, for data without a length, the processes agree before each batch (one
+    all-reduce) that every one of them has one, so all of them end the epoch at the same batch: the
+    shortest process's count, with a warning naming the processes that had more (`even_end`).
+
     Args:
         data: an iterable of batches, e.g. a `torch.utils.data.DataLoader`.
         steps: batches per epoch (validated with `check_steps`), or None for one pass.
         name: the argument's name, for error messages.
+        even_end: under torch.distributed, end each epoch at the same batch on every process for
+            data without a length (as training needs: each process must take as many steps). False
+            lets each process take all its own batches (evaluation, prediction).
 
     Example:
 
@@ -136,7 +144,7 @@ class EpochIterator:
     ```
     """
 
-    def __init__(self, data: Iterable[Any], steps: int | None = None, name: str = "x") -> None:
+    def __init__(self, data: Iterable[Any], steps: int | None = None, name: str = "x", *, even_end: bool = True) -> None:
         if not isinstance(data, Iterable):
             raise TypeError(
                 f"{name}: expected an iterable of batches (e.g. a torch.utils.data.DataLoader), "
@@ -145,6 +153,7 @@ class EpochIterator:
         self.data = data
         self.steps = steps
         self.name = name
+        self.even_end = even_end
         self.exhausted = False
         self._iterator: Iterator[Any] | None = None
         self._consumed = 0  # batches taken from the current pass
@@ -272,6 +281,9 @@ class EpochIterator:
         else:
             start = self._epoch_batch = 0
         try:
+            if self.even_end and known_length(self.data) is None and is_distributed():
+                yield from self._agreed_epoch(start)
+                return
             if self.steps is None:
                 iterator = self._iterator if self._iterator is not None else self._new_pass()
                 for index, batch in enumerate(iterator, start):
@@ -297,6 +309,48 @@ class EpochIterator:
             self._epoch_batch = 0
             if self.steps is None:
                 self._iterator = None
+
+    def _agreed_epoch(self, start: int) -> Generator[tuple[int, Any], None, None]:
+        """`epoch()` for data without a length under torch.distributed: before each batch the processes
+        agree (one all-reduce) on whether every one of them has one, so all of them end the epoch at
+        the same batch, the shortest process's count, instead of waiting in a collective for a batch
+        another process never trains."""
+        index = start
+        while self.steps is None or index < self.steps:
+            if self.steps is None:
+                iterator = self._iterator if self._iterator is not None else self._new_pass()
+                batch = next(iterator, _END)
+                self._consumed += batch is not _END
+            else:
+                batch = self._next()
+            if any_process(batch is _END):
+                self._uneven_end(index, batch is _END)
+                return
+            self._epoch_batch = index + 1
+            yield index, batch
+            index += 1
+
+    def _uneven_end(self, index: int, ran_out: bool) -> None:
+        """Some process ran out of batches at `index` (agreed): say which ones (one all-gather)."""
+        ran_out_where = all_gather_json(ran_out)
+        short = [rank for rank, out in enumerate(ran_out_where) if out]
+        longer = [rank for rank, out in enumerate(ran_out_where) if not out]
+        if self.steps is not None:
+            self.exhausted = True
+            warnings.warn(
+                f"{self.name} ran out of data on process(es) {short} after {index} of {self.steps} steps in this "
+                "epoch; training stops on every process. Make sure the loader can provide steps_per_epoch * epochs "
+                "batches on each process.",
+                stacklevel=5,
+            )
+        elif longer:
+            warnings.warn(
+                f"{self.name}: process(es) {short} ran out of batches after {index} batches in this epoch while "
+                f"process(es) {longer} had more; every process ends the epoch there (each must train as many "
+                "batches), so the rest of their data is not trained. Shard the data evenly, or give it a length "
+                "or steps_per_epoch.",
+                stacklevel=5,
+            )
 
     def _next(self) -> Any:
         if self._iterator is not None:

@@ -62,7 +62,7 @@ def run_evaluation(
     with run_hooks(callbacks, model, "on_test_begin", "on_test_end") as run:
         model.eval()
         with torch.no_grad():
-            for index, batch in EpochIterator(data, steps, name).epoch():
+            for index, batch in EpochIterator(data, steps, name, even_end=False).epoch():
                 callbacks.on_test_batch_begin(index)
                 stepper.test(batch, name)
                 seen += 1

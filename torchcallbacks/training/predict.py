@@ -153,7 +153,7 @@ def predict(
     with run_hooks(callback_list, model, "on_predict_begin", "on_predict_end"):
         model.eval()
         with torch.no_grad():
-            for index, batch in EpochIterator(x, steps, "x").epoch():
+            for index, batch in EpochIterator(x, steps, "x", even_end=False).epoch():
                 callback_list.on_predict_batch_begin(index)
                 batch_outputs = stepper.predict(batch)
                 outputs.append(batch_outputs)
