@@ -116,6 +116,9 @@ def test_fsdp_example_under_torchrun_exports_weights_a_plain_model_loads(tmp_pat
     tc.load_weights(plain, tmp_path / "export" / "model.safetensors")
     _, _, test_set = example.datasets()
     metrics = {"accuracy": example.accuracy}
-    loader = torch.utils.data.DataLoader(test_set, batch_size=256)
+    # the samples the two processes evaluated: DistributedSampler pads 297 to 298 (one repeated)
+    shards = [torch.utils.data.DistributedSampler(test_set, num_replicas=2, rank=r, shuffle=False) for r in range(2)]
+    seen = torch.utils.data.Subset(test_set, [i for shard in shards for i in shard])
+    loader = torch.utils.data.DataLoader(seen, batch_size=256)
     scores = tc.evaluate(plain, loader, loss=torch.nn.functional.cross_entropy, metrics=metrics, return_dict=True, verbose=0)
     assert f"{scores['accuracy']:.4f}" == f"{printed:.4f}"  # the sharded model's score, from the export
