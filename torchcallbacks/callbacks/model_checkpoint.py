@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import string
+import warnings
 from typing import Any
 
 from torchcallbacks.callbacks.callback import Logs
+from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_weights
 from torchcallbacks.checkpoint.state_file import write_training_state
@@ -71,6 +73,16 @@ class ModelCheckpoint(MonitorCallback):
             best ones by `monitor` with `save_best_only`, else the newest ones. None keeps all.
         async_save: write files on a background thread (the tensors are copied first on the training
             thread; at most one write in flight; errors are raised at the next save or at train end).
+
+    With an FSDP2 model (DTensor parameters) and `save_weights_only` False, each save is a sharded
+    checkpoint directory (`checkpoint.sharded.save_sharded`: every process writes its own shards, no
+    process gathers the model; safetensors and JSON, published atomically), named by `filepath`
+    without its `.safetensors` suffix: `"ckpt/state-{epoch:02d}.safetensors"` saves
+    `ckpt/state-01/`, ... `best_path`, `last_path` and `max_to_keep` then name and delete such
+    directories (a deleted one is renamed away first, so none is ever left half deleted), and
+    `torchcallbacks.load_checkpoint` reads one back into a sharded model (collectively). The save is
+    collective (every process reaches it: the decisions are the same everywhere) and synchronous:
+    `async_save` does not apply to it (a warning says so once).
 
     Under `torch.distributed` only the main process writes; every process keeps the same `best`,
     `best_path` and `last_path`, since decisions are taken on epoch logs that `fit` reduced over
@@ -140,6 +152,7 @@ class ModelCheckpoint(MonitorCallback):
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
         self._writer = CheckpointWriter(async_save)
+        self._warned_sync = False
 
     @property
     def initial_value_threshold(self) -> float | None:
@@ -166,12 +179,19 @@ class ModelCheckpoint(MonitorCallback):
             raise TypeError(f"ModelCheckpoint state {field!r}: expected a path string or None, received {path!r}")
         root = os.path.realpath(self._fixed_dir())
         real = os.path.realpath(path)
-        if not real.endswith(".safetensors") or os.path.commonpath([root, real]) != root:
+        if not (real.endswith(".safetensors") or self._is_sharded_name(path)) or os.path.commonpath([root, real]) != root:
             raise ValueError(
                 f"ModelCheckpoint state {field!r} names {path!r}, which is not a checkpoint file under {root!r} "
                 f"(this callback's filepath is {self.filepath!r}); refusing a state that points elsewhere"
             )
         return path
+
+    def _is_sharded_name(self, path: str) -> bool:
+        """Whether `path` is a name `filepath` gives a sharded checkpoint directory (the template
+        without `.safetensors`, each field matching one or more characters)."""
+        parts = string.Formatter().parse(self.filepath.removesuffix(".safetensors"))
+        pattern = "".join(re.escape(literal) + (".+" if name is not None else "") for literal, name, _, _ in parts)
+        return re.fullmatch(pattern, path) is not None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         best = state_dict.get("best")
@@ -235,6 +255,9 @@ class ModelCheckpoint(MonitorCallback):
     def _save(self, epoch: int, batch: int | None, logs: Logs | None) -> None:
         values = to_floats(logs)
         filepath = self._format(epoch, batch, values)
+        sharded = not self.save_weights_only and is_sharded(self.model)
+        if sharded:
+            filepath = filepath.removesuffix(".safetensors")  # a directory of shards: see _save_sharded
         where = f"\nEpoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
         if self.save_best_only:
             current = self.get_monitor_value(values)
@@ -256,6 +279,9 @@ class ModelCheckpoint(MonitorCallback):
         stale = self._keep(filepath, current)
         if self.best_path in stale:
             self.best_path = None
+        if sharded:
+            self._save_sharded(filepath, stale)
+            return
         # The whole training state is gathered on every process (random states of each); one writes.
         state = None if self.save_weights_only else self.loop.state_dict()
         self._write(filepath, state, stale)
@@ -268,6 +294,31 @@ class ModelCheckpoint(MonitorCallback):
             save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
         else:
             write_training_state(filepath, state, writer=self._writer, delete_after=stale)
+
+    def _save_sharded(self, directory: str, stale: list[str]) -> None:
+        """FSDP2: the training state as a sharded checkpoint directory (collective: every process writes
+        its own shards, see `checkpoint.sharded.save_sharded`), then the stale ones deleted by rank 0.
+        Synchronous, also with `async_save` (see the class docstring)."""
+        from torchcallbacks.checkpoint.sharded import save_sharded
+
+        if self._writer.async_save and not self._warned_sync:
+            warnings.warn("ModelCheckpoint: async_save is not supported for a sharded (FSDP2) training state; "
+                          "it is saved synchronously", stacklevel=4)
+            self._warned_sync = True
+        self._writer.flush()  # a write of an earlier, unsharded state goes first
+        save_sharded(directory, self.loop.state_dict())  # atomic; ends with every process done
+        self._remove(stale)
+        barrier()
+
+    @main_process_only
+    def _remove(self, stale: list[str]) -> None:
+        from torchcallbacks.checkpoint.sharded import remove_sharded
+
+        for path in stale:
+            if os.path.isdir(path):
+                remove_sharded(path)  # renamed away first, then deleted: never a half-deleted checkpoint
+            elif os.path.isfile(path):
+                os.remove(path)
 
     def _keep(self, filepath: str, value: float | None) -> list[str]:
         """Record `filepath` and return the files to delete so that at most `max_to_keep` remain."""
