@@ -231,7 +231,8 @@ def test_model_checkpoint_state_names_its_directories_only(group: None, tmp_path
     checkpoint = tc.ModelCheckpoint(tmp_path / "ckpt" / "state-{epoch:02d}.safetensors")
     checkpoint.load_state_dict({"best": 1.0, "best_path": str(tmp_path / "ckpt" / "state-01"), "last_path": None,
                                 "kept": [[str(tmp_path / "ckpt" / "state-01"), 1.0]]})
-    for bad in (tmp_path / "ckpt", tmp_path / "ckpt" / "other", tmp_path / "state-01"):
+    for bad in (tmp_path / "ckpt", tmp_path / "ckpt" / "other", tmp_path / "state-01",
+                f"{tmp_path}/ckpt/state-01/../other", tmp_path / "ckpt" / "state-01" / "x"):
         with pytest.raises(ValueError, match="refusing a state that points elsewhere"):
             checkpoint.load_state_dict({"best": None, "best_path": None, "last_path": None, "kept": [[str(bad), None]]})
 

@@ -188,10 +188,11 @@ class ModelCheckpoint(MonitorCallback):
 
     def _is_sharded_name(self, path: str) -> bool:
         """Whether `path` is a name `filepath` gives a sharded checkpoint directory (the template
-        without `.safetensors`, each field matching one or more characters)."""
+        without `.safetensors`, each field matching characters other than a separator, no `..`)."""
         parts = string.Formatter().parse(self.filepath.removesuffix(".safetensors"))
-        pattern = "".join(re.escape(literal) + (".+" if name is not None else "") for literal, name, _, _ in parts)
-        return re.fullmatch(pattern, path) is not None
+        field = f"[^{re.escape(os.sep)}]+"
+        pattern = "".join(re.escape(literal) + (field if name is not None else "") for literal, name, _, _ in parts)
+        return re.fullmatch(pattern, path) is not None and ".." not in path.split(os.sep)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         best = state_dict.get("best")
