@@ -165,6 +165,8 @@ class SwapEMAWeights(Callback):
 
     @torch.no_grad()
     def _swap(self) -> None:
+        if self.ema_model is None and self._source is not None:
+            _reshard(self._source)
         for model_tensor, ema_tensor in self._pairs:
             saved = model_tensor.clone()
             model_tensor.copy_(ema_tensor)
@@ -285,3 +287,14 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return [t.to_local().detach() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2: put every module's sharded parameters back in place of gathered ones (a forward without
+    backward leaves the root module's gathered parameters in use), so that the next forward gathers
+    the shards this callback writes. No communication."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
