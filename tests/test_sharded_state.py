@@ -238,13 +238,33 @@ def test_model_checkpoint_state_names_its_directories_only(group: None, tmp_path
             checkpoint.load_state_dict({"best": None, "best_path": None, "last_path": None, "kept": [[str(bad), None]]})
 
 
-def test_async_save_of_a_sharded_state_is_synchronous_and_says_so(group: None, tmp_path: Path) -> None:
+class Look(tc.Callback):
+    """At every epoch end, after ModelCheckpoint's save: the names in the checkpoint directory."""
+
+    dispatch_order = 3
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory, self.seen = directory, []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.seen.append(sorted(n.split(".tmp-")[0] + (".tmp" if ".tmp-" in n else "") for n in os.listdir(self.directory)))
+
+
+def test_async_save_of_a_sharded_state_is_published_at_the_next_save_then_the_stale_go(group: None, tmp_path: Path) -> None:
     model = _shard(_plain_model())
-    checkpoint = tc.ModelCheckpoint(tmp_path / "s.safetensors", monitor="loss", async_save=True)
-    with pytest.warns(UserWarning, match="saved synchronously") as warned:
-        _fit(model, [checkpoint], epochs=2)
-    assert sum("synchronously" in str(w.message) for w in warned) == 1
-    assert os.listdir(tmp_path) == ["s"]
+    checkpoint = tc.ModelCheckpoint(tmp_path / "state-{epoch}.safetensors", monitor="loss", async_save=True, max_to_keep=2)
+    look, record = Look(tmp_path), Record()
+    _fit(model, [checkpoint, look, record])
+    # written in the background: right after its save an epoch's directory is still a temp one; it is
+    # published by the next save, and state-1, stale after the third save, stays until state-3 is published
+    assert look.seen == [["state-1.tmp"], ["state-1", "state-2.tmp"], ["state-1", "state-2", "state-3.tmp"]]
+    assert sorted(os.listdir(tmp_path)) == ["state-2", "state-3"]  # state-3 published at train end
+    fresh = _shard(_plain_model(seed=1))
+    tc.load_checkpoint(fresh, tmp_path / "state-2")  # written while epoch 3 trained: the shards of its save
+    _assert_equal(_full(fresh.state_dict()), record.weights[1])
+    tc.load_checkpoint(fresh, tmp_path / "state-3")
+    _assert_equal(_full(fresh.state_dict()), record.weights[2])
 
 
 def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_reading_it(group: None, tmp_path: Path) -> None:

@@ -309,14 +309,14 @@ class Gather(tc.Callback):
 
 def checkpoint(workdir: str) -> None:
     """`fit` with ModelCheckpoint (full state) into WORKDIR/ckpt/state-{epoch:02d} (max_to_keep=2) and
-    WORKDIR/best (save_best_only), `state_callbacks()` and Gather; then `load_checkpoint` of the last
+    WORKDIR/best (save_best_only, async_save), `state_callbacks()` and Gather; then `load_checkpoint` of the last
     directory into a fresh model and optimizer (see `load_into_fresh`). Rank 0 writes the callbacks'
     paths to WORKDIR/checkpoint.json."""
     model = make_model(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     states = state_callbacks()
     every = tc.ModelCheckpoint(os.path.join(workdir, "ckpt", "state-{epoch:02d}.safetensors"), monitor="loss", max_to_keep=2)
-    best = tc.ModelCheckpoint(os.path.join(workdir, "best.safetensors"), monitor="loss", save_best_only=True)
+    best = tc.ModelCheckpoint(os.path.join(workdir, "best.safetensors"), monitor="loss", save_best_only=True, async_save=True)
     tc.fit(model, backup_loader(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=BACKUP_EPOCHS,
            verbose=0, callbacks=[every, best, *states, Gather(workdir, states)])
     write_shard_info(states, os.path.join(workdir, "checkpoint.shards"))

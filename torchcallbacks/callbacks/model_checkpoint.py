@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import string
-import warnings
 from typing import Any
 
 from torchcallbacks.callbacks.callback import Logs
@@ -81,8 +80,12 @@ class ModelCheckpoint(MonitorCallback):
     `ckpt/state-01/`, ... `best_path`, `last_path` and `max_to_keep` then name and delete such
     directories (a deleted one is renamed away first, so none is ever left half deleted), and
     `torchcallbacks.load_checkpoint` reads one back into a sharded model (collectively). The save is
-    collective (every process reaches it: the decisions are the same everywhere) and synchronous:
-    `async_save` does not apply to it (a warning says so once).
+    collective (every process reaches it: the decisions are the same everywhere). With `async_save`
+    the collective part (planning, a copy of each process's shards into host buffers) is done on the
+    training thread and the files are written on a background thread while training goes on; the
+    directory is published at the next save, at train end, or when a backup takes this callback's
+    state (which must not name a directory that is not there), and the directories it makes stale
+    are deleted only then. At most one save is in flight.
 
     Under `torch.distributed` only the main process writes; every process keeps the same `best`,
     `best_path` and `last_path`, since decisions are taken on epoch logs that `fit` reduced over
@@ -152,7 +155,8 @@ class ModelCheckpoint(MonitorCallback):
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
         self._writer = CheckpointWriter(async_save)
-        self._warned_sync = False
+        self._sharded_writer: Any = None  # a checkpoint.sharded.ShardedCheckpointWriter, for FSDP2 models
+        self._unpublished_stale: list[str] = []  # to delete once the sharded save in flight is published
 
     @property
     def initial_value_threshold(self) -> float | None:
@@ -165,8 +169,10 @@ class ModelCheckpoint(MonitorCallback):
 
     def state_dict(self) -> dict[str, Any]:
         """`best`, `best_path`, `last_path` and the files kept. An asynchronous write in flight is
-        waited for first, so that a saved state never names a file that is not on disk yet."""
+        waited for first, so that a saved state never names a file that is not on disk yet (for an
+        FSDP2 model that publication is collective, as every save of a training state is)."""
         self._writer.flush()
+        self._publish_sharded()
         return {"best": self.best, "best_path": self.best_path, "last_path": self.last_path, "kept": self._kept}
 
     def _own_file(self, path: Any, field: str) -> str | None:
@@ -232,6 +238,10 @@ class ModelCheckpoint(MonitorCallback):
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         self._writer.close()
+        if self._sharded_writer is not None and self.loop.exception is not None:
+            self._sharded_writer.abandon()  # another process may be elsewhere: no collective
+        elif self._sharded_writer is not None:
+            self._publish_sharded()  # collective: every process ends here
         if self.loop.exception is None:
             barrier()  # the last (possibly asynchronous) file is on disk before any process reads it
 
@@ -298,18 +308,27 @@ class ModelCheckpoint(MonitorCallback):
 
     def _save_sharded(self, directory: str, stale: list[str]) -> None:
         """FSDP2: the training state as a sharded checkpoint directory (collective: every process writes
-        its own shards, see `checkpoint.sharded.save_sharded`), then the stale ones deleted by rank 0.
-        Synchronous, also with `async_save` (see the class docstring)."""
-        from torchcallbacks.checkpoint.sharded import save_sharded
+        its own shards, see `checkpoint.sharded.ShardedCheckpointWriter`); the stale directories are
+        deleted by rank 0 once it is published (at once, or with `async_save` when the next save,
+        a backup or train end publishes it)."""
+        from torchcallbacks.checkpoint.sharded import ShardedCheckpointWriter
 
-        if self._writer.async_save and not self._warned_sync:
-            warnings.warn("ModelCheckpoint: async_save is not supported for a sharded (FSDP2) training state; "
-                          "it is saved synchronously", stacklevel=4)
-            self._warned_sync = True
-        self._writer.flush()  # a write of an earlier, unsharded state goes first
-        save_sharded(directory, self.loop.state_dict())  # atomic; ends with every process done
-        self._remove(stale)
+        if self._sharded_writer is None:
+            self._sharded_writer = ShardedCheckpointWriter(self._writer.async_save)
+        state = self.loop.state_dict()  # publishes the save in flight first (state_dict)
+        self._sharded_writer.save(directory, state)
+        if self._sharded_writer.async_save:
+            self._unpublished_stale = stale
+        else:
+            self._remove(stale)
         barrier()
+
+    def _publish_sharded(self) -> None:
+        """Publish the sharded save in flight, if any (collective), then delete what it made stale."""
+        if self._sharded_writer is not None:
+            self._sharded_writer.flush()
+            stale, self._unpublished_stale = self._unpublished_stale, []
+            self._remove(stale)
 
     @main_process_only
     def _remove(self, stale: list[str]) -> None:
