@@ -160,7 +160,9 @@ def _resumable_run(backup: Path, crash_at: int | None) -> dict[str, Any]:
     model = _shard(_plain_model())
     stopper = tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
     ema = tc.SwapEMAWeights(decay=0.9)
-    callbacks: list[Any] = [tc.BackupAndRestore(backup, save_freq=4), stopper, ema]
+    checkpoint = tc.ModelCheckpoint(backup.parent / f"{backup.name}-ckpt" / "s-{epoch}.safetensors", monitor="loss",
+                                    max_to_keep=2, async_save=True)
+    callbacks: list[Any] = [tc.BackupAndRestore(backup, save_freq=4), stopper, ema, checkpoint]
     if crash_at is not None:
         callbacks.append(Crash(crash_at))
     try:
@@ -168,7 +170,7 @@ def _resumable_run(backup: Path, crash_at: int | None) -> dict[str, Any]:
     except RuntimeError as exc:
         assert str(exc) == "crash"
     return {"model": _full(model.state_dict()), "ema": _full(ema.ema_tensors), "best": _full(stopper.best_weights or {}),
-            "stopper": stopper, "saver": callbacks[0]}
+            "stopper": stopper, "saver": callbacks[0], "checkpoint": checkpoint}
 
 
 def test_a_sharded_backup_carries_the_snapshot_and_the_average_and_resumes_exactly(group: None, tmp_path: Path) -> None:
@@ -186,8 +188,13 @@ def test_a_sharded_backup_carries_the_snapshot_and_the_average_and_resumes_exact
     for part in ("model", "ema", "best"):
         _assert_equal(resumed[part], straight[part])
     assert resumed["stopper"].best_epoch == 0
+    # ModelCheckpoint's directories (asynchronous) and its state came through the backup too
+    assert sorted(os.listdir(tmp_path / "b-ckpt")) == sorted(os.listdir(tmp_path / "a-ckpt")) == ["s-2", "s-3"]
+    assert resumed["checkpoint"].state_dict()["kept"] == [[str(tmp_path / "b-ckpt" / f"s-{e}"), loss]
+                                                          for (_, loss), e in zip(straight["checkpoint"].state_dict()["kept"], (2, 3), strict=True)]
 
 
+@pytest.mark.filterwarnings("ignore:.*saved states that no callback takes")
 def test_a_backup_without_a_snapshot_yet_resumes_into_a_stopper_that_has_one(group: None, tmp_path: Path) -> None:
     """The template follows the saved state: no snapshot in the backup, none asked for."""
     _resumable_run(tmp_path / "b", crash_at=5)  # backup at step 4: before the first epoch end
