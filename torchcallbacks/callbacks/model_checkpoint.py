@@ -95,8 +95,9 @@ class ModelCheckpoint(MonitorCallback):
 
     Attributes:
         best: the best monitored value so far.
-        best_path: the file saved at the best monitored value, or None.
-        last_path: the file saved last, or None.
+        best_path: the file saved at the best monitored value, or None (a directory for the
+            training state of an FSDP2 model, as below).
+        last_path: the file (or directory) saved last, or None.
 
     Example:
 
