@@ -300,12 +300,13 @@ def load_checkpoint(
     another optimizer type or other parameter groups, bad counters or random states) raises a
     `CheckpointError` naming the file and the field, and the model and optimizers are untouched.
 
-    A directory is a sharded training state (a full-state `ModelCheckpoint` of an FSDP2
-    model, see `checkpoint.sharded`): every process must call this at the same point, with its
-    sharded model and optimizers; each reads the shards it holds (another number of processes than
-    the one that saved is fine). The model is required; the parts not given (optimizers, callbacks)
-    are not read. Keys, counters, optimizer count and types are checked before any tensor is read,
-    shapes and dtypes by the reader before it reads; the model's shards are read in place.
+    A directory is a sharded training state (a full-state `ModelCheckpoint` of an FSDP2 model, see
+    `checkpoint.sharded`): every process must call this at the same point, with its sharded model
+    and optimizers; each reads the shards it holds (another number of processes than the one that
+    saved is fine). The model is required; the parts not given (optimizers, callbacks) are not read
+    (the returned callback states have None in place of their sharded tensors). Keys, counters,
+    optimizer count and types are checked before any tensor is read, shapes and dtypes by the
+    reader before it reads; the model's shards are read in place.
 
     Args:
         model: the model to load the weights into (keys and shapes must match exactly), or None.
