@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -123,6 +124,48 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def has_dtensors(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when one of `tensors` is a `DTensor` (the parameters of an FSDP2 `fully_shard` model).
+
+    Args:
+        tensors: e.g. `model.parameters()` or `model.state_dict().values()`.
+
+    Example:
+
+    ```python
+    if has_dtensors(model.parameters()):
+        ...  # every process must take part in gathering them
+    ```
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return False  # no DTensor can exist before its module is imported (and importing it costs ~0.7 s)
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of `tensor`: a `DTensor` gathered with `full_tensor()` (a collective: every process
+    of its mesh must call it at the same point), any other tensor as it is.
+
+    Args:
+        tensor: a tensor or a DTensor.
+
+    Example:
+
+    ```python
+    for name, param in model.named_parameters():  # on every process
+        whole = full_tensor(param.detach())
+    ```
+    """
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
 
 
 @main_process_only

@@ -10,7 +10,6 @@ changes nothing.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,14 @@ from torchcallbacks.checkpoint.validate import (
     check_rng_state,
     optimizer_type,
 )
-from torchcallbacks.distributed import all_gather_json, get_rank, get_world_size, is_distributed, unwrap_model
+from torchcallbacks.distributed import (
+    all_gather_json,
+    get_rank,
+    get_world_size,
+    has_dtensors,
+    is_distributed,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from torchcallbacks.callbacks.callback_list import CallbackList
@@ -53,11 +59,7 @@ def _snapshot(value: Any) -> Any:
 def is_sharded(model: torch.nn.Module | None) -> bool:
     """True when the model has DTensor parameters (FSDP2's `fully_shard`): its state is then saved and
     loaded through `torch.distributed.checkpoint` (`checkpoint.sharded`), each process its own shards."""
-    if model is None or "torch.distributed.tensor" not in sys.modules:
-        return False  # no DTensor can exist before its module is imported (and importing it costs ~0.7 s)
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in unwrap_model(model).parameters())
+    return model is not None and has_dtensors(unwrap_model(model).parameters())
 
 
 def apply_states(where: str, items: list[tuple[str, Any, Any]]) -> None:

@@ -93,6 +93,13 @@ class ModelCheckpoint(MonitorCallback):
     save (and train end, after asynchronous writes finished), so a file named there exists for every
     process once the hook returns. The directory must be one that every process sees.
 
+    With an FSDP2-sharded model (`fully_shard`) and `save_weights_only=True`, every process takes part
+    in each save: the full tensors are gathered one at a time and rank 0 writes one plain safetensors
+    file of the plain `state_dict()` keys (every name, tied ones too; see `torchcallbacks.save_weights`),
+    which `load_weights` loads into a sharded or an unsharded model. `async_save` does not apply to
+    those saves: the gather needs every process, so the file is written before the hook returns (an
+    earlier asynchronous write is waited for first). `max_to_keep` and `best_path` work as usual.
+
     Attributes:
         best: the best monitored value so far.
         best_path: the file saved at the best monitored value, or None (a directory for the
@@ -296,7 +303,11 @@ class ModelCheckpoint(MonitorCallback):
             return
         # The whole training state is gathered on every process (random states of each); one writes.
         state = None if self.save_weights_only else self.loop.state_dict()
-        self._write(filepath, state, stale)
+        if state is None and is_sharded(self.model):
+            # FSDP2: every process takes part in gathering the full tensors (one at a time); rank 0 writes
+            save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
+        else:
+            self._write(filepath, state, stale)
         barrier()  # every process reaches here (decisions are on identical values); nobody reads early
 
     @main_process_only

@@ -15,8 +15,9 @@ import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.learning_rate import LEARNING_RATE, all_lrs
+from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.checks import check_count
-from torchcallbacks.distributed import main_process_only
+from torchcallbacks.distributed import full_tensor, is_main_process, main_process_only
 from torchcallbacks.logs import to_float, to_floats
 
 if TYPE_CHECKING:
@@ -134,6 +135,9 @@ class TensorBoard(Callback):
     Writers are flushed at every epoch end and closed when training ends, also when it ends by an
     exception. Batch logs are read only on the batches that are written, so with `update_freq=n`
     the other batches cost no device synchronisation. Under a distributed run only rank 0 writes.
+    With an FSDP2-sharded model (`fully_shard`), histograms, images and embeddings are of the full
+    tensors: at those epoch ends every process takes part in gathering each parameter (and gradient)
+    in turn, one at a time, and rank 0 writes; `write_graph` is skipped with a warning.
 
     Args:
         log_dir: directory of the runs; `train` and `validation` are created under it.
@@ -250,7 +254,13 @@ class TensorBoard(Callback):
         self._writer("train")
         if self.embeddings_freq:
             self._embedding_labels = self._resolve_embedding_metadata()
-        if self.write_graph:
+        if self.write_graph and is_sharded(self.model):
+            warnings.warn(
+                "TensorBoard: write_graph is skipped for an FSDP2-sharded model (tracing it on rank 0 alone "
+                "would wait in its all-gathers); pass write_graph=False to silence this",
+                stacklevel=2,
+            )
+        elif self.write_graph:
             self._graph_hook = self.model.register_forward_pre_hook(self._capture_graph_input, with_kwargs=True)
 
     @main_process_only
@@ -271,8 +281,22 @@ class TensorBoard(Callback):
             self._epoch_start_step = self.loop.global_step
             self._epoch_start_time = time.perf_counter()
 
-    @main_process_only
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
+        # An FSDP2 model's parameters are gathered for histograms, images and embeddings, one at a
+        # time, and every process must take part in each gather; only rank 0 writes.
+        sharded = (self.histogram_freq or self.embeddings_freq) and is_sharded(self.model)
+        if sharded:
+            self._write_model(epoch)
+        self._write_epoch(epoch, logs, gathered=bool(sharded))
+
+    def _write_model(self, epoch: int) -> None:
+        if self.histogram_freq and epoch % self.histogram_freq == 0:
+            self._write_weights(epoch)
+        if self.embeddings_freq and epoch % self.embeddings_freq == 0:
+            self._write_embeddings(epoch)
+
+    @main_process_only
+    def _write_epoch(self, epoch: int, logs: Logs | None, gathered: bool) -> None:
         values = to_floats(logs)
         train = {k: v for k, v in values.items() if not k.startswith("val_")}
         validation = {k[len("val_") :]: v for k, v in values.items() if k.startswith("val_")}
@@ -288,10 +312,8 @@ class TensorBoard(Callback):
         self._write_scalars("train", "epoch_", train, epoch)
         if validation:
             self._write_scalars("validation", "epoch_", validation, epoch)
-        if self.histogram_freq and epoch % self.histogram_freq == 0:
-            self._write_weights(epoch)
-        if self.embeddings_freq and epoch % self.embeddings_freq == 0:
-            self._write_embeddings(epoch)
+        if not gathered:
+            self._write_model(epoch)
         for writer in self._writers.values():
             writer.flush()
 
@@ -335,13 +357,19 @@ class TensorBoard(Callback):
 
     # -- histograms and images ------------------------------------------------------------------
     def _write_weights(self, epoch: int) -> None:
-        writer = self._writer("train")
+        """Histograms (and images) of every parameter. For an FSDP2 model, called on every process:
+        each parameter (and gradient) is gathered in full in turn; rank 0 writes."""
+        writer = self._writer("train") if is_main_process() else None
         for name, param in self.model.named_parameters():
-            writer.add_histogram(f"{name}/histogram", param.detach().float().cpu(), epoch)
-            if self.write_grads and param.grad is not None:
-                writer.add_histogram(f"{name}/gradient", param.grad.detach().float().cpu(), epoch)
+            weight = full_tensor(param.detach())
+            grad = full_tensor(param.grad.detach()) if self.write_grads and param.grad is not None else None
+            if writer is None:
+                continue
+            writer.add_histogram(f"{name}/histogram", weight.float().cpu(), epoch)
+            if grad is not None:
+                writer.add_histogram(f"{name}/gradient", grad.float().cpu(), epoch)
             if self.write_images:
-                image = _weight_image(param)
+                image = _weight_image(weight)
                 if image is not None:
                     pixels, fmt = image
                     if fmt == "HW":
@@ -437,8 +465,13 @@ class TensorBoard(Callback):
         return labels
 
     def _write_embeddings(self, epoch: int) -> None:
-        writer = self._writer("train")
+        """The embedding layers for the projector. For an FSDP2 model, called on every process: each
+        weight is gathered in full in turn; rank 0 writes."""
+        writer = self._writer("train") if is_main_process() else None
         for name, layer in self._embedding_layers().items():
+            weight = full_tensor(layer.weight.detach())
+            if writer is None:
+                continue
             rows, header = self._embedding_labels.get(name, (None, None))
-            weight = layer.weight.detach().float().cpu()
+            weight = weight.float().cpu()
             writer.add_embedding(weight, metadata=rows, metadata_header=header, global_step=epoch, tag=name)

@@ -34,6 +34,14 @@ PathLike = str | os.PathLike[str]
 
 
 # -- tensors that share memory ---------------------------------------------------------------------
+def _view(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two entries the same view of the same memory (tied weights); a DTensor's is its
+    local shard's."""
+    if hasattr(tensor, "to_local"):  # a DTensor: it has no data pointer of its own
+        tensor = tensor.to_local()
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
+
 def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors safetensors can write, and `alias -> kept name` for tensors that are the same view of
     the same memory (tied weights). Other tensors sharing memory are copied; all become contiguous."""
@@ -46,7 +54,7 @@ def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
         if tensor.numel() == 0:
             out[name] = tensor.clone()
             continue
-        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        view = _view(tensor)
         if view in seen:
             aliases[name] = seen[view]
             continue
@@ -95,7 +103,7 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     metadata["format"]  # "pt"
     ```
     """
-    from torchcallbacks.checkpoint.reader import check_header_size, loads_strict
+    from torchcallbacks.checkpoint.reader import check_header_size
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -109,6 +117,31 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(
             f"{path!r} is not a readable safetensors file (truncated, damaged or another format): {exc}"
         ) from exc
+    restore_aliases(path, metadata, tensors)
+    return tensors, metadata
+
+
+def restore_aliases(path: str, metadata: Mapping[str, str], tensors: dict[str, Any]) -> None:
+    """Add the tied names a file's `torchcallbacks.aliases` metadata lists (`alias -> kept`) to
+    `tensors` (name -> tensor, or anything else that stands for one), each as its kept name's value.
+
+    Args:
+        path: the file, for messages.
+        metadata: the file's header metadata.
+        tensors: the file's tensors by name; completed in place.
+
+    Raises:
+        CheckpointError: the entry is not strict JSON naming tensors of the file.
+
+    Example:
+
+    ```python
+    restore_aliases("model.safetensors", {"torchcallbacks.aliases": '{"b": "a"}'}, tensors)
+    assert tensors["b"] is tensors["a"]
+    ```
+    """
+    from torchcallbacks.checkpoint.reader import loads_strict
+
     aliases = loads_strict(metadata.get(ALIASES_KEY, "{}"), f"{path!r}: metadata {ALIASES_KEY!r}")
     if not isinstance(aliases, dict) or not all(isinstance(kept, str) for kept in aliases.values()):
         raise CheckpointError(f"{path!r}: metadata {ALIASES_KEY!r} is not a JSON object of tensor names")
@@ -116,7 +149,6 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if kept not in tensors:
             raise CheckpointError(f"{path!r}: tied tensor {alias!r} refers to {kept!r}, which the file does not have")
         tensors[alias] = tensors[kept]
-    return tensors, metadata
 
 
 def _model_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,8 +163,7 @@ def _tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     for name, tensor in state.items():
         if tensor.numel() == 0:
             continue
-        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        groups.setdefault(view, []).append(name)
+        groups.setdefault(_view(tensor), []).append(name)
     return {name: [other for other in names if other != name] for names in groups.values() if len(names) > 1 for name in names}
 
 
@@ -190,30 +221,59 @@ def save_weights(
     metadata: Mapping[str, str] | None = None,
     writer: CheckpointWriter | None = None,
     delete_after: Sequence[str] = (),
+    *,
+    max_shard_size: int | None = None,
 ) -> None:
     """Save a model's weights (its `state_dict()`) as a plain safetensors file, atomically.
 
     `safetensors.torch.load_file` and `safetensors.torch.load_model` read the file; tied weights are
     stored once (the other names are listed in the `torchcallbacks.aliases` metadata entry).
 
+    An FSDP2-sharded model (DTensor parameters, `fully_shard`) is saved in full, under the plain
+    `state_dict()` keys: then every process must call `save_weights` at the same point; the tensors
+    are gathered one at a time and rank 0 streams each into the file (memory: about the largest
+    tensor, not the model); every name is written (tied ones too); the write is synchronous (`writer`
+    is only flushed first: the gather cannot run on a background thread); files in `delete_after` are
+    deleted by rank 0; an error on rank 0 is raised on every process.
+
+    With `max_shard_size`, weights of more bytes are split, in state-dict order, into files of at most
+    that many bytes of tensors: for `filepath` `X.safetensors`, `X-00001-of-0000N.safetensors` ... and
+    the index `X.safetensors.index.json` (Hugging Face's layout for `model.safetensors`); weights that
+    fit are one file at `filepath`. `load_weights(model, "X.safetensors")` reads either. These files
+    are written synchronously too. Without `max_shard_size` a model that is not sharded is written as
+    before: one file, through `writer`.
+
     Args:
-        model: a `torch.nn.Module` (DDP-wrapped is fine) or a state dict.
+        model: a `torch.nn.Module` (DDP-wrapped or FSDP2-sharded is fine) or a state dict.
         filepath: where to write; the directory is created if needed.
         metadata: extra string -> string entries for the file's header.
         writer: a `CheckpointWriter` (e.g. an asynchronous one); default: write now.
-        delete_after: files to delete once the new file is written.
+        delete_after: files to delete once the new file is written (with their split files and index).
+        max_shard_size: the most bytes of tensors in one file (a larger tensor gets a file of its own),
+            or None (default) for one file.
+
+    Raises:
+        ValueError: `max_shard_size` is not None or a positive integer.
 
     Example:
 
     ```python
     torchcallbacks.save_weights(model, "model.safetensors")
     torchcallbacks.load_weights(model, "model.safetensors")
+    torchcallbacks.save_weights(fsdp_model, "big.safetensors", max_shard_size=2**30)  # on every process
     ```
     """
-    from torchcallbacks.distributed import unwrap_model
+    from torchcallbacks.distributed import has_dtensors, unwrap_model
 
     state = unwrap_model(model).state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     header = {**{str(k): str(v) for k, v in (metadata or {}).items()}, **_header(WEIGHTS)}
+    if max_shard_size is not None or has_dtensors(state.values()):
+        from torchcallbacks.checkpoint.full_weights import write_weights
+
+        if writer is not None:
+            writer.flush()
+        write_weights(state, filepath, header, max_shard_size=max_shard_size, delete_after=delete_after)
+        return
     _write(filepath, state, header, writer, delete_after=delete_after)
 
 
@@ -221,9 +281,17 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
     """Load weights into `model` from a weights file or from the model part of a training-state file
     (any safetensors file whose tensor names are the model's `state_dict()` keys works).
 
+    The weights may also be split files: `filepath` an index (`*.index.json`), a path `X.safetensors`
+    saved with `max_shard_size` (its `X.safetensors.index.json` is read), or a directory of a Hugging
+    Face export (`model.safetensors`, or `model.safetensors.index.json` and its files).
+
+    Into an FSDP2-sharded model, every process calls it: each reads the full tensors from the file
+    itself, one at a time, and keeps its own shard (no communication; memory: about the largest
+    tensor).
+
     Args:
-        model: the module to load into (DDP-wrapped is fine).
-        filepath: the file.
+        model: the module to load into (DDP-wrapped or FSDP2-sharded is fine).
+        filepath: the file, index or directory.
         strict: require exactly the model's keys. Shapes must match either way.
 
     Raises:
@@ -240,8 +308,20 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
     torchcallbacks.load_weights(model, checkpoint.best_path)
     ```
     """
-    from torchcallbacks.distributed import unwrap_model
+    from torchcallbacks.distributed import has_dtensors, unwrap_model
 
     path = os.fspath(filepath)
+    module = unwrap_model(model)
+    if has_dtensors(module.parameters()):
+        from torchcallbacks.checkpoint.full_weights import load_sharded_weights
+
+        load_sharded_weights(module, path, strict)
+        return
+    if not os.path.isfile(path) or path.endswith(".index.json"):
+        from torchcallbacks.checkpoint.full_weights import read_weights
+
+        where, tensors, metadata = read_weights(path)
+        _load_model(where, module, _model_tensors(tensors), metadata, strict)
+        return
     tensors, metadata = read_file(path)
-    _load_model(path, unwrap_model(model), _model_tensors(tensors), metadata, strict)
+    _load_model(path, module, _model_tensors(tensors), metadata, strict)

@@ -81,7 +81,7 @@ from torch.futures import Future
 
 from torchcallbacks.checkpoint.encoding import decode, encode, from_json, to_json
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_save_file
+from torchcallbacks.checkpoint.writer import _fsync_dir
 from torchcallbacks.distributed import all_gather_json, barrier, get_rank, get_world_size
 
 PathLike = str | os.PathLike[str]
@@ -894,11 +894,13 @@ def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.T
 def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shard_size: int = 5_000_000_000) -> list[str]:
     """Write the model's full, unsharded weights in Hugging Face's layout: `model.safetensors`, or
     `model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json` when they exceed
-    `max_shard_size` bytes. Keys are the plain `state_dict()` names.
+    `max_shard_size` bytes. Keys are the plain `state_dict()` names, every one written (tied ones too).
 
     Collective: every process calls it. The tensors are gathered one at a time
-    (`DTensor.full_tensor()`); rank 0 holds at most one file's worth of them and writes each file
-    atomically; files of an earlier export that the new one does not have are removed.
+    (`DTensor.full_tensor()`) and rank 0 streams each into the file it writes
+    (`full_weights.write_weights`), so it holds one tensor at a time, not a file's worth; each file is
+    written atomically; files of an earlier export that the new one does not have are removed.
+    `torchcallbacks.load_weights(model, directory)` and `transformers`' `from_pretrained` read it.
 
     Args:
         model: the model (FSDP2-sharded or not; wrappers are removed).
@@ -908,6 +910,10 @@ def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shar
     Returns:
         The names of the files written, the index last when there is one.
 
+    Raises:
+        ValueError: `max_shard_size` is not a positive integer.
+        CheckpointError: the write failed (on every process).
+
     Example:
 
     ```python
@@ -915,54 +921,13 @@ def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shar
     safetensors.torch.load_file("export/model.safetensors")
     ```
     """
+    from torchcallbacks.checkpoint.full_weights import HF_WEIGHTS, write_weights  # it builds on this module
     from torchcallbacks.distributed import unwrap_model
 
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
-        raise ValueError(f"max_shard_size: expected a positive integer (bytes), received {max_shard_size!r}")
+    if max_shard_size is None:
+        raise ValueError("max_shard_size: expected a positive integer (bytes), received None")
     out = os.fspath(directory)
-    items = list(unwrap_model(model).state_dict().items())
-    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, tensor in items:
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, tensor))
-        size += nbytes
-    count = len(groups)
-    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    rank0 = get_rank() == 0
-    error = None
-    weight_map: dict[str, str] = {}
-    total = 0
-    for file_name, group in zip(names, groups, strict=True):
-        buffer: dict[str, torch.Tensor] = {}
-        for name, tensor in group:
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if rank0:
-                buffer[name] = full.detach().to("cpu").clone()  # its own memory: tied weights are copies
-                weight_map[name] = file_name
-                total += full.numel() * full.element_size()
-        if rank0 and error is None:
-            try:
-                atomic_save_file(buffer, os.path.join(out, file_name), {"format": "pt"})
-            except (OSError, TypeError, ValueError) as exc:
-                error = repr(exc)
-        del buffer
-    if rank0 and error is None:
-        try:
-            index = os.path.join(out, "model.safetensors.index.json")
-            if count > 1:
-                _write_json_file(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
-                names.append(os.path.basename(index))
-            keep = set(names)
-            for stale in glob.glob(os.path.join(glob.escape(out), "model*.safetensors*")):
-                if os.path.basename(stale) not in keep and (stale.endswith(".safetensors") or stale == index):
-                    os.remove(stale)
-            _fsync_dir(out)
-        except OSError as exc:
-            error = repr(exc)
-    _raise_if_any(all_gather_json(error), f"exporting weights to {out!r}")
+    written = write_weights(unwrap_model(model).state_dict(), os.path.join(out, HF_WEIGHTS), {"format": "pt"},
+                            max_shard_size=max_shard_size, collective=True, deduplicate=False)
     barrier()
-    return names
+    return [os.path.basename(p) for p in written]

@@ -8,6 +8,10 @@ fsyncs it, moves it over the target with `os.replace` and fsyncs the directory: 
 leaves the old file or the new one, never a torn one. On an error (a full disk, say) the temp file is
 removed and the previous file is left as it was.
 
+`atomic_write(path, write)` is that protocol for any content (`write` fills the temp file it is
+given, inside the temp directory): `atomic_save_file` uses it, and so do the streamed safetensors
+files (`stream.py`) and the index of split weights files.
+
 Temp directories are named `.<name>.<host>.<pid>.<8 hex digits>.tmp` (`<host>`: this machine's host name,
 characters other than ASCII letters, digits and `-` replaced by `-`). A process killed mid-write leaves
 its temp directory behind; after each save, the writer removes such leftovers in the directory it wrote to,
@@ -33,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -109,17 +113,45 @@ def atomic_save_file(
                      keep_previous_as="ckpt.previous.safetensors")
     ```
     """
+    # save_file creates the file with the usual permissions.
+    atomic_write(path, lambda tmp: _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None),
+                 keep_previous_as)
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[str], None],
+    keep_previous_as: str | os.PathLike[str] | None = None,
+) -> None:
+    """Create or replace the file `path` atomically with what `write(temp_path)` writes: `write`
+    creates a temp file inside a uniquely named temp directory beside `path`; the file is then
+    fsynced, moved over `path` with `os.replace`, and the directory fsynced. On an error (also one of
+    `write`) the temp directory is removed and the previous file is left as it was. Leftover temp
+    directories of dead writers are removed afterwards.
+
+    Args:
+        path: the file to create or replace; its directory is created if needed.
+        write: writes the whole content to the file it is given (and closes it).
+        keep_previous_as: if given and `path` exists, the old file is moved there (also atomically)
+            just before the new one takes its place.
+
+    Example:
+
+    ```python
+    atomic_write("index.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index)))
+    ```
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # A private temp directory: save_file itself writes a `.tmpXXXXXX` file next to the file it is
     # given and renames it, so a kill leaves that one inside ours, removed with it as a leftover.
     tmp_dir = os.path.join(directory, _temp_name(os.path.basename(path)))
-    tmp = os.path.join(tmp_dir, "file.safetensors")
+    tmp = os.path.join(tmp_dir, "file")
     try:
         os.mkdir(tmp_dir)
-        _save_file(dict(tensors), tmp, dict(metadata) if metadata is not None else None)
-        fd = os.open(tmp, os.O_RDONLY)  # save_file creates the file with the usual permissions
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
