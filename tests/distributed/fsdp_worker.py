@@ -14,9 +14,13 @@
   full state (WORKDIR/<CKPT name>.after_W.safetensors, W the number of processes) and, after CONTINUE
   more steps, .resumed_W.safetensors. Then, as a control, save with DCP's default FileSystemWriter and
   load it under the same ban: rank 0 writes WORKDIR/control.txt saying whether the ban tripped.
-- `backup NAME` / `backup-hold NAME`: `fit` with `BackupAndRestore` (see `backup`; `async_save=True`
-  when NAME starts with "async"); `backup-hold` sleeps at step 10 (after the backup at step 8) after
-  writing WORKDIR/held_R.
+- `backup NAME [states]` / `backup-hold NAME [states]`: `fit` with `BackupAndRestore` (see `backup`;
+  `async_save=True` when NAME starts with "async"), and with `states` EarlyStopping(restore_best_weights)
+  and SwapEMAWeights too; `backup-hold` sleeps at step 10 (after the backup at step 8) after writing
+  WORKDIR/held_R.
+- `checkpoint`: `fit` with ModelCheckpoint (full training state: sharded directories), then
+  `load_checkpoint` of the last one into a fresh model (see `checkpoint`).
+- `load-checkpoint DIR`: only that load (e.g. on another number of processes).
 - `probe NAME`: `fit` with one callback (see `probe`), printing `PROBE <name>: OK | FAIL ...` (the
   investigation of what breaks under FSDP2; not run by the tests).
 """
@@ -238,24 +242,109 @@ class Decay(tc.Callback):
             group["lr"] *= 0.9
 
 
-def backup(workdir: str, name: str, hold: bool) -> None:
-    """`fit` with BackupAndRestore(save_freq=4) (resuming from WORKDIR/backup if there is one); rank 0
-    writes the final gathered state to WORKDIR/<name>.safetensors."""
+def backup_loader() -> Any:
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(60, 16, generator=generator)
     data = TensorDataset(x, x.sum(1, keepdim=True) + 0.1 * torch.randn(60, 1, generator=generator))
+    return DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=True, seed=3))
+
+
+def state_callbacks() -> list[Any]:
+    """EarlyStopping with a snapshot (mode="max" on the falling loss: the best epoch is the first, so
+    the end restores the snapshot of epoch 0) and SwapEMAWeights: callback states of local shards."""
+    return [tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True), tc.SwapEMAWeights(decay=0.9)]
+
+
+def callback_tensors(callbacks: list[Any]) -> dict[str, Any]:
+    """The DTensor states of `state_callbacks()`, under the paths a sharded checkpoint stores them at."""
+    stopper, ema = callbacks
+    return {stopper.state_key: {"best_weights": stopper.best_weights}, ema.state_key: {"tensors": ema.ema_tensors}}
+
+
+def write_shard_info(callbacks: list[Any], path: str) -> None:
+    """Each process: the local shape and device of the snapshot's and the average's first weight."""
+    stopper, ema = callbacks
+    info = {what: [type(t).__name__, list(t.to_local().shape), t.to_local().device.type, list(t.shape)]
+            for what, t in (("best", stopper.best_weights["0.weight"]), ("ema", ema.ema_tensors[0]))}
+    with open(f"{path}_{dist.get_rank()}.json", "w") as file:
+        json.dump(info, file)
+
+
+def backup(workdir: str, name: str, hold: bool, with_states: bool) -> None:
+    """`fit` with BackupAndRestore(save_freq=4) (resuming from WORKDIR/backup if there is one), and
+    with `with_states` `state_callbacks()` too; rank 0 writes the final gathered state to
+    WORKDIR/<name>.safetensors (and the callbacks' tensors to <name>.callbacks.safetensors)."""
     model = make_model(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     saver = tc.BackupAndRestore(os.path.join(workdir, "backup"), save_freq=BACKUP_FREQ, async_save=name.startswith("async"))
-    tc.fit(model, DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=True, seed=3)),
-           optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=BACKUP_EPOCHS, verbose=0,
-           callbacks=[saver, Decay()] + ([Hold(workdir)] if hold else []))
+    states = state_callbacks() if with_states else []
+    tc.fit(model, backup_loader(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=BACKUP_EPOCHS,
+           verbose=0, callbacks=[saver, Decay(), *states] + ([Hold(workdir)] if hold else []))
     write_full(tree(model, optimizer, 0), os.path.join(workdir, f"{name}.safetensors"))
+    if states:
+        write_full(callback_tensors(states), os.path.join(workdir, f"{name}.callbacks.safetensors"))
+        write_shard_info(states, os.path.join(workdir, f"{name}.shards"))
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, f"{name}.json"), "w") as file:
             json.dump({"resumed_at": saver.restored.global_step if saver.restored else None}, file)
+
+
+class Gather(tc.Callback):
+    """At every epoch end, after ModelCheckpoint's save: the training state's tensors gathered in full,
+    under the paths of the sharded checkpoint (WORKDIR/epoch-E.safetensors, written by rank 0)."""
+
+    dispatch_order = 3
+
+    def __init__(self, workdir: str, states: list[Any]) -> None:
+        super().__init__()
+        self.workdir, self.states = workdir, states
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizers": [optim_state], "callbacks": callback_tensors(self.states)}
+        write_full(state, os.path.join(self.workdir, f"epoch-{epoch}.safetensors"))
+
+
+def checkpoint(workdir: str) -> None:
+    """`fit` with ModelCheckpoint (full state) into WORKDIR/ckpt/state-{epoch:02d} (max_to_keep=2) and
+    WORKDIR/best (save_best_only, async_save), `state_callbacks()` and Gather; then `load_checkpoint` of the last
+    directory into a fresh model and optimizer (see `load_into_fresh`). Rank 0 writes the callbacks'
+    paths to WORKDIR/checkpoint.json."""
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    states = state_callbacks()
+    every = tc.ModelCheckpoint(os.path.join(workdir, "ckpt", "state-{epoch:02d}.safetensors"), monitor="loss", max_to_keep=2)
+    best = tc.ModelCheckpoint(os.path.join(workdir, "best.safetensors"), monitor="loss", save_best_only=True, async_save=True)
+    tc.fit(model, backup_loader(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=BACKUP_EPOCHS,
+           verbose=0, callbacks=[every, best, *states, Gather(workdir, states)])
+    write_shard_info(states, os.path.join(workdir, "checkpoint.shards"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(workdir, "checkpoint.json"), "w") as file:
+            json.dump({"every": every.state_dict(), "best": best.state_dict()}, file)
+    assert every.last_path is not None
+    load_into_fresh(workdir, every.last_path)
+
+
+def load_into_fresh(workdir: str, path: str) -> None:
+    """`load_checkpoint` of a sharded directory into a model with other weights, a fresh optimizer and
+    fresh `state_callbacks()` (unpickling banned); the gathered result (Gather's layout) goes to
+    WORKDIR/loaded_W.safetensors, W the number of processes."""
+    model = make_model(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    states = state_callbacks()
+    callbacks = tc.CallbackList(states, model=model, optimizer=optimizer)
+    banned = refuse_unpickling()
+    try:
+        loaded = tc.load_checkpoint(model, path, optimizer, callbacks=callbacks)
+    finally:
+        restore_unpickling(banned)
+    assert not ATTEMPTS, ATTEMPTS
+    assert (loaded.epoch, loaded.batch) == (BACKUP_EPOCHS, 0), loaded
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizers": [optim_state], "callbacks": callback_tensors(states)}
+    write_full(state, os.path.join(workdir, f"loaded_{dist.get_world_size()}.safetensors"))
 
 
 def main() -> None:
@@ -267,7 +356,11 @@ def main() -> None:
     elif mode == "load":
         load(workdir, sys.argv[3])
     elif mode in ("backup", "backup-hold"):
-        backup(workdir, sys.argv[3], hold=mode == "backup-hold")
+        backup(workdir, sys.argv[3], hold=mode == "backup-hold", with_states=sys.argv[4:] == ["states"])
+    elif mode == "checkpoint":
+        checkpoint(workdir)
+    elif mode == "load-checkpoint":
+        load_into_fresh(workdir, sys.argv[3])
     elif mode == "probe":
         probe(workdir, sys.argv[3])
     else:

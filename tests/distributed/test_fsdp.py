@@ -335,22 +335,51 @@ def test_an_async_save_copies_the_state_and_is_published_at_flush(tmp_path: Path
 
 
 # -- BackupAndRestore of an FSDP2 model ---------------------------------------------------------------
+STOPPER = "EarlyStopping[monitor=loss,mode=max]"
+
+
+def _assert_local_cpu_shards(info_path: str) -> None:
+    """fsdp_worker.write_shard_info: the snapshot and the average hold each process's rows of the
+    33-row weight (17 and 16), on the CPU, as DTensors of the global shape: never the full model."""
+    for rank, rows in ((0, 17), (1, 16)):
+        info = json.loads(Path(f"{info_path}_{rank}.json").read_text())
+        assert info == {"best": ["DTensor", [rows, 16], "cpu", [33, 16]], "ema": ["DTensor", [rows, 16], "cpu", [33, 16]]}
+
+
+def _assert_same_tensors(a_path: Path, b_path: Path) -> None:
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
 def test_backup_and_restore_of_an_fsdp_model_resumes_exactly_after_a_sigkill(tmp_path: Path) -> None:
-    torchrun(2, tmp_path, "backup", "straight")  # uninterrupted
+    """With EarlyStopping(restore_best_weights) and SwapEMAWeights, whose snapshot and average go
+    through the backup as shards (the resumed run's EarlyStopping has no snapshot until it loads one)."""
+    torchrun(2, tmp_path, "backup", "straight", "states")  # uninterrupted
     assert not (tmp_path / "backup").exists()  # deleted at the end of a finished run
-    job, log = _start_holding(tmp_path, "backup-hold", "held")
+    job, log = _start_holding(tmp_path, "backup-hold", "held", "states")
     _kill_when_held(job, log, tmp_path)
     state = json.loads((tmp_path / "backup" / "latest" / "state.json").read_text())
     assert state["state"]["global_step"] == 8 and len(state["state"]["ranks"]) == 2
     assert "model/0.weight" in state["sharded"] and "optimizers/0/state/0.weight/exp_avg" in state["sharded"]
-    torchrun(2, tmp_path, "backup", "resumed")
+    # the snapshot of epoch 0 (step 6) and the average, as shards
+    assert f"callbacks/{STOPPER}/best_weights/0.weight" in state["sharded"]
+    assert "callbacks/SwapEMAWeights/tensors/0" in state["sharded"]
+    torchrun(2, tmp_path, "backup", "resumed", "states")
     assert json.loads((tmp_path / "resumed.json").read_text()) == {"resumed_at": 8}
     _assert_same_state(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors")
+    _assert_same_tensors(tmp_path / "straight.callbacks.safetensors", tmp_path / "resumed.callbacks.safetensors")
+    # the final model is the restored snapshot of epoch 0: the one that went through the backup
+    model = {k.removeprefix("model/"): v for k, v in load_file(tmp_path / "resumed.safetensors").items() if k.startswith("model/")}
+    best = load_file(tmp_path / "resumed.callbacks.safetensors")
+    assert all(torch.equal(v, best[f"{STOPPER}/best_weights/{k}"]) for k, v in model.items())
+    _assert_local_cpu_shards(str(tmp_path / "resumed.shards"))
     # async_save: the backup of step 8 is written while steps 9 and 10 train, and published at the next
     # save; killed at step 10, the one on disk is step 4's (complete) and the resumed run is exact too
     for r in range(2):
         (tmp_path / f"held_{r}").unlink()
-    job, log = _start_holding(tmp_path, "backup-hold", "async-held")
+    job, log = _start_holding(tmp_path, "backup-hold", "async-held", "states")
 
     def written_but_unpublished() -> None:
         temps = [p for p in (tmp_path / "backup").iterdir() if p.name.startswith("latest.tmp-")]
@@ -358,7 +387,59 @@ def test_backup_and_restore_of_an_fsdp_model_resumes_exactly_after_a_sigkill(tmp
 
     _kill_when_held(job, log, tmp_path, written_but_unpublished)
     assert json.loads((tmp_path / "backup" / "latest" / "state.json").read_text())["state"]["global_step"] == 4
-    torchrun(2, tmp_path, "backup", "async-resumed")
+    torchrun(2, tmp_path, "backup", "async-resumed", "states")  # no snapshot in step 4's backup
     assert json.loads((tmp_path / "async-resumed.json").read_text()) == {"resumed_at": 4}
     _assert_same_state(tmp_path / "straight.safetensors", tmp_path / "async-resumed.safetensors")
+    _assert_same_tensors(tmp_path / "straight.callbacks.safetensors", tmp_path / "async-resumed.callbacks.safetensors")
     assert not (tmp_path / "backup").exists()  # the last one published, then deleted at the end
+
+
+# -- ModelCheckpoint (full training state) of an FSDP2 model -------------------------------------------
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fit with ModelCheckpoint directories and a load by 2 processes (fsdp_worker `checkpoint`), and
+    the last directory loaded by 1 process."""
+    workdir = tmp_path_factory.mktemp("fsdp_checkpoint")
+    torchrun(2, workdir, "checkpoint")
+    torchrun(1, workdir, "load-checkpoint", str(workdir / "ckpt" / "state-03"))
+    return workdir
+
+
+def test_model_checkpoint_of_an_fsdp_model_keeps_max_to_keep_directories(checkpointed: Path) -> None:
+    assert sorted(os.listdir(checkpointed / "ckpt")) == ["state-02", "state-03"]
+    leftovers = [str(p) for p in checkpointed.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers
+    states = json.loads((checkpointed / "checkpoint.json").read_text())
+    every, best = states["every"], states["best"]
+    assert [item[0] for item in every["kept"]] == [str(checkpointed / "ckpt" / f"state-0{e}") for e in (2, 3)]
+    assert every["last_path"] == str(checkpointed / "ckpt" / "state-03")
+    assert best["best_path"] == best["last_path"] == str(checkpointed / "best")
+    for directory in (checkpointed / "ckpt" / "state-02", checkpointed / "ckpt" / "state-03", checkpointed / "best"):
+        assert sorted(os.listdir(directory)) == ["dcp_metadata.json", "replicated.safetensors", "shard-00000-of-00002.safetensors",
+                                                 "shard-00001-of-00002.safetensors", "state.json"]
+    _assert_local_cpu_shards(str(checkpointed / "checkpoint.shards"))
+
+
+def test_its_directories_hold_the_gathered_training_state(checkpointed: Path) -> None:
+    from torchcallbacks.checkpoint.encoding import encode
+    from torchcallbacks.checkpoint.sharded import load_sharded
+
+    for epoch in (1, 2):
+        directory = checkpointed / "ckpt" / f"state-0{epoch + 1}"
+        gathered = load_file(checkpointed / f"epoch-{epoch}.safetensors")
+        document = json.loads((directory / "state.json").read_text())
+        assert document["state"]["epoch"] == epoch + 1
+        assert set(document["sharded"]) <= gathered.keys()  # every DTensor: model, Adam moments, callbacks
+        assert {f"callbacks/{STOPPER}/best_weights/0.weight", "callbacks/SwapEMAWeights/tensors/0"} <= set(document["sharded"])
+        state, _ = load_sharded(directory, _template(document["sharded"], gathered))  # one process, full tensors
+        tensors: dict[str, torch.Tensor] = {}
+        encode(state, "", tensors)
+        read = {k.removeprefix("/"): v for k, v in tensors.items()}
+        different = [k for k in gathered if not torch.equal(read[k], gathered[k])]
+        assert not different, different
+
+
+def test_load_checkpoint_reads_a_directory_into_a_sharded_model_on_2_and_on_1_processes(checkpointed: Path) -> None:
+    # model, Adam state, EarlyStopping's snapshot and the EMA, as saved at the end of epoch 2
+    _assert_same_tensors(checkpointed / "epoch-2.safetensors", checkpointed / "loaded_2.safetensors")
+    _assert_same_tensors(checkpointed / "epoch-2.safetensors", checkpointed / "loaded_1.safetensors")

@@ -206,7 +206,7 @@ class BackupAndRestore(Callback):
         )
         if not os.path.isfile(os.path.join(path, STATE_FILE)) and not interrupted:
             return None
-        state, _ = load_sharded(path, self.loop.sharded_template())
+        state, _ = load_sharded(path, self.loop.sharded_template)  # callback templates from what was saved
         self.loop.load_state_dict(state, path)
         return TrainingState(
             path=path, epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],

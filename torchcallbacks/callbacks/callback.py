@@ -52,7 +52,9 @@ class Callback:
     with the same state. A state holds numbers, strings, lists, dicts and tensors (tensors are stored
     as tensors in training-state files). It is saved under `state_key` and loaded in the restore
     phase, before any callback's `on_train_begin`: `load_state_dict` must only keep the state (the
-    model is loaded after it), and `on_train_begin` starts afresh unless `self.loop.resumed`.
+    model is loaded after it), and `on_train_begin` starts afresh unless `self.loop.resumed`. Under
+    FSDP2 a state may hold `DTensor`s (local shards, e.g. a snapshot of the weights); such a callback
+    also overrides `state_template()`, which gives the tensors a sharded checkpoint is read into.
 
     Example:
 
@@ -138,6 +140,34 @@ class Callback:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep what `state_dict()` returned (called in the restore phase, before the model is loaded)."""
+
+    def state_template(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """For a sharded (FSDP2) checkpoint: the tensors to read this callback's saved `DTensor`s into.
+
+        A sharded checkpoint (`checkpoint.sharded`) stores a `DTensor` as the shards of every
+        process, and each process can only read its own shards into a `DTensor` it already has, of the
+        saved global shape and dtype and of the placements it needs here. This returns those: a tree of
+        the saved state's structure (`saved`, read from the checkpoint before any tensor: every tensor
+        is None there) holding a new `DTensor` at each place where the state saved one, e.g. copies of
+        the model's shards for a snapshot of the weights. Plain tensors need no template (they are
+        read as new tensors), nor do other values. What is read into the template is then given to
+        `load_state_dict` as usual. Never return the live model parameters: the checkpoint is read
+        into the template before anything is checked. The default, `{}`, is right for a state
+        without `DTensor`s.
+
+        Args:
+            saved: this callback's saved state, its tensors not read yet (None).
+
+        Example:
+
+        ```python
+        def state_template(self, saved):
+            if saved.get("average") is None:
+                return {}
+            return {"average": {k: t.detach().clone() for k, t in self.model.state_dict().items()}}
+        ```
+        """
+        return {}
 
     def restore(self) -> None:
         """The restore phase: called by `CallbackList.on_train_begin` before any callback's

@@ -290,6 +290,23 @@ class CallbackList(Callback):
             warnings.warn(f"{source}: " + "; ".join(parts), stacklevel=4)
         return pairs
 
+    def state_template(self, states: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors to read the `DTensor`s of saved callback states into (sharded checkpoints): each
+        callback's `state_template()` of its saved state, by state key (see `Callback.state_template`).
+
+        Args:
+            states: the saved callback states (`state_dict()` layout), their tensors not read yet.
+
+        Example:
+
+        ```python
+        load_sharded("ckpt/state-03", lambda saved: {"callbacks": callbacks.state_template(saved["callbacks"])})
+        ```
+        """
+        stateful = self._stateful()
+        return {key: stateful[key].state_template(state) for key, state in states.items()
+                if key in stateful and isinstance(state, dict)}
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Give each callback its saved state (matched by `state_key`; see `match_states`), all or
         nothing: when one callback rejects its state, the others keep theirs."""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from torchcallbacks.callbacks.callback import Logs
+from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checks import check_count, check_verbose
 from torchcallbacks.distributed import print_main
@@ -27,7 +28,9 @@ class EarlyStopping(MonitorCallback):
     With `restore_best_weights=True` the weights (parameters and buffers, from `model.state_dict()`)
     of the best epoch are copied to CPU memory, so the snapshot costs no accelerator memory, and are
     loaded back into the model when training ends: after an early stop, when training runs to its
-    last epoch, and when it ends by an exception.
+    last epoch, and when it ends by an exception. Under FSDP2 (DTensor parameters) the snapshot holds
+    each process's own shards only (DTensors with CPU local tensors), never the full model, and is
+    restored shard by shard; a sharded backup stores it as shards too (see `state_template`).
 
     `state_dict()` holds `wait`, `best`, `best_epoch`, `stopped_epoch` and the best-weights snapshot
     (as tensors), so a resumed run continues the same patience count and restores the same weights.
@@ -90,12 +93,26 @@ class EarlyStopping(MonitorCallback):
         self.best = None
         self.best_epoch = 0
 
-    def _snapshot(self, epoch: int) -> None:
-        self.best_weights = {
+    def _cpu_weights(self) -> dict[str, Any]:
+        """A CPU copy of `model.state_dict()`; under FSDP2 its DTensors stay DTensors (same mesh and
+        placements) whose local tensors are CPU copies of this process's shards (no communication)."""
+        return {
             key: value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
             for key, value in self.model.state_dict().items()
         }
+
+    def _snapshot(self, epoch: int) -> None:
+        self.best_weights = self._cpu_weights()
         self._best_weights_epoch = epoch
+
+    def state_template(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Under FSDP2, when the saved state has a snapshot: CPU shards of the model's own state dict
+        to read it into (also when this process has no snapshot yet, e.g. a fresh process resuming)."""
+        if saved.get("best_weights") is None or not is_sharded(self.model):
+            return {}
+        from torch.distributed.tensor import DTensor
+
+        return {"best_weights": {k: v for k, v in self._cpu_weights().items() if isinstance(v, DTensor)}}
 
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)

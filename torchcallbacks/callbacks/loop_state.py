@@ -25,6 +25,7 @@ from torchcallbacks.checkpoint.validate import (
     check_counter,
     check_list,
     check_optimizer_state,
+    check_optimizer_type,
     check_rng_state,
     optimizer_type,
 )
@@ -233,18 +234,28 @@ class LoopState:
             state["ranks"] = [from_json(part) for part in all_gather_json(to_json(own))]
         return state
 
-    def sharded_template(self) -> dict[str, Any]:
+    def sharded_template(self, saved: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What `checkpoint.sharded.load_sharded` loads a sharded state into (collective): the model's
-        and optimizers' DTensor state dicts (the optimizer state is initialised if it is empty).
+        and optimizers' DTensor state dicts (the optimizer state is initialised if it is empty) and,
+        given the saved tree, the templates of the saved callback states (`Callback.state_template`:
+        e.g. EarlyStopping's snapshot of the best weights, SwapEMAWeights' average).
+
+        Args:
+            saved: the saved tree, its tensors not read yet (what `load_sharded` passes a callable
+                template), or None for the model and optimizers only.
 
         Example:
 
         ```python
-        state, _ = load_sharded("backup/latest", callbacks.loop.sharded_template())
+        state, _ = load_sharded("backup/latest", callbacks.loop.sharded_template)
         callbacks.loop.load_state_dict(state, "backup/latest")
         ```
         """
-        return self._sharded_parts()
+        template = self._sharded_parts()
+        states = saved.get("callbacks") if saved is not None else None
+        if self.callbacks is not None and isinstance(states, dict):
+            template["callbacks"] = self.callbacks.state_template(states)
+        return template
 
     def _own_part(self, state: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         ranks = state.get("ranks")
@@ -303,8 +314,7 @@ class LoopState:
         types = state.get("optimizer_types") or [None] * len(saved)
         for i, (optimizer, optimizer_state) in enumerate(zip(self.optimizers, saved, strict=True)):
             if sharded:  # keyed by parameter names; its tensors were checked when they were read
-                if types[i] is not None and types[i] != optimizer_type(optimizer):
-                    raise CheckpointError(f"{where}: field 'optimizers/{i}' is a {types[i]} state, the optimizer a {optimizer_type(optimizer)}")
+                check_optimizer_type(optimizer, types[i], where, f"optimizers/{i}")
                 continue
             check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}")
         scaler_state = state.get("scaler")

@@ -73,6 +73,20 @@ class ModelCheckpoint(MonitorCallback):
         async_save: write files on a background thread (the tensors are copied first on the training
             thread; at most one write in flight; errors are raised at the next save or at train end).
 
+    With an FSDP2 model (DTensor parameters) and `save_weights_only` False, each save is a sharded
+    checkpoint directory (`checkpoint.sharded.save_sharded`: every process writes its own shards, no
+    process gathers the model; safetensors and JSON, published atomically), named by `filepath`
+    without its `.safetensors` suffix: `"ckpt/state-{epoch:02d}.safetensors"` saves
+    `ckpt/state-01/`, ... `best_path`, `last_path` and `max_to_keep` then name and delete such
+    directories (a deleted one is renamed away first, so none is ever left half deleted), and
+    `torchcallbacks.load_checkpoint` reads one back into a sharded model (collectively). The save is
+    collective (every process reaches it: the decisions are the same everywhere). With `async_save`
+    the collective part (planning, a copy of each process's shards into host buffers) is done on the
+    training thread and the files are written on a background thread while training goes on; the
+    directory is published at the next save, at train end, or when a backup takes this callback's
+    state (which must not name a directory that is not there), and the directories it makes stale
+    are deleted only then. At most one save is in flight.
+
     Under `torch.distributed` only the main process writes; every process keeps the same `best`,
     `best_path` and `last_path`, since decisions are taken on epoch logs that `fit` reduced over
     processes (batch-level saves average the batch logs over processes first). A barrier follows each
@@ -88,8 +102,9 @@ class ModelCheckpoint(MonitorCallback):
 
     Attributes:
         best: the best monitored value so far.
-        best_path: the file saved at the best monitored value, or None.
-        last_path: the file saved last, or None.
+        best_path: the file saved at the best monitored value, or None (a directory for the
+            training state of an FSDP2 model, as below).
+        last_path: the file (or directory) saved last, or None.
 
     Example:
 
@@ -148,6 +163,8 @@ class ModelCheckpoint(MonitorCallback):
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
         self._writer = CheckpointWriter(async_save)
+        self._sharded_writer: Any = None  # a checkpoint.sharded.ShardedCheckpointWriter, for FSDP2 models
+        self._unpublished_stale: list[str] = []  # to delete once the sharded save in flight is published
 
     @property
     def initial_value_threshold(self) -> float | None:
@@ -160,8 +177,10 @@ class ModelCheckpoint(MonitorCallback):
 
     def state_dict(self) -> dict[str, Any]:
         """`best`, `best_path`, `last_path` and the files kept. An asynchronous write in flight is
-        waited for first, so that a saved state never names a file that is not on disk yet."""
+        waited for first, so that a saved state never names a file that is not on disk yet (for an
+        FSDP2 model that publication is collective, as every save of a training state is)."""
         self._writer.flush()
+        self._publish_sharded()
         return {"best": self.best, "best_path": self.best_path, "last_path": self.last_path, "kept": self._kept}
 
     def _own_file(self, path: Any, field: str) -> str | None:
@@ -174,12 +193,20 @@ class ModelCheckpoint(MonitorCallback):
             raise TypeError(f"ModelCheckpoint state {field!r}: expected a path string or None, received {path!r}")
         root = os.path.realpath(self._fixed_dir())
         real = os.path.realpath(path)
-        if not real.endswith(".safetensors") or os.path.commonpath([root, real]) != root:
+        if not (real.endswith(".safetensors") or self._is_sharded_name(path)) or os.path.commonpath([root, real]) != root:
             raise ValueError(
                 f"ModelCheckpoint state {field!r} names {path!r}, which is not a checkpoint file under {root!r} "
                 f"(this callback's filepath is {self.filepath!r}); refusing a state that points elsewhere"
             )
         return path
+
+    def _is_sharded_name(self, path: str) -> bool:
+        """Whether `path` is a name `filepath` gives a sharded checkpoint directory (the template
+        without `.safetensors`, each field matching characters other than a separator, no `..`)."""
+        parts = string.Formatter().parse(self.filepath.removesuffix(".safetensors"))
+        field = f"[^{re.escape(os.sep)}]+"
+        pattern = "".join(re.escape(literal) + (field if name is not None else "") for literal, name, _, _ in parts)
+        return re.fullmatch(pattern, path) is not None and ".." not in path.split(os.sep)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         best = state_dict.get("best")
@@ -219,6 +246,10 @@ class ModelCheckpoint(MonitorCallback):
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         self._writer.close()
+        if self._sharded_writer is not None and self.loop.exception is not None:
+            self._sharded_writer.abandon()  # another process may be elsewhere: no collective
+        elif self._sharded_writer is not None:
+            self._publish_sharded()  # collective: every process ends here
         if self.loop.exception is None:
             barrier()  # the last (possibly asynchronous) file is on disk before any process reads it
 
@@ -243,6 +274,9 @@ class ModelCheckpoint(MonitorCallback):
     def _save(self, epoch: int, batch: int | None, logs: Logs | None) -> None:
         values = to_floats(logs)
         filepath = self._format(epoch, batch, values)
+        sharded = not self.save_weights_only and is_sharded(self.model)
+        if sharded:
+            filepath = filepath.removesuffix(".safetensors")  # a directory of shards: see _save_sharded
         where = f"\nEpoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
         if self.save_best_only:
             current = self.get_monitor_value(values)
@@ -264,6 +298,9 @@ class ModelCheckpoint(MonitorCallback):
         stale = self._keep(filepath, current)
         if self.best_path in stale:
             self.best_path = None
+        if sharded:
+            self._save_sharded(filepath, stale)
+            return
         # The whole training state is gathered on every process (random states of each); one writes.
         state = None if self.save_weights_only else self.loop.state_dict()
         if state is None and is_sharded(self.model):
@@ -280,6 +317,40 @@ class ModelCheckpoint(MonitorCallback):
             save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
         else:
             write_training_state(filepath, state, writer=self._writer, delete_after=stale)
+
+    def _save_sharded(self, directory: str, stale: list[str]) -> None:
+        """FSDP2: the training state as a sharded checkpoint directory (collective: every process writes
+        its own shards, see `checkpoint.sharded.ShardedCheckpointWriter`); the stale directories are
+        deleted by rank 0 once it is published (at once, or with `async_save` when the next save,
+        a backup or train end publishes it)."""
+        from torchcallbacks.checkpoint.sharded import ShardedCheckpointWriter
+
+        if self._sharded_writer is None:
+            self._sharded_writer = ShardedCheckpointWriter(self._writer.async_save)
+        state = self.loop.state_dict()  # publishes the save in flight first (state_dict)
+        self._sharded_writer.save(directory, state)
+        if self._sharded_writer.async_save:
+            self._unpublished_stale = stale
+        else:
+            self._remove(stale)
+        barrier()
+
+    def _publish_sharded(self) -> None:
+        """Publish the sharded save in flight, if any (collective), then delete what it made stale."""
+        if self._sharded_writer is not None:
+            self._sharded_writer.flush()
+            stale, self._unpublished_stale = self._unpublished_stale, []
+            self._remove(stale)
+
+    @main_process_only
+    def _remove(self, stale: list[str]) -> None:
+        from torchcallbacks.checkpoint.sharded import remove_sharded
+
+        for path in stale:
+            if os.path.isdir(path):
+                remove_sharded(path)  # renamed away first, then deleted: never a half-deleted checkpoint
+            elif os.path.isfile(path):
+                os.remove(path)
 
     def _keep(self, filepath: str, value: float | None) -> list[str]:
         """Record `filepath` and return the files to delete so that at most `max_to_keep` remain."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from torchcallbacks.callbacks.callback import Callback, Logs
+from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.checks import check_number
 
 
@@ -38,6 +40,11 @@ class SwapEMAWeights(Callback):
     Before the first training run there is no EMA, and evaluate/predict run with the model's own
     weights. The average is part of `state_dict()` (as tensors), so a resumed run continues it.
 
+    Under FSDP2 (DTensor parameters, which cannot be deep-copied) there is no `AveragedModel`: the
+    average is one DTensor per parameter and buffer with the same mesh and placements, on the same
+    device, so each process averages and swaps its own shards, with no communication. A sharded
+    backup stores it as shards (see `state_template`).
+
     Args:
         swap_on_epoch: also swap the EMA weights in at epoch end and out at the next epoch begin.
         decay: the EMA decay in [0, 1]; higher is smoother. Defaults to 0.999.
@@ -46,7 +53,9 @@ class SwapEMAWeights(Callback):
 
     Attributes:
         ema_model: the `AveragedModel` holding the EMA (its `.module` is a usable model), or None
-            before training.
+            before training and for an FSDP2 model (whose average is `ema_tensors`).
+        ema_tensors: the average, one tensor per parameter then buffer of the model (a DTensor for
+            each DTensor of an FSDP2 model); empty before training.
         num_updates: EMA updates so far.
 
     Example:
@@ -84,7 +93,8 @@ class SwapEMAWeights(Callback):
         self._average = get_ema_multi_avg_fn(decay)
         self._averaged: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._followed: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, EMA tensor), local shards
+        self.ema_tensors: list[torch.Tensor] = []
         self._ema_in_model = False
         self._swapped_for: str | None = None
 
@@ -94,17 +104,26 @@ class SwapEMAWeights(Callback):
         return self._ema_in_model
 
     # -- the EMA --------------------------------------------------------------------------------
+    @staticmethod
+    def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [p for p in model.parameters()] + [b for b in model.buffers()]
+
     def _build(self, model: torch.nn.Module) -> None:
-        self.ema_model = AveragedModel(model, multi_avg_fn=self._average, use_buffers=self.use_buffers)
-        self.ema_model.requires_grad_(False)
         self._source = model
         self.num_updates = 0
         self._ema_in_model = False
-        ema_module = self.ema_model.module
-        model_tensors = [p for p in model.parameters()] + [b for b in model.buffers()]
-        ema_tensors = [p for p in ema_module.parameters()] + [b for b in ema_module.buffers()]
+        model_tensors = self._tensors(model)
+        if is_sharded(model):  # DTensors: an average of the same placements, no AveragedModel (deepcopy)
+            self.ema_model = None
+            ema_tensors = [t.detach().clone() for t in model_tensors]
+        else:
+            self.ema_model = AveragedModel(model, multi_avg_fn=self._average, use_buffers=self.use_buffers)
+            self.ema_model.requires_grad_(False)
+            ema_tensors = self._tensors(self.ema_model.module)
         if len(model_tensors) != len(ema_tensors):
             raise RuntimeError("SwapEMAWeights: the copied model has a different number of tensors")
+        self.ema_tensors = ema_tensors
+        model_tensors, ema_tensors = _local(model_tensors), _local(ema_tensors)
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(
             lambda: ([], [])
         )
@@ -128,9 +147,8 @@ class SwapEMAWeights(Callback):
     @torch.no_grad()
     def update(self) -> None:
         """Fold the model's current weights into the EMA (called after every training batch)."""
-        if self.ema_model is None:
+        if self._source is None:
             self._build(self.model)
-        assert self.ema_model is not None
         if self._ema_in_model:
             raise RuntimeError("SwapEMAWeights: cannot update the EMA while the EMA weights are in the model")
         if self.num_updates == 0:
@@ -141,11 +159,14 @@ class SwapEMAWeights(Callback):
                 self._average(ours, theirs, None)
         if self._followed[0]:
             torch._foreach_copy_(self._followed[0], self._followed[1])
-        self.ema_model.n_averaged += 1
+        if self.ema_model is not None:
+            self.ema_model.n_averaged += 1
         self.num_updates += 1
 
     @torch.no_grad()
     def _swap(self) -> None:
+        if self.ema_model is None and self._source is not None:
+            _reshard(self._source)
         for model_tensor, ema_tensor in self._pairs:
             saved = model_tensor.clone()
             model_tensor.copy_(ema_tensor)
@@ -154,7 +175,7 @@ class SwapEMAWeights(Callback):
 
     def swap_in(self) -> None:
         """Put the EMA weights into the model (the training weights are kept in their place)."""
-        if self.ema_model is not None and not self._ema_in_model:
+        if self._source is not None and not self._ema_in_model:
             self._check_model()
             self._swap()
 
@@ -168,13 +189,18 @@ class SwapEMAWeights(Callback):
         """The average itself (tensors, stored as tensors in training-state files), the number of
         updates and whether the EMA weights are in the model (with `swap_on_epoch` they are when a
         backup is written at epoch end; the EMA slots then hold the training weights)."""
-        if self.ema_model is None:
+        if self._source is None:
             return {}
-        return {
-            "num_updates": self.num_updates,
-            "ema_in_model": self._ema_in_model,
-            "tensors": [ema_tensor for _, ema_tensor in self._pairs],
-        }
+        return {"num_updates": self.num_updates, "ema_in_model": self._ema_in_model, "tensors": list(self.ema_tensors)}
+
+    def state_template(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Under FSDP2, when the saved state has an average: new DTensors of the model's placements to
+        read it into (None in the places of plain tensors, which need none)."""
+        if not saved.get("tensors") or not is_sharded(self.model):
+            return {}
+        from torch.distributed.tensor import DTensor
+
+        return {"tensors": [t.detach().clone() if isinstance(t, DTensor) else None for t in self._tensors(self.model)]}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -183,7 +209,7 @@ class SwapEMAWeights(Callback):
         model's weights are loaded too, so that training resumes with the training weights."""
         if not state_dict:
             return
-        if self.ema_model is None or self._source is not self.model:
+        if self._source is not self.model:
             self._build(self.model)
         tensors = state_dict["tensors"]
         if len(tensors) != len(self._pairs):
@@ -191,17 +217,17 @@ class SwapEMAWeights(Callback):
                 f"SwapEMAWeights.load_state_dict: the state holds {len(tensors)} tensors, the model has "
                 f"{len(self._pairs)}"
             )
-        for (_, ema_tensor), saved in zip(self._pairs, tensors, strict=True):
+        for (_, ema_tensor), saved in zip(self._pairs, _local(tensors), strict=True):
             ema_tensor.copy_(saved)
         self.num_updates = int(state_dict["num_updates"])
-        assert self.ema_model is not None
-        self.ema_model.n_averaged.fill_(self.num_updates)
+        if self.ema_model is not None:
+            self.ema_model.n_averaged.fill_(self.num_updates)
         self._ema_in_model = bool(state_dict["ema_in_model"])
         self._swapped_for = None
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
-        if self.ema_model is None or self._source is not self.model:
+        if self._source is not self.model:
             self._build(self.model)
         self.swap_out()
         self._swapped_for = None
@@ -218,7 +244,7 @@ class SwapEMAWeights(Callback):
             self.swap_in()
 
     def _begin(self, what: str) -> None:
-        if self.ema_model is not None and not self._ema_in_model:
+        if self._source is not None and not self._ema_in_model:
             self.swap_in()
             self._swapped_for = what
 
@@ -251,3 +277,24 @@ class SwapEMAWeights(Callback):
             self._ema_in_model = False
         else:
             self.swap_out()
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's shards of DTensors (the local tensors themselves: writing them writes the
+    DTensor), other tensors as they are."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return tensors
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local().detach() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2: put every module's sharded parameters back in place of gathered ones (a forward without
+    backward leaves the root module's gathered parameters in use), so that the next forward gathers
+    the shards this callback writes. No communication."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -718,13 +718,52 @@ class ShardedCheckpointWriter:
             thread.join()
 
 
+def remove_sharded(directory: PathLike) -> None:
+    """Delete a sharded checkpoint directory (one process only, e.g. rank 0): it is first renamed to
+    `<directory>.tmp-<token>` (one atomic step: a crash never leaves a half-deleted checkpoint under
+    its name), then removed. A path that is not a complete checkpoint directory is left alone.
+
+    Args:
+        directory: the checkpoint directory (`save_sharded`'s).
+
+    Example:
+
+    ```python
+    if get_rank() == 0:
+        remove_sharded("ckpt/state-01")
+    ```
+    """
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.islink(target) or not os.path.isfile(os.path.join(target, STATE_FILE)):
+        return
+    doomed = f"{target}.tmp-{uuid.uuid4().hex}"
+    os.rename(target, doomed)
+    _fsync_dir(os.path.dirname(target))
+    shutil.rmtree(doomed)
+
+
 def _cleanup_on_error(errors: list[Any], tmp: str) -> list[Any]:
     if any(errors) and get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     return errors
 
 
-def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any] | None]:
+class _Unread(dict[str, Any]):
+    """What `decode` looks tensors up in before they are read: every name is there, as None."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def load_sharded(
+    directory: PathLike,
+    state_template: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]],
+    *,
+    partial: bool = False,
+) -> tuple[dict[str, Any], list[Any] | None]:
     """Read a directory of `save_sharded` into the tensors of `state_template`, in place.
 
     Collective: every process calls it at the same point. Each process reads only the chunks its own
@@ -738,7 +777,13 @@ def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tupl
     Args:
         directory: the checkpoint directory.
         state_template: a tree of the saved structure whose tensors have the saved shapes and dtypes;
-            they are overwritten. Its values that are not tensors are ignored.
+            they are overwritten. Its values that are not tensors are ignored. Or a function of the
+            saved tree (its tensors not read yet: None in their places) that returns the template,
+            called before any tensor is read: for templates that depend on what was saved (a
+            callback state that holds a snapshot only once it has one; see `LoopState.sharded_template`),
+            and for checks that must refuse a checkpoint before anything is read into the template.
+        partial: sharded tensors the template lacks are not read (they are None in the returned
+            state) instead of an error: for a caller that loads some parts only (`load_checkpoint`).
 
     Returns:
         `(state, processes)`: the saved tree, its tensors being the template's (now loaded), and the
@@ -776,7 +821,15 @@ def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tupl
     sharded_names, replicated_names = set(lists[0]), set(lists[1])
     if sharded_names | replicated_names != names or sharded_names & replicated_names:
         raise CheckpointError(f"{where!r}: fields 'sharded' and 'replicated' do not list the tensors of field 'state'")
+    if callable(state_template):
+        try:
+            unread = {key: decode(value, _Unread()) for key, value in saved.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where!r} is damaged: {exc}") from exc
+        state_template = state_template(unread)
     _, template = _encode_tree(state_template)
+    if partial:
+        sharded_names &= template.keys()
     missing, unexpected = sorted(sharded_names - template.keys()), sorted(template.keys() - names)
     if missing or unexpected:
         raise CheckpointError(
@@ -795,7 +848,7 @@ def load_sharded(directory: PathLike, state_template: Mapping[str, Any]) -> tupl
         raise CheckpointError(f"loading {path!r} failed: {exc}") from exc
     tensors.update(shards)
     try:
-        state = {key: decode(value, tensors) for key, value in saved.items()}
+        state = {key: decode(value, _Unread(tensors) if partial else tensors) for key, value in saved.items()}
         processes = document.get("processes")
         ranks = [from_json(p) for p in processes] if isinstance(processes, list) else None
     except (KeyError, TypeError, ValueError) as exc:

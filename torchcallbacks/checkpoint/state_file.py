@@ -38,6 +38,7 @@ from torchcallbacks.checkpoint.validate import (
     check_counter,
     check_list,
     check_optimizer_state,
+    check_optimizer_type,
     check_rng_state,
     optimizer_type,
 )
@@ -299,9 +300,17 @@ def load_checkpoint(
     another optimizer type or other parameter groups, bad counters or random states) raises a
     `CheckpointError` naming the file and the field, and the model and optimizers are untouched.
 
+    A directory is a sharded training state (a full-state `ModelCheckpoint` of an FSDP2 model, see
+    `checkpoint.sharded`): every process must call this at the same point, with its sharded model
+    and optimizers; each reads the shards it holds (another number of processes than the one that
+    saved is fine). The model is required; the parts not given (optimizers, callbacks) are not read
+    (the returned callback states have None in place of their sharded tensors). Keys, counters,
+    optimizer count and types are checked before any tensor is read, shapes and dtypes by the
+    reader before it reads; the model's shards are read in place.
+
     Args:
         model: the model to load the weights into (keys and shapes must match exactly), or None.
-        filepath: the file.
+        filepath: the file (or sharded checkpoint directory).
         optimizer: the optimizer(s), as many as were saved.
         scaler: the `GradScaler` to restore.
         scheduler: the scheduler(s) to restore.
@@ -329,6 +338,8 @@ def load_checkpoint(
     _check_model_first(model, filepath, "load_checkpoint")
     path = os.fspath(filepath)
     where = repr(path)
+    if os.path.isdir(path):
+        return _load_sharded_checkpoint(model, path, _as_list(optimizer), callbacks, restore_rng)
     state = read_training_state(path)
     optimizers, schedulers = _as_list(optimizer), _as_list(scheduler)
     module = unwrap_model(model) if model is not None else None
@@ -364,4 +375,66 @@ def load_checkpoint(
         path=path, epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"], rng=rng,
         callbacks=state.get("callbacks") or {}, extra=state.get("extra") or {},
         library_version=state["library_version"],
+    )
+
+
+def _load_sharded_checkpoint(
+    model: torch.nn.Module | None, path: str, optimizers: list[torch.optim.Optimizer], callbacks: Any, restore_rng: bool,
+) -> TrainingState:
+    """`load_checkpoint` of a sharded directory (collective); `load_checkpoint` describes it."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from torchcallbacks.checkpoint.sharded import load_sharded
+    from torchcallbacks.distributed import unwrap_model
+
+    where = repr(path)
+    if model is None:
+        raise CheckpointError(f"{where} is a sharded training state: pass the model it is read into")
+    module = unwrap_model(model)
+
+    def template(saved: dict[str, Any]) -> dict[str, Any]:
+        # Checks of what was saved, before anything is read (the tensors are None here).
+        for name in ("epoch", "batch", "global_step"):
+            check_counter(saved.get(name), where, name)
+        expected = module.state_dict()
+        # Key names only here (every tensor of the right shape): the reader checks the shapes.
+        _check_keys(path, module, {k: expected.get(k, torch.empty(0)) for k in saved.get("model") or {}}, {}, strict=True)
+        if optimizers:
+            saved_optimizers = check_list(saved.get("optimizers"), where, "optimizers", len(optimizers))
+            types = saved.get("optimizer_types") or [None] * len(saved_optimizers)
+            for i, opt in enumerate(optimizers):
+                check_optimizer_type(opt, types[i], where, f"optimizers/{i}")
+        rng = (saved.get("rng") or {}).get("current")
+        if restore_rng and rng is not None and not isinstance(rng, Mapping):
+            raise CheckpointError(f"{where}: field 'rng/current' must be a random state, found {rng!r}")
+        parts: dict[str, Any] = {
+            "model": get_model_state_dict(module),
+            "optimizers": [get_optimizer_state_dict(module, o) for o in optimizers],
+        }
+        if callable(getattr(callbacks, "state_template", None)) and isinstance(saved.get("callbacks"), dict):
+            parts["callbacks"] = callbacks.state_template(saved["callbacks"])
+        return parts
+
+    state, _ = load_sharded(path, template, partial=True)
+    rng = (state.get("rng") or {}).get("current")
+    if restore_rng and rng is not None:
+        check_rng_state(rng, where, "rng/current")
+    if callbacks is not None:
+        try:
+            callbacks.load_state_dict(state.get("callbacks") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: field 'callbacks' does not fit the callbacks: {exc}") from exc
+    set_model_state_dict(module, state["model"])
+    for opt, opt_state in zip(optimizers, state.get("optimizers") or [], strict=False):
+        set_optimizer_state_dict(module, opt, opt_state)
+    if restore_rng and rng is not None:
+        restore_rng_state(rng)
+    return TrainingState(
+        path=path, epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],
+        rng=state.get("rng") or {}, callbacks=state.get("callbacks") or {}, extra=state.get("extra") or {},
     )

@@ -133,6 +133,29 @@ def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def check_optimizer_type(optimizer: torch.optim.Optimizer, saved_type: Any, where: str, field: str) -> None:
+    """A `CheckpointError` naming `field` when the state was saved from another type of optimizer
+    (`saved_type`, an `optimizer_type()` string; None when the file does not say).
+
+    Args:
+        optimizer: the optimizer the state is for.
+        saved_type: the type recorded with the state.
+        where: the file, for the message.
+        field: the field's path in the state, e.g. `"optimizers/0"`.
+
+    Example:
+
+    ```python
+    check_optimizer_type(optimizer, state["optimizer_types"][0], "ckpt/state-03", "optimizers/0")
+    ```
+    """
+    if saved_type is not None and saved_type != optimizer_type(optimizer):
+        raise CheckpointError(
+            f"{where}: {field} ({type(optimizer).__name__}) holds the state of a {saved_type}, but the optimizer "
+            f"is a {optimizer_type(optimizer)}"
+        )
+
+
 def check_optimizer_state(
     optimizer: torch.optim.Optimizer, saved: Any, saved_type: str | None, where: str, field: str
 ) -> None:
@@ -154,10 +177,7 @@ def check_optimizer_state(
     ```
     """
     name = f"{field} ({type(optimizer).__name__})"
-    if saved_type is not None and saved_type != optimizer_type(optimizer):
-        raise CheckpointError(
-            f"{where}: {name} holds the state of a {saved_type}, but the optimizer is a {optimizer_type(optimizer)}"
-        )
+    check_optimizer_type(optimizer, saved_type, where, field)
     if not isinstance(saved, Mapping) or not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), Mapping):
         raise _fail(where, field, "an optimizer state_dict (state, param_groups)", saved)
     groups, saved_groups = optimizer.param_groups, saved["param_groups"]

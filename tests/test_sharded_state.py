@@ -1,0 +1,311 @@
+"""Callback states and ModelCheckpoint's training state of an FSDP2 model, in one process.
+
+`fully_shard` needs a process group: these tests run in a one-process gloo group (a `HashStore`, no
+network, created and destroyed around each test), where FSDP2 gives DTensor parameters as it does on
+many processes (each process's shard is the whole tensor here; the torchrun tests in
+tests/distributed/test_fsdp.py cover real shards on two processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import Crash
+from torch.utils.data import DataLoader, TensorDataset
+
+import torchcallbacks as tc
+
+
+@pytest.fixture
+def group() -> Iterator[None]:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _plain_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    model.register_buffer("scale", torch.tensor([2.0, 3.0]))
+    return model
+
+
+def _shard(model: torch.nn.Module, root_owns_first: bool = False) -> torch.nn.Module:
+    """`fully_shard` on each Linear and the root; with `root_owns_first`, the first Linear's
+    parameters are the root's (which FSDP2 leaves gathered after a forward without backward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    for i, layer in enumerate(model):
+        if isinstance(layer, torch.nn.Linear) and not (root_owns_first and i == 0):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _loader() -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 4, generator=generator)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=5)
+
+
+def _fit(model: torch.nn.Module, callbacks: list[Any], epochs: int = 3, **kwargs: Any) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    history = tc.fit(model, _loader(), optimizer=optimizer, loss=F.mse_loss, epochs=epochs, verbose=0,
+                     callbacks=callbacks, **kwargs)
+    return optimizer, history
+
+
+def _full(tensors: Any) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    return {str(k): (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in items}
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+def _assert_local_cpu_shards(tensors: dict[str, Any], model: torch.nn.Module) -> None:
+    """Every DTensor of the model's state dict has a DTensor here, of the same placements, whose
+    local tensor is on the CPU and has the local shard's shape."""
+    from torch.distributed.tensor import DTensor
+
+    for name, reference in model.state_dict().items():
+        if isinstance(reference, DTensor):
+            ours = tensors[name]
+            assert isinstance(ours, DTensor), name
+            assert ours.placements == reference.placements and ours.device_mesh == reference.device_mesh
+            assert ours.to_local().device.type == "cpu" and ours.to_local().shape == reference.to_local().shape
+
+
+class Record(tc.Callback):
+    """The model's weights (gathered, cloned) at every epoch end, after the other callbacks' updates."""
+
+    dispatch_order = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.weights.append(_full(self.model.state_dict()))
+
+
+# -- EarlyStopping ------------------------------------------------------------------------------------
+def test_early_stopping_keeps_local_cpu_shards_and_restores_them(group: None) -> None:
+    model = _shard(_plain_model())
+    record = Record()
+    # mode="max" on the falling loss: the best epoch is the first, so the end restores its snapshot
+    stopper = tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+    _fit(model, [stopper, record])
+    assert stopper.best_epoch == 0 and stopper.best_weights is not None
+    _assert_local_cpu_shards(stopper.best_weights, model)
+    _assert_equal(_full(model.state_dict()), record.weights[0])
+    assert not torch.equal(record.weights[0]["0.weight"], record.weights[-1]["0.weight"])
+
+
+# -- SwapEMAWeights -----------------------------------------------------------------------------------
+def test_swap_ema_weights_of_a_sharded_model_averages_and_swaps_as_for_a_plain_one(group: None) -> None:
+    from torch.distributed.tensor import DTensor
+
+    runs = {}
+    # No callback here reads model.state_dict() (that would put FSDP2's sharded parameters back in
+    # place by itself): the swaps must not be undone by the root's gathered parameters.
+    for name, model in (("plain", _plain_model()), ("sharded", _shard(_plain_model(), root_owns_first=True))):
+        ema = tc.SwapEMAWeights(decay=0.9, use_ema_at_end=True)
+        _, history = _fit(model, [ema], validation_data=_loader())
+        runs[name] = (ema, history, _full(model.state_dict()))
+    ema, history, final = runs["sharded"]
+    plain_ema, plain_history, plain_final = runs["plain"]
+    assert ema.ema_model is None and all(isinstance(t, DTensor) for t in ema.ema_tensors[:4])
+    assert [t.placements for t in ema.ema_tensors[:4]] == [p.placements for p in ema.model.parameters()]
+    assert ema.num_updates == plain_ema.num_updates == 24 and not ema.ema_weights_in_model
+    # validation ran with the EMA weights and training with the training weights, as without FSDP
+    for key in ("loss", "val_loss"):
+        assert history.history[key] == pytest.approx(plain_history.history[key], rel=1e-6)
+    # use_ema_at_end: the EMA weights are left in the model
+    assert all(torch.allclose(final[k], plain_final[k], atol=1e-6) for k in plain_final)
+    assert all(torch.allclose(final[k], plain_ema.ema_model.module.state_dict()[k], atol=1e-6) for k in plain_final)
+
+
+def test_swap_ema_weights_of_a_sharded_model_puts_the_training_weights_back_at_the_end(group: None) -> None:
+    model = _shard(_plain_model())
+    ema = tc.SwapEMAWeights(decay=0.5, swap_on_epoch=True)
+    record = Record()  # after the epoch-end swap: the EMA weights
+    _fit(model, [ema, record], epochs=2)
+    final = _full(model.state_dict())
+    assert not torch.equal(final["0.weight"], record.weights[-1]["0.weight"])
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]  # the EMA's order
+    _assert_equal(_full(ema.ema_tensors), {str(i): record.weights[-1][n] for i, n in enumerate(names)})
+
+
+# -- resume from a sharded backup ---------------------------------------------------------------------
+def _resumable_run(backup: Path, crash_at: int | None) -> dict[str, Any]:
+    torch.manual_seed(5)
+    model = _shard(_plain_model())
+    stopper = tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+    ema = tc.SwapEMAWeights(decay=0.9)
+    checkpoint = tc.ModelCheckpoint(backup.parent / f"{backup.name}-ckpt" / "s-{epoch}.safetensors", monitor="loss",
+                                    max_to_keep=2, async_save=True)
+    callbacks: list[Any] = [tc.BackupAndRestore(backup, save_freq=4), stopper, ema, checkpoint]
+    if crash_at is not None:
+        callbacks.append(Crash(crash_at))
+    try:
+        _fit(model, callbacks)
+    except RuntimeError as exc:
+        assert str(exc) == "crash"
+    return {"model": _full(model.state_dict()), "ema": _full(ema.ema_tensors), "best": _full(stopper.best_weights or {}),
+            "stopper": stopper, "saver": callbacks[0], "checkpoint": checkpoint}
+
+
+def test_a_sharded_backup_carries_the_snapshot_and_the_average_and_resumes_exactly(group: None, tmp_path: Path) -> None:
+    from torchcallbacks.checkpoint.sharded import STATE_FILE
+
+    straight = _resumable_run(tmp_path / "a", None)
+    _resumable_run(tmp_path / "b", crash_at=14)  # after the backup at step 12 (epoch 1, with a snapshot)
+    document = json.loads((tmp_path / "b" / "latest" / STATE_FILE).read_text())
+    assert document["state"]["global_step"] == 12
+    sharded = document["sharded"]
+    assert "callbacks/EarlyStopping[monitor=loss,mode=max]/best_weights/0.weight" in sharded
+    assert "callbacks/SwapEMAWeights/tensors/0" in sharded  # as shards, not gathered
+    resumed = _resumable_run(tmp_path / "b", None)  # a fresh EarlyStopping: no snapshot until loaded
+    assert resumed["saver"].restored.global_step == 12
+    for part in ("model", "ema", "best"):
+        _assert_equal(resumed[part], straight[part])
+    assert resumed["stopper"].best_epoch == 0
+    # ModelCheckpoint's directories (asynchronous) and its state came through the backup too
+    assert sorted(os.listdir(tmp_path / "b-ckpt")) == sorted(os.listdir(tmp_path / "a-ckpt")) == ["s-2", "s-3"]
+    assert resumed["checkpoint"].state_dict()["kept"] == [[str(tmp_path / "b-ckpt" / f"s-{e}"), loss]
+                                                          for (_, loss), e in zip(straight["checkpoint"].state_dict()["kept"], (2, 3), strict=True)]
+
+
+@pytest.mark.filterwarnings("ignore:.*saved states that no callback takes")
+def test_a_backup_without_a_snapshot_yet_resumes_into_a_stopper_that_has_one(group: None, tmp_path: Path) -> None:
+    """The template follows the saved state: no snapshot in the backup, none asked for."""
+    _resumable_run(tmp_path / "b", crash_at=5)  # backup at step 4: before the first epoch end
+    torch.manual_seed(5)
+    model = _shard(_plain_model())
+    stopper = tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+    stopper.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # left from elsewhere
+    stopper.set_model(model)
+    assert stopper.state_template({"best_weights": None}) == {}
+    saver = tc.BackupAndRestore(tmp_path / "b", save_freq=4)
+    _fit(model, [saver, stopper, tc.SwapEMAWeights(decay=0.9)])
+    assert saver.restored is not None and saver.restored.global_step == 4
+
+
+# -- ModelCheckpoint(save_weights_only=False) ----------------------------------------------------------
+def test_model_checkpoint_saves_sharded_directories_and_keeps_max_to_keep(group: None, tmp_path: Path) -> None:
+    from torchcallbacks.checkpoint.sharded import STATE_FILE
+
+    model = _shard(_plain_model())
+    every = tc.ModelCheckpoint(tmp_path / "ckpt" / "state-{epoch:02d}.safetensors", monitor="loss", max_to_keep=2)
+    best = tc.ModelCheckpoint(tmp_path / "best.safetensors", monitor="loss", save_best_only=True)
+    record = Record()
+    optimizer, _ = _fit(model, [every, best, record, tc.SwapEMAWeights(decay=0.9),
+                                tc.EarlyStopping(monitor="loss", restore_best_weights=True, patience=5)])
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["state-02", "state-03"]
+    assert every.last_path == every.best_path == str(tmp_path / "ckpt" / "state-03")
+    assert best.best_path == str(tmp_path / "best") and os.path.isfile(tmp_path / "best" / STATE_FILE)
+    assert sorted(os.listdir(tmp_path)) == ["best", "ckpt"]  # no temp directory left
+    assert [item[0] for item in every.state_dict()["kept"]] == [str(tmp_path / "ckpt" / f"state-0{i}") for i in (2, 3)]
+
+    fresh = _shard(_plain_model(seed=1))
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
+    state = tc.load_checkpoint(fresh, tmp_path / "ckpt" / "state-02", fresh_optimizer)
+    assert (state.epoch, state.batch, state.global_step) == (2, 0, 16)
+    _assert_equal(_full(fresh.state_dict()), record.weights[1])
+    assert fresh_optimizer.param_groups[0]["lr"] == 1e-2
+    assert {every.state_key, best.state_key, "EarlyStopping[monitor=loss]", "SwapEMAWeights"} <= set(state.callbacks)
+    assert optimizer.state_dict()["state"][0]["step"] == 24
+
+
+def test_model_checkpoint_state_names_its_directories_only(group: None, tmp_path: Path) -> None:
+    checkpoint = tc.ModelCheckpoint(tmp_path / "ckpt" / "state-{epoch:02d}.safetensors")
+    checkpoint.load_state_dict({"best": 1.0, "best_path": str(tmp_path / "ckpt" / "state-01"), "last_path": None,
+                                "kept": [[str(tmp_path / "ckpt" / "state-01"), 1.0]]})
+    for bad in (tmp_path / "ckpt", tmp_path / "ckpt" / "other", tmp_path / "state-01",
+                f"{tmp_path}/ckpt/state-01/../other", tmp_path / "ckpt" / "state-01" / "x"):
+        with pytest.raises(ValueError, match="refusing a state that points elsewhere"):
+            checkpoint.load_state_dict({"best": None, "best_path": None, "last_path": None, "kept": [[str(bad), None]]})
+
+
+class Look(tc.Callback):
+    """At every epoch end, after ModelCheckpoint's save: the names in the checkpoint directory."""
+
+    dispatch_order = 3
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory, self.seen = directory, []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.seen.append(sorted(n.split(".tmp-")[0] + (".tmp" if ".tmp-" in n else "") for n in os.listdir(self.directory)))
+
+
+def test_async_save_of_a_sharded_state_is_published_at_the_next_save_then_the_stale_go(group: None, tmp_path: Path) -> None:
+    model = _shard(_plain_model())
+    checkpoint = tc.ModelCheckpoint(tmp_path / "state-{epoch}.safetensors", monitor="loss", async_save=True, max_to_keep=2)
+    look, record = Look(tmp_path), Record()
+    _fit(model, [checkpoint, look, record])
+    # written in the background: right after its save an epoch's directory is still a temp one; it is
+    # published by the next save, and state-1, stale after the third save, stays until state-3 is published
+    assert look.seen == [["state-1.tmp"], ["state-1", "state-2.tmp"], ["state-1", "state-2", "state-3.tmp"]]
+    assert sorted(os.listdir(tmp_path)) == ["state-2", "state-3"]  # state-3 published at train end
+    fresh = _shard(_plain_model(seed=1))
+    tc.load_checkpoint(fresh, tmp_path / "state-2")  # written while epoch 3 trained: the shards of its save
+    _assert_equal(_full(fresh.state_dict()), record.weights[1])
+    tc.load_checkpoint(fresh, tmp_path / "state-3")
+    _assert_equal(_full(fresh.state_dict()), record.weights[2])
+
+
+def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_reading_it(group: None, tmp_path: Path) -> None:
+    model = _shard(_plain_model())
+    _fit(model, [tc.ModelCheckpoint(tmp_path / "s.safetensors", monitor="loss")], epochs=1)
+    fresh = _shard(_plain_model(seed=1))
+    before = _full(fresh.state_dict())
+    with pytest.raises(tc.CheckpointError, match=r"optimizers/0 \(SGD\) holds the state of a torch.optim.adam.Adam"):
+        tc.load_checkpoint(fresh, tmp_path / "s", torch.optim.SGD(fresh.parameters(), lr=0.1))
+    with pytest.raises(tc.CheckpointError, match=r"field 'optimizers' .*2"):
+        tc.load_checkpoint(fresh, tmp_path / "s", [torch.optim.Adam(fresh.parameters())] * 2)
+    _assert_equal(_full(fresh.state_dict()), before)
+    other = _shard(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)))
+    with pytest.raises(tc.CheckpointError, match="does not fit FSDPSequential: not in the model: scale"):
+        tc.load_checkpoint(other, tmp_path / "s")
+    with pytest.raises(tc.CheckpointError, match="pass the model"):
+        tc.load_checkpoint(None, tmp_path / "s")
+    tc.load_checkpoint(fresh, tmp_path / "s")  # the model only: the optimizer state is not read
+    _assert_equal(_full(fresh.state_dict()), _full(model.state_dict()))
+
+
+# -- load_sharded: templates from the saved tree -------------------------------------------------------
+def test_load_sharded_takes_a_template_made_from_the_saved_tree_and_may_read_part(tmp_path: Path) -> None:
+    from torchcallbacks.checkpoint.sharded import load_sharded, save_sharded
+
+    save_sharded(tmp_path / "c", {"model": {"w": torch.arange(4.0)}, "snapshot": None, "step": 3})
+    seen: list[dict[str, Any]] = []
+
+    def template(saved: dict[str, Any]) -> dict[str, Any]:
+        seen.append(saved)
+        return {"model": {"w": torch.zeros(4)}}
+
+    state, _ = load_sharded(tmp_path / "c", template)
+    assert seen == [{"model": {"w": None}, "snapshot": None, "step": 3}]
+    assert torch.equal(state["model"]["w"], torch.arange(4.0)) and state["step"] == 3
+    state, _ = load_sharded(tmp_path / "c", {}, partial=True)  # replicated tensors are read anyway
+    assert torch.equal(state["model"]["w"], torch.arange(4.0))
