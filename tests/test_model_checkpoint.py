@@ -187,3 +187,25 @@ def test_directory_is_created_and_probed_at_train_begin(tmp_path: Path) -> None:
     ckpt.set_model(make_model())
     ckpt.on_train_begin()
     assert (tmp_path / "a").is_dir() and list((tmp_path / "a").iterdir()) == []  # the probe file is gone
+
+
+def test_max_shard_size_splits_weights_into_hugging_face_files_and_rotates_them(tmp_path: Path) -> None:
+    model = make_model()
+    checkpoint = tc.ModelCheckpoint(tmp_path / "model-{epoch}.safetensors", monitor="loss", save_weights_only=True,
+                                    max_to_keep=1, max_shard_size=64)
+    tc.fit(model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+           loss=torch.nn.functional.mse_loss, epochs=2, verbose=0, callbacks=[checkpoint])
+    index = json.loads((tmp_path / "model-2.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-2-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*files, "model-2.safetensors.index.json"])  # epoch 1's went
+    stored = {k: v for f in files for k, v in load_file(tmp_path / f).items()}
+    assert stored.keys() == model.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
+    fresh = make_model()
+    tc.load_weights(fresh, checkpoint.last_path)  # the index beside the path is read
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="ModelCheckpoint: max_shard_size: expected None or a positive integer"):
+        tc.ModelCheckpoint(tmp_path / "m.safetensors", save_weights_only=True, max_shard_size=0)
+    with pytest.raises(ValueError, match="max_shard_size applies to weights files"):
+        tc.ModelCheckpoint(tmp_path / "m.safetensors", max_shard_size=1000)

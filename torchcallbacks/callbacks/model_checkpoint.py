@@ -11,6 +11,7 @@ from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.checkpoint.files import save_weights
+from torchcallbacks.checkpoint.full_weights import check_max_shard_size
 from torchcallbacks.checkpoint.state_file import write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
 from torchcallbacks.checks import check_save_freq, check_verbose, check_writable_dir_everywhere
@@ -72,6 +73,11 @@ class ModelCheckpoint(MonitorCallback):
             best ones by `monitor` with `save_best_only`, else the newest ones. None keeps all.
         async_save: write files on a background thread (the tensors are copied first on the training
             thread; at most one write in flight; errors are raised at the next save or at train end).
+        max_shard_size: with `save_weights_only`, split weights of more bytes than this into files of
+            at most that many bytes of tensors, `X-00001-of-0000N.safetensors` ... plus the index
+            `X.safetensors.index.json` for a filepath `X.safetensors` (Hugging Face's layout for
+            `model.safetensors`; see `save_weights`). None (default): one file. Such saves are
+            synchronous; `max_to_keep` deletes a save's files and index together.
 
     With an FSDP2 model (DTensor parameters) and `save_weights_only` False, each save is a sharded
     checkpoint directory (`checkpoint.sharded.save_sharded`: every process writes its own shards, no
@@ -134,6 +140,7 @@ class ModelCheckpoint(MonitorCallback):
         *,
         max_to_keep: int | None = None,
         async_save: bool = False,
+        max_shard_size: int | None = None,
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, baseline=initial_value_threshold)
         if not isinstance(filepath, (str, os.PathLike)):
@@ -159,6 +166,12 @@ class ModelCheckpoint(MonitorCallback):
         self.save_best_only = bool(save_best_only)
         self.save_weights_only = bool(save_weights_only)
         self.max_to_keep = max_to_keep
+        self.max_shard_size = check_max_shard_size(max_shard_size, "ModelCheckpoint: max_shard_size")
+        if self.max_shard_size is not None and not self.save_weights_only:
+            raise ValueError(
+                "ModelCheckpoint: max_shard_size applies to weights files (save_weights_only=True); a training "
+                "state is one file (or, for an FSDP2 model, a directory of shards)"
+            )
         self.best_path: str | None = None
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
@@ -305,7 +318,7 @@ class ModelCheckpoint(MonitorCallback):
         state = None if self.save_weights_only else self.loop.state_dict()
         if state is None and is_sharded(self.model):
             # FSDP2: every process takes part in gathering the full tensors (one at a time); rank 0 writes
-            save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
+            save_weights(self.model, filepath, writer=self._writer, delete_after=stale, max_shard_size=self.max_shard_size)
         else:
             self._write(filepath, state, stale)
         barrier()  # every process reaches here (decisions are on identical values); nobody reads early
@@ -314,7 +327,7 @@ class ModelCheckpoint(MonitorCallback):
     def _write(self, filepath: str, state: dict[str, Any] | None, stale: list[str]) -> None:
         """Write the file (the main process only: the weights are the same on every process)."""
         if state is None:
-            save_weights(self.model, filepath, writer=self._writer, delete_after=stale)
+            save_weights(self.model, filepath, writer=self._writer, delete_after=stale, max_shard_size=self.max_shard_size)
         else:
             write_training_state(filepath, state, writer=self._writer, delete_after=stale)
 
