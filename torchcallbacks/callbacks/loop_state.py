@@ -24,8 +24,7 @@ from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.validate import (
     check_counter,
     check_list,
-    check_optimizer_state,
-    check_optimizer_type,
+    check_optimizer_states,
     check_rng_state,
     optimizer_type,
 )
@@ -310,13 +309,8 @@ class LoopState:
         sharded = is_sharded(model)
         if model is not None:
             _check_keys(source, model, tensors, {}, strict=True)  # DTensors have the global shapes
-        saved = check_list(state.get("optimizers"), where, "optimizers", len(self.optimizers))
-        types = state.get("optimizer_types") or [None] * len(saved)
-        for i, (optimizer, optimizer_state) in enumerate(zip(self.optimizers, saved, strict=True)):
-            if sharded:  # keyed by parameter names; its tensors were checked when they were read
-                check_optimizer_type(optimizer, types[i], where, f"optimizers/{i}")
-                continue
-            check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}")
+        # sharded: keyed by parameter names, its tensors checked when they were read
+        saved = check_optimizer_states(self.optimizers, state, where, types_only=sharded)
         scaler_state = state.get("scaler")
         if scaler_state is not None and not isinstance(scaler_state, Mapping):
             raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")

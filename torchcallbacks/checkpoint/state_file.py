@@ -37,8 +37,7 @@ from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.validate import (
     check_counter,
     check_list,
-    check_optimizer_state,
-    check_optimizer_type,
+    check_optimizer_states,
     check_rng_state,
     optimizer_type,
 )
@@ -346,10 +345,7 @@ def load_checkpoint(
     if module is not None:
         _check_keys(path, module, state["model"], {}, strict=True)
     if optimizers:
-        saved = check_list(state.get("optimizers"), where, "optimizers", len(optimizers))
-        types = state.get("optimizer_types") or [None] * len(saved)
-        for i, (opt, opt_state) in enumerate(zip(optimizers, saved, strict=True)):
-            check_optimizer_state(opt, opt_state, types[i], where, f"optimizers/{i}")
+        check_optimizer_states(optimizers, state, where)
     if schedulers:
         check_list(state.get("schedulers"), where, "schedulers", len(schedulers))
     rng = state.get("rng") or {}
@@ -405,10 +401,7 @@ def _load_sharded_checkpoint(
         # Key names only here (every tensor of the right shape): the reader checks the shapes.
         _check_keys(path, module, {k: expected.get(k, torch.empty(0)) for k in saved.get("model") or {}}, {}, strict=True)
         if optimizers:
-            saved_optimizers = check_list(saved.get("optimizers"), where, "optimizers", len(optimizers))
-            types = saved.get("optimizer_types") or [None] * len(saved_optimizers)
-            for i, opt in enumerate(optimizers):
-                check_optimizer_type(opt, types[i], where, f"optimizers/{i}")
+            check_optimizer_states(optimizers, saved, where, types_only=True)
         rng = (saved.get("rng") or {}).get("current")
         if restore_rng and rng is not None and not isinstance(rng, Mapping):
             raise CheckpointError(f"{where}: field 'rng/current' must be a random state, found {rng!r}")

@@ -213,6 +213,35 @@ def check_optimizer_state(
                 )
 
 
+def check_optimizer_states(
+    optimizers: Sequence[torch.optim.Optimizer], state: Mapping[str, Any], where: str, *, types_only: bool = False
+) -> Sequence[Any]:
+    """Every optimizer's saved state in `state` (a training-state tree) fits it: as many states as
+    optimizers, each of the same type (when recorded) and, unless `types_only` (a sharded state, whose
+    tensors are checked as they are read), with the same groups and state shapes. Returns the states.
+
+    Args:
+        optimizers: the optimizers the states go into, in order.
+        state: the tree (its `optimizers` and `optimizer_types` fields).
+        where: the file or directory, for messages.
+        types_only: check the types only.
+
+    Example:
+
+    ```python
+    saved = check_optimizer_states([optimizer], read_training_state("state.safetensors"), "'state.safetensors'")
+    ```
+    """
+    saved = check_list(state.get("optimizers"), where, "optimizers", len(optimizers))
+    types = state.get("optimizer_types") or [None] * len(saved)
+    for i, (optimizer, optimizer_state) in enumerate(zip(optimizers, saved, strict=True)):
+        if types_only:
+            check_optimizer_type(optimizer, types[i], where, f"optimizers/{i}")
+        else:
+            check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}")
+    return saved
+
+
 def check_list(value: Any, where: str, field: str, count: int | None = None) -> Sequence[Any]:
     """`value` when it is a list (of `count` items, if given), else a `CheckpointError`.
 
