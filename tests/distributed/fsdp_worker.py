@@ -21,6 +21,7 @@
 - `checkpoint`: `fit` with ModelCheckpoint (full training state: sharded directories), then
   `load_checkpoint` of the last one into a fresh model (see `checkpoint`).
 - `load-checkpoint DIR`: only that load (e.g. on another number of processes).
+- `kit`: `fit` with the other callbacks together, then `evaluate` and `predict` (see `kit`).
 - `probe NAME`: `fit` with one callback (see `probe`), printing `PROBE <name>: OK | FAIL ...` (the
   investigation of what breaks under FSDP2; not run by the tests).
 """
@@ -212,6 +213,43 @@ def probe(workdir: str, name: str) -> None:
     print(f"PROBE {name} (rank {dist.get_rank()}): OK", flush=True)
 
 
+def kit(workdir: str) -> None:
+    """`fit` of an FSDP2 model with the callbacks no other mode covers, together (ReduceLROnPlateau,
+    LearningRateScheduler, CSVLogger, TerminateOnNaN, LambdaCallback, RemoteMonitor to a port nobody
+    listens on, the progress bar), then `evaluate` and `predict(gather=True)`; every process writes
+    WORKDIR/kit_R.json with what it saw."""
+    import socket
+
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=generator)
+    data = TensorDataset(x, x.sum(1, keepdim=True))
+    with socket.socket() as probe_socket:  # a free port, closed again: RemoteMonitor cannot reach it
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    ends: list[int] = []
+    callbacks = [
+        tc.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9),  # lowers every epoch
+        tc.LearningRateScheduler(lambda epoch, lr: lr * 0.9),
+        tc.CSVLogger(os.path.join(workdir, "kit.csv")),
+        tc.TerminateOnNaN(),
+        tc.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(epoch)),
+        tc.RemoteMonitor(root=f"http://127.0.0.1:{port}"),
+    ]
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, shuffle=False))
+    history = tc.fit(model, loader, optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=3, verbose=2,
+                     callbacks=callbacks)
+    scores = tc.evaluate(model, loader, loss=torch.nn.functional.mse_loss, return_dict=True, verbose=0)
+    predictions = tc.predict(model, loader, gather=True, verbose=0)
+    report = {"lrs": history.history["learning_rate"], "loss": history.history["loss"], "ends": ends,
+              "evaluated": scores["loss"], "predictions": list(predictions.shape)}
+    with open(os.path.join(workdir, f"kit_{dist.get_rank()}.json"), "w") as file:
+        json.dump(report, file)
+
+
 BACKUP_FREQ, HOLD_AFTER, BACKUP_EPOCHS = 4, 10, 3
 
 
@@ -361,6 +399,8 @@ def main() -> None:
         checkpoint(workdir)
     elif mode == "load-checkpoint":
         load_into_fresh(workdir, sys.argv[3])
+    elif mode == "kit":
+        kit(workdir)
     elif mode == "probe":
         probe(workdir, sys.argv[3])
     else:

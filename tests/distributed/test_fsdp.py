@@ -443,3 +443,18 @@ def test_load_checkpoint_reads_a_directory_into_a_sharded_model_on_2_and_on_1_pr
     # model, Adam state, EarlyStopping's snapshot and the EMA, as saved at the end of epoch 2
     _assert_same_tensors(checkpointed / "epoch-2.safetensors", checkpointed / "loaded_2.safetensors")
     _assert_same_tensors(checkpointed / "epoch-2.safetensors", checkpointed / "loaded_1.safetensors")
+
+
+# -- the other callbacks, evaluate and predict -------------------------------------------------------
+def test_the_other_callbacks_evaluate_and_predict_work_with_an_fsdp_model_and_agree(tmp_path: Path) -> None:
+    result = torchrun(2, tmp_path, "kit")
+    ranks = [json.loads((tmp_path / f"kit_{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # the same logs, learning rates and results on both processes
+    kit = ranks[0]
+    # LearningRateScheduler (x0.9 at each epoch begin) and ReduceLROnPlateau (x0.5 at each epoch end)
+    assert kit["lrs"] == pytest.approx([1e-2 * 0.9, 1e-2 * 0.9 * 0.5 * 0.9, 1e-2 * (0.9 * 0.5) ** 2 * 0.9])
+    assert kit["ends"] == [0, 1, 2] and kit["predictions"] == [40, 1]
+    rows = (tmp_path / "kit.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,")  # one writer
+    assert result.stdout.count("Epoch 3/3") == 1  # the progress bar of rank 0 only
+    assert "Could not reach RemoteMonitor root server" in result.stderr  # it warned, training went on
