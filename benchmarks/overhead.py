@@ -2,14 +2,16 @@
 
 The workload is deliberately tiny (an MLP 32 -> 64 -> 1, batch 32, SGD, one thread), so that the loop's
 own cost is as visible as it can be. Every contender trains the same model on the same pre-made batches
-(200 per epoch); after a warm-up, the median epoch time over several epochs is divided by the number of
-steps. Contenders run interleaved, round after round, so that machine noise hits all of them alike.
+(200 per epoch); after a warm-up, epoch times are divided by the number of steps. Each contender runs
+right after a run of the plain loop, round after round, and each round's ratio is taken against that
+plain run (so slow drifts of a shared machine cancel); the fastest epochs are compared too (noise only
+ever adds time).
 
 The "usual kit" rows add ModelCheckpoint (the whole training state, every epoch, fsynced; the second
 row with `async_save=True`), EarlyStopping, LearningRateScheduler, TensorBoard and CSVLogger. Epochs
 of `fit` are timed from one epoch's start to the next one's, so the epoch-end work counts.
 
-Usage: python benchmarks/overhead.py [--epochs 5] [--rounds 10]
+Usage: python benchmarks/overhead.py [--epochs 5] [--rounds 10] [--clock wall|cpu]
 """
 
 from __future__ import annotations
