@@ -23,29 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from ddp_train import accuracy, datasets  # the DDP example's digits data and metric (beside this file)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 import torchcallbacks as tc
 from torchcallbacks.checkpoint.sharded import export_full_weights
-
-
-def accuracy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (y_pred.argmax(dim=1) == y).float().mean()
-
-
-accuracy.mode = "max"  # type: ignore[attr-defined]  # tells monitors that higher is better
-
-
-def datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return TensorDataset(x[:1200], y[:1200]), TensorDataset(x[1200:1500], y[1200:1500]), TensorDataset(x[1500:], y[1500:])
 
 
 def make_model() -> torch.nn.Module:

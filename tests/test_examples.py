@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow  # every example runs in a subprocess
 def _load_example(name: str):
     import importlib.util
 
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))  # as when run: examples import each other
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -71,19 +73,25 @@ def test_quickstart_survives_kill_and_rerun_and_tests_the_saved_best_model(tmp_p
     assert f"{val['accuracy']:.4f}" == re.search(r"best-\d+-(\d\.\d+)\.safetensors", best.name).group(1)
 
 
-def test_ddp_example_under_torchrun_writes_once_and_agrees(tmp_path) -> None:
-    pytest.importorskip("sklearn")
+def _torchrun_example(name: str, workdir: Path, epochs: int) -> str:
+    """Run examples/<name>.py under torchrun with 2 processes, as its docstring says; its stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "examples" / "ddp_train.py"), "--out", str(tmp_path), "--epochs", "4"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+         str(ROOT / "examples" / f"{name}.py"), "--out", str(workdir), "--epochs", str(epochs)],
+        capture_output=True, text=True, timeout=150, env=env, cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("test accuracy:") == 1  # rank 0 prints
-    assert "(297 predictions gathered)" in result.stdout
-    assert result.stdout.count("Epoch 1/4") == 1  # one progress line per epoch, from rank 0
-    assert float(re.search(r"test accuracy: (\d\.\d+)", result.stdout).group(1)) > 0.8, result.stdout
+    return result.stdout
+
+
+def test_ddp_example_under_torchrun_writes_once_and_agrees(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    stdout = _torchrun_example("ddp_train", tmp_path, 4)
+    assert "(297 predictions gathered)" in stdout
+    assert stdout.count("Epoch 1/4") == 1  # one progress line per epoch, from rank 0
+    assert float(re.search(r"test accuracy: (\d\.\d+)", stdout).group(1)) > 0.8, stdout
     assert (tmp_path / "training.csv").read_text().count("\n") == 5  # header + 4 epochs, one writer
     assert len(list((tmp_path / "logs" / "train").iterdir())) == 1
     assert (tmp_path / "best.safetensors").exists() and not (tmp_path / "backup").exists()
@@ -95,16 +103,9 @@ def test_fsdp_example_under_torchrun_exports_weights_a_plain_model_loads(tmp_pat
 
     import torchcallbacks as tc
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "examples" / "fsdp_train.py"), "--out", str(tmp_path), "--epochs", "3"],
-        capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("test accuracy:") == 1  # rank 0 prints
-    printed = float(re.search(r"test accuracy: (\d\.\d+)", result.stdout).group(1))
-    assert printed > 0.7, result.stdout
+    stdout = _torchrun_example("fsdp_train", tmp_path, 3)
+    printed = float(re.search(r"test accuracy: (\d\.\d+)", stdout).group(1))
+    assert printed > 0.7, stdout
     assert (tmp_path / "training.csv").read_text().count("\n") == 4  # header + 3 epochs, one writer
     assert not (tmp_path / "backup").exists()  # a finished run removes its backup
     # The exported and the best weights are full tensors with plain keys: a plain model loads them.
