@@ -39,7 +39,7 @@ from torchcallbacks.checkpoint.files import (
     restore_aliases,
 )
 from torchcallbacks.checkpoint.stream import StreamPlan, TensorSpec, write_stream
-from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write
+from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write_json
 from torchcallbacks.distributed import all_gather_json, full_tensor, get_rank, has_dtensors
 
 PathLike = str | os.PathLike[str]
@@ -230,7 +230,7 @@ def write_weights(
             if len(paths) > 1:
                 weight_map = {name: os.path.basename(file) for file, plan in zip(paths, plans, strict=True) for name in plan.order}
                 document = {"metadata": {"total_size": sum(p.data_size for p in plans)}, "weight_map": weight_map}
-                atomic_write(index_path(path), lambda tmp: _write_json(tmp, document))
+                atomic_write_json(index_path(path), document, indent=2)
                 written.append(index_path(path))
             remove_weight_files(path, keep=written)
             for stale in delete_after:
@@ -245,12 +245,6 @@ def write_weights(
     elif error is not None:
         raise error
     return written
-
-
-def _write_json(path: str, document: Any) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(document, file, indent=2, allow_nan=False)
-        file.flush()
 
 
 # -- reading -------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import ctypes
 import dataclasses
 import errno
 import glob
-import json
 import math
 import os
 import shutil
@@ -81,7 +80,7 @@ from torch.futures import Future
 
 from torchcallbacks.checkpoint.encoding import decode, encode, from_json, to_json
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.writer import _fsync_dir
+from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write_json, fsync_file
 from torchcallbacks.distributed import all_gather_json, barrier, get_rank, get_world_size
 
 PathLike = str | os.PathLike[str]
@@ -103,29 +102,6 @@ _before_publish: Callable[[], None] | None = None
 
 
 # -- small file helpers ------------------------------------------------------------------------------
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_file(path: str, value: Any) -> None:
-    """Write strict JSON to `path` (a temp name beside it, fsync, rename): a reader sees all or nothing."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            json.dump(value, file, allow_nan=False)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
 def _read_json_file(path: str, what: str) -> Any:
     from torchcallbacks.checkpoint.reader import loads_strict
 
@@ -244,7 +220,7 @@ class SafetensorsShardWriter(StorageWriter):
             return
         (path, tensors), self._deferred = self._deferred, None
         save_file(tensors, path, metadata={"format": "pt"})
-        _fsync_file(path)
+        fsync_file(path)
         self.bytes_written = os.path.getsize(path)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -260,7 +236,7 @@ class SafetensorsShardWriter(StorageWriter):
             tensors[fqn] = {
                 "dtype": str(md.properties.dtype).removeprefix("torch."), "size": list(md.size), "chunks": chunks,
             }
-        _write_json_file(os.path.join(self.path, METADATA_FILE),
+        atomic_write_json(os.path.join(self.path, METADATA_FILE),
                          {"format": METADATA_FORMAT, "format_version": FORMAT_VERSION, "tensors": tensors})
 
     def storage_meta(self) -> StorageMeta | None:
@@ -595,8 +571,8 @@ def _write_rest(pending: _PendingSave) -> str | None:
             if pending.replicated:
                 path = os.path.join(pending.tmp, REPLICATED_FILE)
                 save_file(pending.replicated, path, metadata={"format": "pt"})
-                _fsync_file(path)
-            _write_json_file(os.path.join(pending.tmp, STATE_FILE), pending.state_document)
+                fsync_file(path)
+            atomic_write_json(os.path.join(pending.tmp, STATE_FILE), pending.state_document)
         _fsync_dir(pending.tmp)
     except Exception as exc:
         return repr(exc)

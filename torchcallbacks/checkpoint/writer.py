@@ -30,6 +30,7 @@ write is raised on the training thread, at the next save, at `flush()` or at `cl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -76,6 +77,25 @@ def _save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[s
         if not isinstance(dtype, torch.dtype) or not names:
             raise
         raise TypeError(f"tensor {names[0]!r}: dtype {dtype} cannot be stored in safetensors") from exc
+
+
+def fsync_file(path: str) -> None:
+    """Flush the file `path` to its storage (`os.fsync`).
+
+    Args:
+        path: the file.
+
+    Example:
+
+    ```python
+    fsync_file("shard-00000-of-00002.safetensors")
+    ```
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -151,11 +171,7 @@ def atomic_write(
     try:
         os.mkdir(tmp_dir)
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         if keep_previous_as is not None and os.path.exists(path):
             os.replace(path, os.fspath(keep_previous_as))
         os.replace(tmp, path)
@@ -163,6 +179,29 @@ def atomic_write(
         shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
     _fsync_dir(directory)
     _remove_stale_temp_files(directory)
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any, *, indent: int | None = None) -> None:
+    """Write `value` as strict JSON (no NaN or infinity) to `path`, atomically (`atomic_write`).
+
+    Args:
+        path: the file to create or replace.
+        value: JSON-able data.
+        indent: as `json.dumps`'s.
+
+    Example:
+
+    ```python
+    atomic_write_json("ckpt/state.json", {"step": 3})
+    ```
+    """
+    text = json.dumps(value, indent=indent, allow_nan=False)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    atomic_write(path, write)
 
 
 # `.<name>.<host>.<pid>.<8 hex>.tmp`; the host part has no dots, so the name parses from the right.
