@@ -208,13 +208,9 @@ class LoopState:
 
     # -- FSDP2: model and optimizers as DTensor state dicts (keyed by parameter names) ------------------
     def _sharded_parts(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torchcallbacks.checkpoint.sharded import sharded_states
 
-        model = unwrap_model(self.model)  # type: ignore[arg-type]
-        return {
-            "model": get_model_state_dict(model),
-            "optimizers": [get_optimizer_state_dict(model, o) for o in self.optimizers],
-        }
+        return sharded_states(unwrap_model(self.model), self.optimizers)  # type: ignore[arg-type]
 
     def _rest(self, epoch: int, batch: int, parts: dict[str, Any]) -> dict[str, Any]:
         own = {"rng": {"current": capture_rng_state()}, "loop": {n: p.state_dict() for n, p in self.parts.items()}}

@@ -51,7 +51,7 @@ import shutil
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -692,6 +692,26 @@ class ShardedCheckpointWriter:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
+
+
+def sharded_states(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """`{"model": ..., "optimizers": [...]}`: the DTensor state dicts of an FSDP2 model and its
+    optimizers (`get_model_state_dict` / `get_optimizer_state_dict`, keyed by parameter names; an
+    empty optimizer state is initialised), what a training state holds and a load reads into.
+
+    Args:
+        model: the sharded model (not wrapped).
+        optimizers: its optimizers.
+
+    Example:
+
+    ```python
+    template = sharded_states(model, [optimizer])
+    ```
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizers": [get_optimizer_state_dict(model, o) for o in optimizers]}
 
 
 def remove_sharded(directory: PathLike) -> None:

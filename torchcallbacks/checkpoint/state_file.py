@@ -378,14 +378,9 @@ def _load_sharded_checkpoint(
     model: torch.nn.Module | None, path: str, optimizers: list[torch.optim.Optimizer], callbacks: Any, restore_rng: bool,
 ) -> TrainingState:
     """`load_checkpoint` of a sharded directory (collective); `load_checkpoint` describes it."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    from torchcallbacks.checkpoint.sharded import load_sharded
+    from torchcallbacks.checkpoint.sharded import load_sharded, sharded_states
     from torchcallbacks.distributed import unwrap_model
 
     where = repr(path)
@@ -405,10 +400,7 @@ def _load_sharded_checkpoint(
         rng = (saved.get("rng") or {}).get("current")
         if restore_rng and rng is not None and not isinstance(rng, Mapping):
             raise CheckpointError(f"{where}: field 'rng/current' must be a random state, found {rng!r}")
-        parts: dict[str, Any] = {
-            "model": get_model_state_dict(module),
-            "optimizers": [get_optimizer_state_dict(module, o) for o in optimizers],
-        }
+        parts = sharded_states(module, optimizers)
         if callable(getattr(callbacks, "state_template", None)) and isinstance(saved.get("callbacks"), dict):
             parts["callbacks"] = callbacks.state_template(saved["callbacks"])
         return parts
