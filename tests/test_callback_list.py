@@ -194,3 +194,41 @@ def test_a_stop_asked_in_on_train_begin_is_kept() -> None:
         [LambdaCallback(on_train_begin=lambda logs: setattr(model, "stop_training", True))], model=model
     )
     assert run_epochs(callbacks, [1.0, 2.0]) == 1
+
+
+class BatchWork(Callback):
+    """Does batch work for a given number of epochs, then calls its batch hook idle."""
+
+    def __init__(self, busy_epochs: int) -> None:
+        super().__init__()
+        self.busy_epochs = busy_epochs
+        self.batches: list[tuple[int, int]] = []
+
+    def idle_hooks(self) -> frozenset[str]:
+        return frozenset({"on_train_batch_end"}) if self.loop.epoch >= self.busy_epochs else frozenset()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches.append((self.loop.epoch, batch))
+
+
+def test_idle_hooks_are_not_called_and_are_read_again_after_every_epoch_begin() -> None:
+    work = BatchWork(busy_epochs=1)
+    seen: list[bool] = []
+    callbacks = CallbackList([work, LambdaCallback(on_train_batch_begin=lambda batch, logs: seen.append(callbacks.has_hook("on_train_batch_end")))])
+
+    def run() -> None:  # a hand-written loop of 3 epochs of 2 batches
+        callbacks.on_train_begin()
+        for epoch in range(3):
+            callbacks.on_epoch_begin(epoch)
+            for batch in range(2):
+                callbacks.on_train_batch_begin(batch)
+                callbacks.on_train_batch_end(batch, {"loss": 1.0})
+            callbacks.on_epoch_end(epoch, {"loss": 1.0})
+        callbacks.on_train_end()
+
+    run()
+    assert work.batches == [(0, 0), (0, 1)]  # busy in epoch 0 only
+    assert seen == [True, True, False, False, False, False]  # so fit builds no batch logs once it is idle
+    work.busy_epochs = 3
+    run()  # a new run reads it again from its begin
+    assert work.batches[2:] == [(e, b) for e in range(3) for b in range(2)]

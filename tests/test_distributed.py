@@ -42,6 +42,45 @@ def test_main_process_only_runs_on_rank_0_and_skips_elsewhere(monkeypatch: pytes
     assert Counter.hook.__doc__ == "Doc of the hook." and Counter.hook.__name__ == "hook"
 
 
+class BatchCounter(torchcallbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    @main_process_only
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.batches.append(batch)
+
+
+def test_a_callback_list_reads_the_rank_when_a_run_begins_not_at_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+
+    def rank(value: int) -> Any:
+        return lambda: reads.append(value) or value
+
+    monkeypatch.setattr(distributed, "get_rank", rank(0))
+    counter = BatchCounter()
+    callbacks = torchcallbacks.CallbackList([counter])  # built on the main process
+    callbacks.on_train_begin()
+    before = len(reads)
+    for i in range(5):
+        callbacks.on_train_batch_end(i)
+    assert counter.batches == [0, 1, 2, 3, 4]
+    assert len(reads) == before  # the hook runs undecorated: no rank read per batch
+
+    # The same list, now on another rank (e.g. made before init_process_group): the next run's
+    # begin sees it, and the hook is not called at all there.
+    monkeypatch.setattr(distributed, "get_rank", rank(1))
+    callbacks.on_train_begin()
+    callbacks.on_train_batch_end(5)
+    assert counter.batches == [0, 1, 2, 3, 4]
+    assert not callbacks.has_hook("on_train_batch_end")  # so fit builds no batch logs there
+    monkeypatch.setattr(distributed, "get_rank", rank(0))
+    callbacks.on_test_begin()  # an evaluation begin checks too
+    callbacks.on_train_batch_end(6)
+    assert counter.batches == [0, 1, 2, 3, 4, 6]
+
+
 def test_logging_callbacks_write_nothing_off_rank_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     posts: list[bytes] = []
 

@@ -403,3 +403,21 @@ def test_every_param_group_of_a_function_schedule_is_logged() -> None:
     )
     assert history.history["learning_rate"] == [0.1, 1.0]
     assert history.history["learning_rate/group_1"] == [0.2, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("per_batch", "torch_scheduler", "called"),
+    [(False, False, set()), (False, True, set()), (True, False, {"on_train_batch_begin"}), (True, True, {"on_train_batch_end"})],
+)
+def test_only_the_batch_hook_a_per_batch_schedule_needs_is_called(per_batch: bool, torch_scheduler: bool, called: set) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5) if torch_scheduler else (lambda step, lr: lr * 0.5)
+    callbacks = CallbackList([LearningRateScheduler(schedule, per_batch=per_batch)], model=model, optimizer=optimizer)
+    callbacks.on_train_begin()
+    callbacks.on_epoch_begin(0)
+    assert {h for h in ("on_train_batch_begin", "on_train_batch_end") if callbacks.has_hook(h)} == called
+    callbacks.on_train_batch_begin(0)
+    callbacks.on_train_batch_end(0, {"loss": 1.0})
+    halved = per_batch or not torch_scheduler  # a function schedule applies at epoch begin too
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 if halved else 0.1)

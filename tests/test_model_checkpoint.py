@@ -209,3 +209,13 @@ def test_max_shard_size_splits_weights_into_hugging_face_files_and_rotates_them(
         tc.ModelCheckpoint(tmp_path / "m.safetensors", save_weights_only=True, max_shard_size=0)
     with pytest.raises(ValueError, match="max_shard_size applies to weights files"):
         tc.ModelCheckpoint(tmp_path / "m.safetensors", max_shard_size=1000)
+
+
+def test_a_per_epoch_checkpoint_has_no_batch_hook_and_a_per_batch_one_has(tmp_path: Path) -> None:
+    per_epoch = tc.ModelCheckpoint(tmp_path / "epoch-{epoch}.safetensors")
+    per_batch = tc.ModelCheckpoint(tmp_path / "batch-{epoch}-{batch}.safetensors", save_freq=2)
+    for checkpoint, expected in ((per_epoch, False), (per_batch, True)):
+        callbacks = tc.CallbackList([checkpoint], model=make_model())
+        callbacks.on_train_begin()
+        callbacks.on_epoch_begin(0)
+        assert callbacks.has_hook("on_train_batch_end") is expected  # fit builds batch logs only for the second

@@ -274,7 +274,7 @@ def test_writers_are_flushed_and_closed_when_training_raises(tmp_path: Path) -> 
     writers: list[Any] = []
 
     def crash(batch: int, logs: Any) -> None:
-        if tb.loop.global_step == 6:
+        if tb.loop.global_step == 7:  # TensorBoard's batch hook runs after this one (dispatch_order)
             writers.extend(tb._writers.values())  # held here, so garbage collection cannot flush them
             raise RuntimeError("boom")
 
@@ -373,3 +373,48 @@ def test_learning_rate_tags_of_every_group_from_a_learning_rate_callback(tmp_pat
     train = _run(tmp_path / "train")
     assert _scalars(train, "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05])))
     assert _scalars(train, "epoch_learning_rate/group_1") == list(enumerate(_f32([0.2, 0.1])))
+
+
+class CountingTensorBoard(TensorBoard):
+    """Records the epochs in which its batch hooks are called."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: dict[str, set[int]] = {"begin": set(), "end": set()}
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.calls["begin"].add(self.loop.epoch)
+        super().on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.calls["end"].add(self.loop.epoch)
+        super().on_train_batch_end(batch, logs)
+
+
+def test_batch_hooks_run_only_while_there_is_batch_work(tmp_path: Path) -> None:
+    tb = CountingTensorBoard(tmp_path / "graph")  # write_graph: traced at the first batch's end
+    _fit([tb], epochs=3)
+    assert tb.calls == {"begin": set(), "end": {0}}  # the end hook until the graph is written, then idle
+    assert _run(tmp_path / "graph" / "train").Graph() is not None
+
+    tb = CountingTensorBoard(tmp_path / "profile", write_graph=False, profile_batch=(6, 9))  # epochs of 4 batches
+    _fit([tb], epochs=4)
+    assert tb.calls == {"begin": {0, 1, 2}, "end": {0, 1, 2}}  # until batch 9 (epoch 2) is profiled
+    assert list((tmp_path / "profile" / "train").rglob("*.pt.trace.json"))
+
+    tb = CountingTensorBoard(tmp_path / "batches", write_graph=False, update_freq=3)
+    _fit([tb], epochs=2)
+    assert tb.calls == {"begin": set(), "end": {0, 1}}
+    assert [step for step, _ in _scalars(_run(tmp_path / "batches" / "train"), "batch_loss")] == [3, 6]
+
+
+def test_learning_rate_set_at_epoch_begin_by_a_later_callback_is_the_one_logged(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def set_lr(epoch: int, logs: Any) -> None:
+        optimizer.param_groups[0]["lr"] = 0.1 / (epoch + 1)
+
+    torchcallbacks.fit(model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=3,
+                       verbose=0, callbacks=[TensorBoard(tmp_path, write_graph=False), LambdaCallback(on_epoch_begin=set_lr)])
+    assert _scalars(_run(tmp_path / "train"), "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05, 0.1 / 3])))

@@ -99,7 +99,33 @@ def main_process_only(method: _F) -> _F:
             return None
         return method(*args, **kwargs)
 
+    # A `CallbackList` dispatches a decorated hook as `method` itself on the main process and not at
+    # all elsewhere (it reads the rank when a run begins), so the per-batch hooks skip the wrapper.
+    wrapper.main_process_only = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def dispatched_hook(method: Callable[..., Any], main: bool) -> Callable[..., Any] | None:
+    """The callable a loop should call for the bound hook `method` on a process where `is_main_process()`
+    is `main`: the hook itself, or for one decorated with `main_process_only` the undecorated method on
+    the main process and None (nothing to call) elsewhere.
+
+    Args:
+        method: a bound hook, e.g. `callback.on_train_batch_end`.
+        main: whether this is the main process.
+
+    Example:
+
+    ```python
+    hook = dispatched_hook(tensorboard.on_train_batch_end, is_main_process())
+    ```
+    """
+    function = getattr(method, "__func__", None)
+    if not getattr(function, "main_process_only", False):
+        return method
+    if not main:
+        return None
+    return function.__wrapped__.__get__(method.__self__)  # type: ignore[attr-defined,union-attr]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

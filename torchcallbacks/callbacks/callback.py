@@ -169,6 +169,23 @@ class Callback:
         """
         return {}
 
+    def idle_hooks(self) -> frozenset[str]:
+        """Hooks this callback overrides but has nothing to do in, as it is configured now; a
+        `CallbackList` does not call them (as Keras 2's `_implements_train_batch_hooks()` tells its
+        list), so that, e.g., a per-epoch schedule costs nothing per batch. The list reads it when it
+        builds its dispatch table: when it is made or appended to, at train begin, and after every
+        `on_epoch_begin` (so a callback done with its batch work, say a graph written at the first
+        batch, goes idle from the next epoch). The default, none, is right for most callbacks.
+
+        Example:
+
+        ```python
+        def idle_hooks(self):
+            return frozenset() if self.per_batch else frozenset({"on_train_batch_begin"})
+        ```
+        """
+        return frozenset()
+
     def restore(self) -> None:
         """The restore phase: called by `CallbackList.on_train_begin` before any callback's
         `on_train_begin`. A callback that resumes runs (`BackupAndRestore`) loads the training state here

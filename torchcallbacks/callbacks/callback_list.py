@@ -12,7 +12,13 @@ from torchcallbacks.callbacks.callback import HOOKS, Callback, Logs, overrides
 from torchcallbacks.callbacks.history import History
 from torchcallbacks.callbacks.loop_state import LoopState, apply_states
 from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
-from torchcallbacks.distributed import any_process, is_distributed, unwrap_model
+from torchcallbacks.distributed import (
+    any_process,
+    dispatched_hook,
+    is_distributed,
+    is_main_process,
+    unwrap_model,
+)
 
 
 def _flatten(callbacks: Any) -> Iterator[Any]:
@@ -81,6 +87,9 @@ class CallbackList(Callback):
         self.loop = LoopState(callbacks=self)
         self._stop_training = False
         self._dispatch: dict[str, list[Any]] = {}
+        self._dispatch_main = True
+        self._idle_changes = False  # some callback has idle hooks, read again after every epoch begin
+        self._overridden: list[tuple[Callback, list[str]]] = []
         self._batch_stop_sync = False
         self._history: History | None = None
         self._progbar: ProgbarLogger | None = None
@@ -133,19 +142,44 @@ class CallbackList(Callback):
         self.callbacks.append(callback)
 
     def _rebuild_dispatch(self) -> None:
-        # Lower `dispatch_order` first, list order within one value (sorted() is stable).
+        # Lower `dispatch_order` first, list order within one value (sorted() is stable). A hook is
+        # listed for a callback that overrides it and does not call it idle (`Callback.idle_hooks`);
+        # hooks marked `main_process_only` are listed undecorated on the main process, not elsewhere.
         ordered = sorted(self.callbacks, key=lambda c: c.dispatch_order)
-        self._dispatch = {
-            hook: [getattr(c, hook) for c in ordered if overrides(c, hook)] for hook in (*HOOKS, "restore")
-        }
+        self._overridden = [(c, [hook for hook in (*HOOKS, "restore") if overrides(c, hook)]) for c in ordered]
+        self._dispatch_main = is_main_process()
+        self._idle_changes = any(type(c).idle_hooks is not Callback.idle_hooks for c in self.callbacks)
+        self._update_dispatch()
+
+    def _update_dispatch(self) -> None:
+        """The dispatch table from the hooks each callback overrides (`_rebuild_dispatch`) and its
+        idle hooks now."""
+        main = self._dispatch_main
+        active = [(c, hooks, c.idle_hooks()) for c, hooks in self._overridden]
+        dispatch: dict[str, list[Any]] = {hook: [] for hook in (*HOOKS, "restore")}
+        for callback, hooks, idle in active:
+            for hook in hooks:
+                if hook not in idle:
+                    method = dispatched_hook(getattr(callback, hook), main)
+                    if method is not None:
+                        dispatch[hook].append(method)
+        self._dispatch = dispatch
         # A callback that may stop in a training-batch hook on one process only needs the flag
         # combined after every batch under torch.distributed (see the class docstring).
         self._batch_stop_sync = any(
-            not c.stops_in_sync and (overrides(c, "on_train_batch_end") or overrides(c, "on_train_batch_begin"))
-            for c in self.callbacks
+            not c.stops_in_sync and any(h in ("on_train_batch_begin", "on_train_batch_end") and h not in idle for h in hooks)
+            for c, hooks, idle in active
         )
         # The same for a stop asked in on_epoch_begin: the loop reads the flag after the next batch.
-        self._epoch_begin_stop_sync = any(not c.stops_in_sync and overrides(c, "on_epoch_begin") for c in self.callbacks)
+        self._epoch_begin_stop_sync = any(
+            not c.stops_in_sync and "on_epoch_begin" in hooks and "on_epoch_begin" not in idle for c, hooks, idle in active
+        )
+
+    def _check_rank(self) -> None:
+        """Rebuild the dispatch table when the process's rank changed since it was built (a list made
+        before `init_process_group`): its `main_process_only` hooks depend on it."""
+        if is_main_process() != self._dispatch_main:
+            self._rebuild_dispatch()
 
     def append(self, callback: Callback) -> None:
         """Add a callback at the end of the list."""
@@ -318,6 +352,7 @@ class CallbackList(Callback):
         `restore()`: `BackupAndRestore` loads the training state there), then calls every callback's
         `on_train_begin`. So every state is in place before any callback starts, wherever it is in the
         list."""
+        self._rebuild_dispatch()  # the rank and the idle hooks as this run begins
         loop = self.loop
         loop.exception = None
         loop.resumed = False
@@ -352,6 +387,8 @@ class CallbackList(Callback):
             loop.position = (epoch, 0)
         for hook in self._dispatch["on_epoch_begin"]:
             hook(epoch, logs)
+        if self._idle_changes:
+            self._update_dispatch()  # e.g. a graph written in the first epoch: its batch hook goes idle
         if self._epoch_begin_stop_sync and is_distributed():
             self.sync_stop_training()
 
@@ -383,6 +420,7 @@ class CallbackList(Callback):
         self.on_train_batch_end(batch, logs)
 
     def on_test_begin(self, logs: Logs | None = None) -> None:
+        self._check_rank()
         for hook in self._dispatch["on_test_begin"]:
             hook(logs)
 
@@ -399,6 +437,7 @@ class CallbackList(Callback):
             hook(batch, logs)
 
     def on_predict_begin(self, logs: Logs | None = None) -> None:
+        self._check_rank()
         for hook in self._dispatch["on_predict_begin"]:
             hook(logs)
 

@@ -209,6 +209,13 @@ class LearningRateScheduler(Callback):
     def _accumulation(self) -> int:
         return self.params.get("gradient_accumulation_steps") or 1
 
+    def idle_hooks(self) -> frozenset[str]:
+        """The batch hooks, except with `per_batch`: the one that applies the schedule (a function's
+        before the batch, a torch scheduler's step after it)."""
+        if not self.per_batch:
+            return frozenset({"on_train_batch_begin", "on_train_batch_end"})
+        return frozenset({"on_train_batch_begin" if self.schedule is None else "on_train_batch_end"})
+
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
         if self.schedule is not None and self.per_batch:
             self._apply(self.loop.global_step // self._accumulation())

@@ -247,6 +247,9 @@ class ModelCheckpoint(MonitorCallback):
             parts.append(part)
         return os.sep.join(parts) or (os.sep if self.filepath.startswith(os.sep) else ".")
 
+    def idle_hooks(self) -> frozenset[str]:
+        return frozenset({"on_train_batch_end"}) if self.save_freq == "epoch" else frozenset()
+
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.loop.at_every(self.save_freq):
             # Batch logs are this process's running means; their mean over processes makes "is this

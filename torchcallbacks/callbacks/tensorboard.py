@@ -109,8 +109,9 @@ class TensorBoard(Callback):
 
     * `log_dir/train`: `epoch_<name>` for every epoch log (at step = epoch, 0-based), including
       `epoch_learning_rate` (the first optimizer's first param group's rate during the epoch: the
-      logged `learning_rate` when a callback before this one wrote it, else the rate at the epoch's
-      first batch, so a scheduler stepped at epoch end does not shift it by one epoch), the other
+      logged `learning_rate` when another callback wrote it, else the rate at the epoch's begin,
+      read after the other callbacks' `on_epoch_begin` (where schedules set it), so a scheduler
+      stepped at epoch end does not shift it by one epoch), the other
       groups' rates the same way as `epoch_learning_rate/group_<j>` and
       `epoch_learning_rate/optimizer_<i>/group_<j>` (the log names of `learning_rate.lr_name`) and, with `write_steps_per_second`,
       `epoch_steps_per_second`. With `update_freq` "batch" or n, `batch_<name>` (the running means of
@@ -166,6 +167,9 @@ class TensorBoard(Callback):
     """
 
     stops_in_sync = True  # batch hooks: writes only (see Callback.stops_in_sync)
+    #: After the other callbacks' hooks (as `ModelCheckpoint`): at epoch begin it reads the learning
+    #: rate the schedules have set, at epoch end the logs they have added to.
+    dispatch_order = 1
 
     def __init__(
         self,
@@ -213,7 +217,7 @@ class TensorBoard(Callback):
         self._epoch_start_time = 0.0
         self._epoch_start_step = 0
         self._batch_start_time = 0.0
-        self._epoch_lr: dict[str, Any] | None = None  # the learning rates when the epoch's first batch began
+        self._epoch_lr: dict[str, Any] | None = None  # the learning rates when the epoch began
         self._graph_hook: torch.utils.hooks.RemovableHandle | None = None
         self._graph_input: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._profiler: torch.profiler.profile | None = None
@@ -274,9 +278,21 @@ class TensorBoard(Callback):
             self._training = False
             self._close_writers()
 
+    def idle_hooks(self) -> frozenset[str]:
+        """The batch hooks when there is nothing to do in them: no batch scalars, no graph still to
+        write, no profiling still to come (read again after every epoch begin)."""
+        profiling = bool(self._start_batch) and (self._profiler is not None or self.loop.global_step < self._start_batch)
+        idle = set()
+        if not profiling and not (self.write_steps_per_second and self.update_freq != "epoch"):
+            idle.add("on_train_batch_begin")
+        graph_pending = self._graph_hook is not None or self._graph_input is not None
+        if not profiling and not graph_pending and self.update_freq == "epoch":
+            idle.add("on_train_batch_end")
+        return frozenset(idle)
+
     @main_process_only
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None:
-        self._epoch_lr = None
+        self._epoch_lr = self._current_lrs()  # after the schedules' epoch begin (dispatch_order)
         if self.write_steps_per_second:
             self._epoch_start_step = self.loop.global_step
             self._epoch_start_time = time.perf_counter()
@@ -301,8 +317,8 @@ class TensorBoard(Callback):
         train = {k: v for k, v in values.items() if not k.startswith("val_")}
         validation = {k[len("val_") :]: v for k, v in values.items() if k.startswith("val_")}
         # The rate the epoch trained with: the logged one (what History and CSVLogger record, written
-        # by a learning-rate callback before it steps a scheduler), else the one at the epoch's first
-        # batch. The optimizer's rate now may already be the next epoch's (a scheduler stepped here).
+        # by a learning-rate callback before it steps a scheduler), else the one at the epoch's begin.
+        # The optimizer's rate now may already be the next epoch's (a scheduler stepped here).
         if LEARNING_RATE not in train:
             rates = self._epoch_lr if self._epoch_lr is not None else self._current_lrs()
             train.update({name: to_float(lr) for name, lr in rates.items()})
@@ -319,8 +335,6 @@ class TensorBoard(Callback):
 
     @main_process_only
     def on_train_batch_begin(self, batch: int, logs: Logs | None = None) -> None:
-        if self._epoch_lr is None:
-            self._epoch_lr = self._current_lrs()
         if self.write_steps_per_second and self.update_freq != "epoch":
             self._batch_start_time = time.perf_counter()
         if self._start_batch:

@@ -37,7 +37,7 @@ def capture_rng_state() -> dict[str, Any]:
         "cuda": list(cuda),
         "numpy": {
             "algorithm": str(algorithm),
-            "key": [int(k) for k in key],
+            "key": np.asarray(key).tolist(),  # plain ints, in one call (not 624 numpy scalars)
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),

@@ -12,6 +12,7 @@ from torchcallbacks.training.batches import batch_size, call_model, to_device, u
 from torchcallbacks.training.metrics import MetricTracker
 
 StepFunction = Callable[[Any], Any]
+_Tensor = torch.Tensor
 
 
 def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight: Any) -> torch.Tensor:
@@ -136,6 +137,7 @@ class Stepper:
         self.custom_test = test_step
         self.custom_predict = predict_step
         self._params = [p for p in model.parameters() if p.requires_grad] if clip_grad_norm else []
+        self._on_cpu = device.type == "cpu"
         #: With gradient accumulation (k > 1) the group's state; fit then calls `accumulate`, not `train`.
         self.accumulator: GradientAccumulator | None = None
         if gradient_accumulation_steps > 1:
@@ -147,6 +149,16 @@ class Stepper:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _forward(self, batch: Any, where: str) -> tuple[torch.Tensor, Any, Any, int]:
+        cls = type(batch)
+        if (cls is tuple or cls is list) and len(batch) == 2 and self._on_cpu and self.amp_dtype is None:
+            # The usual batch, a pair of CPU tensors trained on the CPU: what unpack, to_device,
+            # call_model and batch_size would do, without their calls (this runs every step).
+            x, y = batch
+            if type(x) is _Tensor and type(y) is _Tensor and x.is_cpu and y.is_cpu:
+                assert self.loss is not None
+                y_pred = self.model(x)
+                shape = x.shape
+                return compute_loss(self.loss, y_pred, y, None), y_pred, y, shape[0] if shape else 1
         x, y, sample_weight = unpack(batch, where)
         x, y = to_device(x, self.device), to_device(y, self.device)
         if sample_weight is not None:
@@ -180,17 +192,24 @@ class Stepper:
             batch = to_device(batch, self.device)
             tracker.update(_as_values(self.custom_train(batch), "train_step"), None, None, batch_size(batch))
             return
-        for optimizer in self.optimizers:
+        optimizers = self.optimizers
+        for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss, y_pred, y, size = self._forward(batch, "fit")
         scaler = self.scaler
-        if scaler is None:
+        if scaler is None and not self.clip_grad_norm:  # the usual step, without a call more
             loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+        elif scaler is None:
+            loss.backward()
+            self._step_optimizers(scaler)
         else:
             scaler.scale(loss).backward()
-        self._step_optimizers(scaler)
+            self._step_optimizers(scaler)
         tracker.update_loss(loss, size)
-        tracker.update_metrics(y_pred, y, size)
+        if tracker.metrics:
+            tracker.update_metrics(y_pred, y, size)
 
     def _step_optimizers(self, scaler: torch.amp.GradScaler | None) -> None:
         """Clip the gradients when asked (after unscaling them, with a GradScaler) and step every
