@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import statistics
 import tempfile
@@ -49,8 +50,8 @@ def make_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-def plain_loop(batches, epochs: int) -> list[float]:
-    model, optimizer = make_model()
+def plain_loop(batches, epochs: int, trained: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None) -> list[float]:
+    model, optimizer = trained if trained is not None else make_model()
     times = []
     for _ in range(epochs):
         start = CLOCK()
@@ -64,23 +65,45 @@ def plain_loop(batches, epochs: int) -> list[float]:
     return times
 
 
+def plain_epochs(batches) -> Callable[[], float]:
+    """One epoch of the plain loop per call, on a model of its own, timed: the reference run next to
+    each epoch of `fit` (see `EpochTimer`)."""
+    model, optimizer = make_model()
+
+    def epoch() -> float:
+        return plain_loop(batches, 1, (model, optimizer))[0]
+
+    return epoch
+
+
 class EpochTimer(tc.Callback):
     """Times from one epoch's start to the next one's, so that all epoch-end work (every callback's
     `on_epoch_end`, the epoch logs' reduction) counts; the last epoch (followed by train end) is not
-    timed, so a run of n + 1 epochs gives n times."""
+    timed, so a run of n + 1 epochs gives n times. With `reference`, an epoch of the plain loop runs
+    (and is timed) between two epochs of `fit`, outside their times: each epoch of `fit` then has a
+    plain epoch right before and right after it, and drifts slower than an epoch cancel out."""
 
     dispatch_order = -2  # before every other callback's on_epoch_begin
 
-    def __init__(self) -> None:
+    def __init__(self, reference: Callable[[], float] | None = None) -> None:
         super().__init__()
         self.times: list[float] = []
+        self.reference = reference
+        self.reference_times: list[float] = []
         self._start: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         now = CLOCK()
         if self._start is not None:
             self.times.append(now - self._start)
-        self._start = now
+        if self.reference is not None:
+            self.reference_times.append(self.reference())
+        self._start = CLOCK()
+
+    def paired_ratios(self) -> list[float]:
+        """Each timed epoch against the mean of the plain epochs right before and after it."""
+        pairs = itertools.pairwise(self.reference_times)
+        return [t / ((a + b) / 2) for t, (a, b) in zip(self.times, pairs, strict=True)]
 
 
 def kit(directory: str, async_save: bool) -> list[tc.Callback]:
@@ -96,15 +119,18 @@ def kit(directory: str, async_save: bool) -> list[tc.Callback]:
     ]
 
 
-def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = False) -> Callable[[list, int], list[float]]:
-    def run(batches, epochs: int) -> list[float]:
+def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = False) -> Callable[..., list[float]]:
+    def run(batches, epochs: int, paired: list[float] | None = None) -> list[float]:
+        """The epoch times; with `paired`, plain epochs run between them and `paired` gets the ratios."""
         model, optimizer = make_model()
-        timer = EpochTimer()
+        timer = EpochTimer(plain_epochs(batches) if paired is not None else None)
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryDirectory() as directory:
             callbacks = [timer] + ([tc.ProgbarLogger(file=out)] if verbose else [])
             callbacks += kit(directory, async_save) if with_kit else []
             tc.fit(model, batches, optimizer=optimizer, loss=F.mse_loss, epochs=epochs + 1, verbose=verbose,
                    callbacks=callbacks)
+        if paired is not None:
+            paired.extend(timer.paired_ratios())
         return timer.times
 
     return run
@@ -174,29 +200,37 @@ def main() -> None:
     plain_all: list[float] = []
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     ratios: dict[str, list[float]] = {name: [] for name in contenders}
+    epoch_ratios: dict[str, list[float]] = {name: [] for name in contenders if name.startswith(("torchcallbacks", "fit"))}
     for _ in range(args.rounds):
         for name, run in contenders.items():
             reference_times = plain_loop(batches, args.warmup + args.epochs)[args.warmup :]
             plain_all.extend(reference_times)
             reference = statistics.median(reference_times)
-            times = run(batches, args.warmup + args.epochs)[args.warmup :]
+            if name in epoch_ratios:
+                paired: list[float] = []
+                times = run(batches, args.warmup + args.epochs, paired)[args.warmup :]
+                epoch_ratios[name].extend(paired[args.warmup :])
+            else:
+                times = run(batches, args.warmup + args.epochs)[args.warmup :]
             plain.append(reference)
             samples[name].extend(times)
             ratios[name].append(statistics.median(times) / reference)
 
     print(f"torch {torch.__version__}, 1 thread, MLP 32-64-1, batch {BATCH}, {STEPS} steps/epoch, "
-          f"{args.rounds} rounds of {args.epochs} epochs, {args.clock} clock; ratio: median over rounds of the contender's median "
-          "epoch against the plain loop's run just before it")
-    print("(fastest: the fastest epoch of all, against the plain loop's fastest; noise only ever adds time)")
-    print(f"| {'loop':<30} | {'us/step':>8} | {'ratio':>6} | {'fastest':>8} | {'ratio':>6} |")
-    print(f"|{'-' * 32}|{'-' * 10}:|{'-' * 7}:|{'-' * 10}:|{'-' * 7}:|")
+          f"{args.rounds} rounds of {args.epochs} epochs, {args.clock} clock")
+    print("paired: median over rounds of the contender's median epoch against the plain loop's run just before it; "
+          "epoch-paired: median over epochs of each epoch against the plain epochs run right before and after it "
+          "(fit only); fastest: the fastest epoch of all against the plain loop's fastest (noise only ever adds time)")
+    print(f"| {'loop':<30} | {'us/step':>8} | {'paired':>6} | {'epoch-paired':>12} | {'fastest':>8} | {'ratio':>6} |")
+    print(f"|{'-' * 32}|{'-' * 9}:|{'-' * 7}:|{'-' * 13}:|{'-' * 9}:|{'-' * 7}:|")
     fastest = min(plain_all) / STEPS
-    print(f"| {'plain PyTorch loop':<30} | {statistics.median(plain) / STEPS * 1e6:8.1f} | {1:5.2f}x "
+    print(f"| {'plain PyTorch loop':<30} | {statistics.median(plain) / STEPS * 1e6:8.1f} | {1:5.2f}x | {1:11.2f}x "
           f"| {fastest * 1e6:8.1f} | {1:5.2f}x |")
     for name, times in samples.items():
         per_step = statistics.median(times) / STEPS
         best = min(times) / STEPS
-        print(f"| {name:<30} | {per_step * 1e6:8.1f} | {statistics.median(ratios[name]):5.2f}x "
+        by_epoch = f"{statistics.median(epoch_ratios[name]):11.2f}x" if name in epoch_ratios else f"{'-':>12}"
+        print(f"| {name:<30} | {per_step * 1e6:8.1f} | {statistics.median(ratios[name]):5.2f}x | {by_epoch} "
               f"| {best * 1e6:8.1f} | {best / fastest:5.2f}x |")
 
 
