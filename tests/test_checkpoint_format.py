@@ -175,14 +175,15 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     assert set(model.state_dict()) <= names
     assert "@rng/current/torch" in names
     assert torch.equal(exp_avg, optimizers[0].state_dict()["state"][0]["exp_avg"])
-    assert document["format"] == "torchcallbacks.training_state" and document["format_version"] == 2
+    assert document["format"] == "torchcallbacks.training_state" and document["format_version"] == 3
     assert (document["epoch"], document["batch"], document["global_step"]) == (3, 2, 14)
     assert document["library_version"] == tc.__version__
     assert document["optimizers"][1]["param_groups"][0]["momentum"] == 0.9
     assert document["schedulers"][0]["last_epoch"] == 3
     assert document["scaler"]["scale"] == scaler.get_scale()
     assert document["callbacks"]["Stateful"]["best"] == {"__float__": "inf"}
-    assert len(document["rng"]["current"]["numpy"]["key"]) == 624
+    assert document["rng"]["current"]["numpy"]["key"] == {"__tensor__": "@rng/current/numpy/key"}
+    assert document["rng"]["current"]["python"]["internal"] == {"__tensor__": "@rng/current/python/internal"}
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # the header is strict JSON
     assert header["__metadata__"][STATE_KEY] == json.dumps(document, allow_nan=False)
@@ -215,6 +216,109 @@ def test_rng_states_are_restored_without_pickle(tmp_path: Path) -> None:
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), random.gauss(0, 1))
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2:] == again[2:]
+
+
+def _draws() -> tuple[Any, ...]:
+    return (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), random.gauss(0, 1),
+            np.random.randint(0, 2**31, 5), random.getrandbits(64))
+
+
+def _same_draws(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return (torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:5] == b[2:5]
+            and np.array_equal(a[5], b[5]) and a[6] == b[6])
+
+
+def test_numpy_and_python_words_are_tensors_not_json_lists(tmp_path: Path) -> None:
+    np.random.seed(5), random.seed(5)
+    path = tmp_path / "c.safetensors"
+    tc.save_checkpoint(make_model(), path)
+    numpy_key, python_words = np.random.get_state(legacy=True)[1], random.getstate()[1]
+    with safe_open(path, framework="pt") as f:
+        text = f.metadata()[STATE_KEY]
+        key, internal = f.get_tensor("@rng/current/numpy/key"), f.get_tensor("@rng/current/python/internal")
+    assert (key.dtype, key.shape, internal.dtype, internal.shape) == (torch.int64, (624,), torch.int64, (625,))
+    assert key.tolist() == numpy_key.tolist() and tuple(internal.tolist()) == python_words
+    rng = json.loads(text)["rng"]["current"]
+    assert rng["numpy"]["key"] == {"__tensor__": "@rng/current/numpy/key"}
+    assert rng["python"]["internal"] == {"__tensor__": "@rng/current/python/internal"}
+    longest = max(len(v) for v in _lists(json.loads(text)))
+    assert longest < 100 and len(text) < 3000  # no 624-word lists left in the JSON
+
+
+def _lists(value: Any) -> list[list[Any]]:
+    """Every list inside a JSON value."""
+    if isinstance(value, dict):
+        return [found for v in value.values() for found in _lists(v)]
+    if isinstance(value, list):
+        return [value, *(found for v in value for found in _lists(v))]
+    return []
+
+
+def test_the_captured_words_do_not_follow_later_draws() -> None:
+    state = capture_rng_state()
+    key, internal = state["numpy"]["key"].clone(), state["python"]["internal"].clone()
+    np.random.rand(2000), random.random()
+    assert torch.equal(state["numpy"]["key"], key) and torch.equal(state["python"]["internal"], internal)
+
+
+def _as_format_2(path: Path) -> None:
+    """Rewrite a training-state file as format 2 wrote it: numpy's and Python's words as JSON lists."""
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    document = json.loads(metadata[STATE_KEY])
+    for part, words in (("numpy", "key"), ("python", "internal")):
+        name = document["rng"]["current"][part][words]["__tensor__"]
+        document["rng"]["current"][part][words] = tensors.pop(name).tolist()
+    document["format_version"] = 2
+    save_file(tensors, str(path), metadata={**metadata, STATE_KEY: json.dumps(document),
+                                            "torchcallbacks.format_version": "2"})
+
+
+@pytest.mark.parametrize("layout", ["current", "format 2"])
+def test_rng_states_of_either_layout_restore_the_same_streams(tmp_path: Path, layout: str) -> None:
+    np.random.randn(), random.gauss(0, 1)  # with a cached gaussian in both
+    path = tmp_path / "c.safetensors"
+    tc.save_checkpoint(make_model(), path)
+    expected = _draws()
+    if layout == "format 2":
+        _as_format_2(path)
+        with safe_open(path, framework="pt") as f:
+            assert isinstance(json.loads(f.metadata()[STATE_KEY])["rng"]["current"]["numpy"]["key"], list)
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    tc.load_checkpoint(None, path)
+    assert _same_draws(_draws(), expected)
+
+
+def _edit_words(path: Path, name: str, value: torch.Tensor) -> None:
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors[name] = value
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("@rng/current/numpy/key", torch.zeros(623, dtype=torch.int64),
+         r"'rng/current/numpy/key' must be 624 integers in \[0, 2\*\*32\).*shape \(623,\)"),
+        ("@rng/current/numpy/key", torch.full((624,), 2**32, dtype=torch.int64),
+         r"'rng/current/numpy/key' must hold integers in \[0, 2\*\*32\), found values from 4294967296"),
+        ("@rng/current/numpy/key", torch.zeros(624, dtype=torch.float32),
+         r"'rng/current/numpy/key' must be 624 integers.*dtype torch.float32"),
+        ("@rng/current/python/internal", torch.full((625,), -1, dtype=torch.int64),
+         r"'rng/current/python/internal' must hold integers in \[0, 2\*\*32\), found values from -1 to -1"),
+        ("@rng/current/python/internal", torch.zeros(5, 125, dtype=torch.int64),
+         r"'rng/current/python/internal' must be 625 integers.*shape \(5, 125\)"),
+    ],
+)
+def test_damaged_rng_words_are_refused_naming_the_field(tmp_path: Path, name: str, value: torch.Tensor, message: str) -> None:
+    path = tmp_path / "c.safetensors"
+    tc.save_checkpoint(make_model(), path)
+    _edit_words(path, name, value)
+    state = np.random.get_state(legacy=True)
+    with pytest.raises(CheckpointError, match=message):
+        tc.load_checkpoint(None, path)
+    assert np.array_equal(np.random.get_state(legacy=True)[1], state[1])  # nothing restored
 
 
 def test_capture_and_restore_rng_mid_gaussian() -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -291,6 +293,35 @@ def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_readin
         tc.load_checkpoint(None, tmp_path / "s")
     tc.load_checkpoint(fresh, tmp_path / "s")  # the model only: the optimizer state is not read
     _assert_equal(_full(fresh.state_dict()), _full(model.state_dict()))
+
+
+def test_sharded_random_states_hold_their_words_as_tensors_and_version_1_lists_still_load(group: None, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from torchcallbacks.checkpoint.sharded import REPLICATED_FILE, STATE_FILE
+
+    model = _shard(_plain_model())
+    _fit(model, [tc.ModelCheckpoint(tmp_path / "s.safetensors", monitor="loss")], epochs=1)
+    directory = tmp_path / "s"
+    words = {"numpy": "key", "python": "internal"}
+    with safe_open(directory / REPLICATED_FILE, framework="pt") as f:
+        saved = {part: f.get_tensor(f"rng/current/{part}/{name}") for part, name in words.items()}
+    assert [(t.dtype, tuple(t.shape)) for t in saved.values()] == [(torch.int64, (624,)), (torch.int64, (625,))]
+    document = json.loads((directory / STATE_FILE).read_text())
+    assert document["format_version"] == 2
+    assert document["state"]["rng"]["current"]["numpy"]["key"] == {"__tensor__": "rng/current/numpy/key"}
+    fresh = _shard(_plain_model(seed=1))
+    tc.load_checkpoint(fresh, directory)
+    expected = (np.random.rand(3), random.random(), torch.rand(2))
+    for part, name in words.items():  # as version 1 wrote them: JSON lists
+        document["state"]["rng"]["current"][part][name] = saved[part].tolist()
+        document["replicated"].remove(f"rng/current/{part}/{name}")
+    document["format_version"] = 1
+    (directory / STATE_FILE).write_text(json.dumps(document))
+    np.random.seed(9), random.seed(9), torch.manual_seed(9)
+    tc.load_checkpoint(fresh, directory)
+    assert np.array_equal(np.random.rand(3), expected[0]) and random.random() == expected[1]
+    assert torch.equal(torch.rand(2), expected[2])
 
 
 # -- load_sharded: templates from the saved tree -------------------------------------------------------

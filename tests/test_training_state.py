@@ -1,5 +1,5 @@
 """The training-state protocol: one owner (LoopState), the restore phase, stable keys, validation of
-everything read from a file before anything is applied, and format 1 files."""
+everything read from a file before anything is applied, and files of formats 1 and 2."""
 
 from __future__ import annotations
 
@@ -46,6 +46,22 @@ def test_a_format_1_mid_epoch_backup_resumes_exactly(tmp_path: Path) -> None:
     at global step 6 (epoch 1, batch 2) of this very run, with EarlyStopping's state keyed by position."""
     reference = _fit([tc.EarlyStopping(monitor="loss", patience=5)])
     shutil.copy(DATA / "backup_format1.safetensors", tmp_path / "latest.safetensors")
+    backup = tc.BackupAndRestore(tmp_path, save_freq=3)
+    stopper = tc.EarlyStopping(monitor="loss", patience=5)
+    resumed = _fit([stopper, backup], seed=7)
+    assert backup.restored is not None and (backup.restored.epoch, backup.restored.batch) == (1, 2)
+    assert _same(reference, resumed)
+    assert stopper.best_epoch == 3
+
+
+def test_a_format_2_mid_epoch_backup_resumes_exactly(tmp_path: Path) -> None:
+    """tests/data/backup_format2.safetensors was written by the format-2 writer (numpy's key and
+    Python's words as JSON lists of ints): a backup at global step 6 (epoch 1, batch 2) of this very run."""
+    with safe_open(DATA / "backup_format2.safetensors", framework="pt") as f:
+        document = json.loads(f.metadata()[STATE_KEY])
+    assert document["format_version"] == 2 and len(document["loop"]["data"]["pass_rng"]["global"]["numpy"]["key"]) == 624
+    reference = _fit([tc.EarlyStopping(monitor="loss", patience=5)])
+    shutil.copy(DATA / "backup_format2.safetensors", tmp_path / "latest.safetensors")
     backup = tc.BackupAndRestore(tmp_path, save_freq=3)
     stopper = tc.EarlyStopping(monitor="loss", patience=5)
     resumed = _fit([stopper, backup], seed=7)
@@ -125,6 +141,16 @@ def _rng_tensor(size: int) -> Any:
     return edit
 
 
+def _words(field: str, value: torch.Tensor) -> Any:
+    """Replace the word tensor of the random state at `rng/<field>` (or `<field>` under `loop/`)."""
+    def edit(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        node: Any = document
+        for key in (field if field.startswith("loop/") else f"rng/{field}").split("/"):
+            node = node[key]
+        tensors[node["__tensor__"]] = value
+    return edit
+
+
 def _kept_elsewhere(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """An edited backup listing a file outside the checkpoint directory: with max_to_keep=1 the next
     rotation would delete it."""
@@ -142,8 +168,15 @@ HOSTILE = {
     "bool batch": (_set("batch", True), r"'batch' must be an integer >= 0"),
     "string global step": (_set("global_step", "7"), r"'global_step' must be an integer >= 0"),
     "short torch rng": (_rng_tensor(10), r"'rng/current/torch' must be a uint8 tensor of 5056 bytes"),
-    "numpy key": (_set("rng/current/numpy/key", [1, 2, 3]), r"'rng/current/numpy' must be numpy's MT19937"),
-    "python state": (_set("rng/current/python/internal", "x"), r"'rng/current/python'"),
+    "numpy key": (_set("rng/current/numpy/key", [1, 2, 3]), r"'rng/current/numpy/key' must be 624 integers in"),
+    "numpy key tensor": (_words("current/numpy/key", torch.zeros(600, dtype=torch.int64)),
+                         r"'rng/current/numpy/key' must be 624 integers in .*shape \(600,\)"),
+    "numpy algorithm": (_set("rng/current/numpy/algorithm", "PCG64"), r"'rng/current/numpy' must be numpy's MT19937"),
+    "python state": (_set("rng/current/python/internal", "x"), r"'rng/current/python/internal' must be 625 integers"),
+    "python word range": (_words("current/python/internal", torch.full((625,), 2**40)),
+                          r"'rng/current/python/internal' must hold integers in \[0, 2\*\*32\)"),
+    "data position key": (_words("loop/data/rng/global/numpy/key", torch.full((624,), -3)),
+                          r"'rng/global/numpy/key' must hold integers in \[0, 2\*\*32\), found values from -3"),
     "optimizer state shape": (_exp_avg_shape, r"optimizers/0 \(Adam\) state 'exp_avg' of parameter 0 has shape \(3, 3\)"),
     "optimizer type": (_set("optimizer_types/0", "torch.optim.sgd.SGD"), r"holds the state of a torch.optim.sgd.SGD"),
     "optimizer groups": (_set("optimizers/0/param_groups/0/params", [0, 1]), r"group 0 has 4 parameters, the file holds 2"),

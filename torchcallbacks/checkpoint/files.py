@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.writer import CheckpointWriter
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KIND_KEY = "torchcallbacks.kind"
 VERSION_KEY = "torchcallbacks.format_version"
 ALIASES_KEY = "torchcallbacks.aliases"

@@ -1,9 +1,12 @@
 """Random number generator states as tensors and JSON (no pickle).
 
 A state is a dict: `torch` (uint8 tensor of the CPU generator), `cuda` (a list of uint8 tensors, one
-per visible CUDA device; empty without CUDA), `numpy` (the legacy global `np.random` MT19937 state as
-JSON: `{"key": [624 ints], "pos", "has_gauss", "cached_gaussian"}`) and `python` (`random.getstate()`
-as JSON: `{"version", "internal": [625 ints], "gauss_next"}`). `encode` stores the tensors as tensors.
+per visible CUDA device; empty without CUDA), `numpy` (the legacy global `np.random` MT19937 state:
+`{"algorithm", "key": <int64 tensor of 624 words>, "pos", "has_gauss", "cached_gaussian"}`) and `python`
+(`random.getstate()`: `{"version", "internal": <int64 tensor of 625 words>, "gauss_next"}`). `encode`
+stores the tensors as tensors, so the long word sequences go into a file's tensor data rather than
+its JSON. `restore_rng_state` also takes `key` and `internal` as lists of ints (files of format 2 and
+earlier).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ def capture_rng_state() -> dict[str, Any]:
         "cuda": list(cuda),
         "numpy": {
             "algorithm": str(algorithm),
-            "key": np.asarray(key).tolist(),  # plain ints, in one call (not 624 numpy scalars)
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),  # its own memory: a uint32 -> int64 copy
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
         },
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "python": {"version": version, "internal": torch.from_numpy(np.array(internal, dtype=np.int64)),
+                   "gauss_next": gauss_next},
     }
 
 
@@ -53,7 +57,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     warning says they are not).
 
     Args:
-        state: a `capture_rng_state()` dict; `numpy` and `python` may be absent (left as they are).
+        state: a `capture_rng_state()` dict; `numpy` and `python` may be absent (left as they are), and
+            their `key` / `internal` may be lists of ints instead of tensors (files of format 2 and earlier).
 
     Example:
 
@@ -80,7 +85,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(
             (
                 numpy_state["algorithm"],
-                np.asarray(numpy_state["key"], dtype=np.uint32),
+                np.asarray(_words(numpy_state["key"]), dtype=np.uint32),
                 numpy_state["pos"],
                 numpy_state["has_gauss"],
                 numpy_state["cached_gaussian"],
@@ -89,13 +94,23 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     python_state = state.get("python")
     if python_state is not None:
         random.setstate(
-            (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
+            (python_state["version"], tuple(_words(python_state["internal"])), python_state["gauss_next"])
         )
 
 
+#: The word sequence of each generator state that is stored as an int64 tensor.
+_WORDS = {"numpy": "key", "python": "internal"}
+
+
+def _words(value: torch.Tensor | list[int]) -> list[int]:
+    """A state's word sequence as plain ints: a tensor (current layout) or a list (older files)."""
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
+
+
 def rng_state_to_json(state: dict[str, Any]) -> dict[str, Any]:
-    """A `capture_rng_state()` dict as JSON-able data (generator tensors as base64 strings), to send
-    it to another process without pickle; `rng_state_from_json` is the inverse.
+    """A `capture_rng_state()` dict as JSON-able data (generator tensors as base64 strings, numpy's
+    key and Python's words as lists of ints), to send it to another process without pickle;
+    `rng_state_from_json` is the inverse.
 
     Args:
         state: a `capture_rng_state()` dict.
@@ -110,6 +125,9 @@ def rng_state_to_json(state: dict[str, Any]) -> dict[str, Any]:
     out = dict(state)
     out["torch"] = _b64(state["torch"])
     out["cuda"] = [_b64(s) for s in state.get("cuda") or []]
+    for part, words in _WORDS.items():
+        if state.get(part) is not None:
+            out[part] = {**state[part], words: _words(state[part][words])}
     return out
 
 
@@ -129,6 +147,9 @@ def rng_state_from_json(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     out["torch"] = _unb64(data["torch"])
     out["cuda"] = [_unb64(s) for s in data.get("cuda") or []]
+    for part, words in _WORDS.items():
+        if data.get(part) is not None:
+            out[part] = {**data[part], words: torch.tensor(data[part][words], dtype=torch.int64)}
     return out
 
 

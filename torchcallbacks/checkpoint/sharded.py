@@ -91,7 +91,11 @@ METADATA_FILE = "dcp_metadata.json"
 REPLICATED_FILE = "replicated.safetensors"
 FORMAT = "torchcallbacks.sharded_state"
 METADATA_FORMAT = "torchcallbacks.dcp_metadata"
-FORMAT_VERSION = 1
+#: Of `state.json`. 2: numpy's and Python's random-state words are tensors (replicated ones), not JSON
+#: lists; version 1 directories (lists) are still read.
+FORMAT_VERSION = 2
+#: Of `dcp_metadata.json` (unchanged since version 1).
+METADATA_VERSION = 1
 
 #: dtype names allowed in `dcp_metadata.json` (those safetensors stores).
 _DTYPE_NAMES = {name: d for name in dir(torch) if isinstance(d := getattr(torch, name), torch.dtype)}
@@ -237,7 +241,7 @@ class SafetensorsShardWriter(StorageWriter):
                 "dtype": str(md.properties.dtype).removeprefix("torch."), "size": list(md.size), "chunks": chunks,
             }
         atomic_write_json(os.path.join(self.path, METADATA_FILE),
-                         {"format": METADATA_FORMAT, "format_version": FORMAT_VERSION, "tensors": tensors})
+                         {"format": METADATA_FORMAT, "format_version": METADATA_VERSION, "tensors": tensors})
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
@@ -251,8 +255,8 @@ def _parse_metadata(path: str) -> Metadata:
     """`dcp_metadata.json` as DCP's `Metadata`, every field checked (a damaged file names itself)."""
     where = os.path.join(path, METADATA_FILE)
     document = _read_json_file(where, METADATA_FILE)
-    if document.get("format") != METADATA_FORMAT or document.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where!r}: not a {METADATA_FORMAT} document of version {FORMAT_VERSION}")
+    if document.get("format") != METADATA_FORMAT or document.get("format_version") != METADATA_VERSION:
+        raise CheckpointError(f"{where!r}: not a {METADATA_FORMAT} document of version {METADATA_VERSION}")
     entries = document.get("tensors")
     if not isinstance(entries, dict):
         raise CheckpointError(f"{where!r}: field 'tensors' must be a JSON object")

@@ -4,7 +4,9 @@
 `LoopState.state_dict()` returns: counters, model, optimizers, scaler, callback states, the loop's own
 parts, random states) and know nothing of what the parts mean; `save_checkpoint` / `load_checkpoint`
 are the functional API on top of them for users who drive a loop without callbacks. Files of format 1
-are read and upgraded to the current layout. Nothing here ever unpickles.
+are read and upgraded to the current layout; files of format 2 differ only in holding numpy's and
+Python's random-state words as lists of ints, which `check_rng_state` and `restore_rng_state` take as
+they are. Nothing here ever unpickles.
 """
 
 from __future__ import annotations

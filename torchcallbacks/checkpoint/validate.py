@@ -52,6 +52,24 @@ def _ints(value: Any, count: int, low: int, high: int) -> bool:
     )
 
 
+def _check_words(value: Any, count: int, where: str, field: str) -> None:
+    """A generator's word sequence: a 1-d integer tensor (current files) or a list of ints (format 2
+    and earlier) of `count` values in [0, 2**32)."""
+    if isinstance(value, torch.Tensor):
+        integer = value.dtype != torch.bool and not value.is_floating_point() and not value.is_complex()
+        words = value.to(torch.int64) if integer and value.shape == (count,) else None
+        if words is not None and not bool(((words >= 0) & (words < 2**32)).all()):
+            raise CheckpointError(
+                f"{where}: field {field!r} must hold integers in [0, 2**32), found values from "
+                f"{int(words.min())} to {int(words.max())}"
+            )
+        ok = words is not None
+    else:
+        ok = _ints(value, count, 0, 2**32)
+    if not ok:
+        raise _fail(where, field, f"{count} integers in [0, 2**32) (a 1-d integer tensor or a list)", value)
+
+
 def check_generator_state(value: Any, where: str, field: str) -> torch.Tensor:
     """A `torch.Generator` state: a 1-d uint8 tensor of torch's CPU generator size.
 
@@ -94,27 +112,29 @@ def check_rng_state(state: Any, where: str, field: str) -> None:
         raise _fail(where, f"{field}/cuda", "a list of uint8 tensors (CUDA generator states)", cuda)
     numpy_state = state.get("numpy")
     if numpy_state is not None:
+        if isinstance(numpy_state, Mapping):
+            _check_words(numpy_state.get("key"), 624, where, f"{field}/numpy/key")
         ok = (
             isinstance(numpy_state, Mapping)
             and numpy_state.get("algorithm") == "MT19937"
-            and _ints(numpy_state.get("key"), 624, 0, 2**32)
             and _ints([numpy_state.get("pos")], 1, 0, 625)
             and numpy_state.get("has_gauss") in (0, 1)
             and isinstance(numpy_state.get("cached_gaussian"), (int, float))
         )
         if not ok:
-            raise _fail(where, f"{field}/numpy", "numpy's MT19937 state (algorithm, 624-word key, pos, gauss)", numpy_state)
+            raise _fail(where, f"{field}/numpy", "numpy's MT19937 state (algorithm, key, pos, gauss)", numpy_state)
     python_state = state.get("python")
     if python_state is not None:
         gauss = python_state.get("gauss_next") if isinstance(python_state, Mapping) else None
+        if isinstance(python_state, Mapping):
+            _check_words(python_state.get("internal"), 625, where, f"{field}/python/internal")
         ok = (
             isinstance(python_state, Mapping)
             and python_state.get("version") == 3
-            and _ints(python_state.get("internal"), 625, 0, 2**32)
             and (gauss is None or (isinstance(gauss, float) and math.isfinite(gauss)))
         )
         if not ok:
-            raise _fail(where, f"{field}/python", "Python's random state (version 3, 625 words, gauss_next)", python_state)
+            raise _fail(where, f"{field}/python", "Python's random state (version 3, internal, gauss_next)", python_state)
 
 
 def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
