@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import os
 import re
 import shutil
@@ -71,12 +70,13 @@ def child(epochs: int) -> None:
         first = len(readings)
         run(batches, epochs + 1)  # the first epoch is dropped: the first of a run
         marks = readings[first:]
-        # plain_loop reads the clock at each epoch's start and end; fit's EpochTimer at each epoch's
-        # start (from one start to the next, so the epoch-end work counts).
+        # plain_loop reads the clock at each epoch's start and end; fit's EpochTimer twice at each
+        # epoch's begin (the end of the epoch before, the start of this one), so an epoch of fit runs
+        # from one begin's second reading to the next begin's first (the epoch-end work counts).
         if name == "plain PyTorch loop":
             pairs = list(zip(marks[0::2], marks[1::2], strict=True))
         else:
-            pairs = list(itertools.pairwise(marks))
+            pairs = list(zip(marks[1::2], marks[2::2], strict=False))
         print("EPOCHS", name, " ".join(f"{a}-{b}" for a, b in pairs[1:]), flush=True)
 
 
