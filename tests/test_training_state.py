@@ -40,28 +40,19 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-# -- format 1 -----------------------------------------------------------------------------------------
-def test_a_format_1_mid_epoch_backup_resumes_exactly(tmp_path: Path) -> None:
-    """tests/data/backup_format1.safetensors was written by torchcallbacks 0.1.0 (format 1): a backup
-    at global step 6 (epoch 1, batch 2) of this very run, with EarlyStopping's state keyed by position."""
+# -- formats 1 and 2 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_format_mid_epoch_backup_resumes_exactly(tmp_path: Path, version: int) -> None:
+    """tests/data/backup_format1.safetensors was written by torchcallbacks 0.1.0 (format 1, EarlyStopping's
+    state keyed by position), backup_format2.safetensors by the format-2 writer (numpy's key and Python's
+    words as JSON lists of ints): each a backup at global step 6 (epoch 1, batch 2) of this very run."""
+    fixture = DATA / f"backup_format{version}.safetensors"
+    if version == 2:
+        with safe_open(fixture, framework="pt") as f:
+            document = json.loads(f.metadata()[STATE_KEY])
+        assert document["format_version"] == 2 and len(document["loop"]["data"]["pass_rng"]["global"]["numpy"]["key"]) == 624
     reference = _fit([tc.EarlyStopping(monitor="loss", patience=5)])
-    shutil.copy(DATA / "backup_format1.safetensors", tmp_path / "latest.safetensors")
-    backup = tc.BackupAndRestore(tmp_path, save_freq=3)
-    stopper = tc.EarlyStopping(monitor="loss", patience=5)
-    resumed = _fit([stopper, backup], seed=7)
-    assert backup.restored is not None and (backup.restored.epoch, backup.restored.batch) == (1, 2)
-    assert _same(reference, resumed)
-    assert stopper.best_epoch == 3
-
-
-def test_a_format_2_mid_epoch_backup_resumes_exactly(tmp_path: Path) -> None:
-    """tests/data/backup_format2.safetensors was written by the format-2 writer (numpy's key and
-    Python's words as JSON lists of ints): a backup at global step 6 (epoch 1, batch 2) of this very run."""
-    with safe_open(DATA / "backup_format2.safetensors", framework="pt") as f:
-        document = json.loads(f.metadata()[STATE_KEY])
-    assert document["format_version"] == 2 and len(document["loop"]["data"]["pass_rng"]["global"]["numpy"]["key"]) == 624
-    reference = _fit([tc.EarlyStopping(monitor="loss", patience=5)])
-    shutil.copy(DATA / "backup_format2.safetensors", tmp_path / "latest.safetensors")
+    shutil.copy(fixture, tmp_path / "latest.safetensors")
     backup = tc.BackupAndRestore(tmp_path, save_freq=3)
     stopper = tc.EarlyStopping(monitor="loss", patience=5)
     resumed = _fit([stopper, backup], seed=7)
