@@ -26,6 +26,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import overhead  # beside this script
+
 _CHILD = "TORCHCALLBACKS_CALLGRIND_GO"  # set in the process under callgrind: the file that says "go"
 _CONTENDERS = (
     "plain PyTorch loop",
@@ -39,9 +42,9 @@ _CONTENDERS = (
 def child(epochs: int) -> None:
     """Runs under callgrind: warm up, wait for instrumentation, then run each contender, reading the
     clock through `os.sched_yield` (each call dumps the counters: callgrind's --dump-before)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import overhead as ob
     import torch
+
+    ob = overhead
 
     torch.set_num_threads(1)
     batches = ob.make_batches()
@@ -128,12 +131,12 @@ def main() -> None:
         if line.startswith("EPOCHS "):
             name, stretches = _split(line[len("EPOCHS ") :])
             counts = [sum(totals.get(n, 0) for n in range(a + 1, b + 1)) for a, b in stretches]
-            per_step[name] = min(counts) / _steps()
+            per_step[name] = min(counts) / overhead.STEPS
             spread[name] = max(counts) / min(counts) - 1
     import torch
 
     plain = per_step["plain PyTorch loop"]
-    print(f"torch {torch.__version__}, 1 thread, MLP 32-64-1, batch 32, {_steps()} steps/epoch, {args.epochs} epochs "
+    print(f"torch {torch.__version__}, 1 thread, MLP 32-64-1, batch 32, {overhead.STEPS} steps/epoch, {args.epochs} epochs "
           "each; instructions per step of the epoch with the fewest, and how many more the one with the most had")
     print(f"| {'loop':<30} | {'instructions/step':>17} | {'ratio':>6} | {'spread':>6} |")
     print(f"|{'-' * 32}|{'-' * 18}:|{'-' * 7}:|{'-' * 7}:|")
@@ -147,13 +150,6 @@ def _split(text: str) -> tuple[str, list[tuple[int, int]]]:
     stretches = [w for w in words if re.fullmatch(r"\d+-\d+", w)]
     name = " ".join(w for w in words if not re.fullmatch(r"\d+-\d+", w))
     return name, [tuple(map(int, s.split("-"))) for s in stretches]  # type: ignore[misc]
-
-
-def _steps() -> int:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import overhead
-
-    return overhead.STEPS
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class Stepper:
         self.custom_test = test_step
         self.custom_predict = predict_step
         self._params = [p for p in model.parameters() if p.requires_grad] if clip_grad_norm else []
-        self._on_cpu = device.type == "cpu"
+        self._plain_cpu = device.type == "cpu" and amp_dtype is None  # the step _forward has a fast path for
         #: With gradient accumulation (k > 1) the group's state; fit then calls `accumulate`, not `train`.
         self.accumulator: GradientAccumulator | None = None
         if gradient_accumulation_steps > 1:
@@ -150,7 +150,7 @@ class Stepper:
 
     def _forward(self, batch: Any, where: str) -> tuple[torch.Tensor, Any, Any, int]:
         cls = type(batch)
-        if (cls is tuple or cls is list) and len(batch) == 2 and self._on_cpu and self.amp_dtype is None:
+        if self._plain_cpu and (cls is tuple or cls is list) and len(batch) == 2:
             # The usual batch, a pair of CPU tensors trained on the CPU: what unpack, to_device,
             # call_model and batch_size would do, without their calls (this runs every step).
             x, y = batch
@@ -197,15 +197,14 @@ class Stepper:
             optimizer.zero_grad(set_to_none=True)
         loss, y_pred, y, size = self._forward(batch, "fit")
         scaler = self.scaler
-        if scaler is None and not self.clip_grad_norm:  # the usual step, without a call more
+        if scaler is None:
             loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-        elif scaler is None:
-            loss.backward()
-            self._step_optimizers(scaler)
         else:
             scaler.scale(loss).backward()
+        if scaler is None and not self.clip_grad_norm:  # the usual step, without a call more
+            for optimizer in optimizers:
+                optimizer.step()
+        else:
             self._step_optimizers(scaler)
         tracker.update_loss(loss, size)
         if tracker.metrics:
