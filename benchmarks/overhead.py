@@ -125,7 +125,7 @@ def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = 
         model, optimizer = make_model()
         timer = EpochTimer(plain_epochs(batches) if paired is not None else None)
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryDirectory() as directory:
-            callbacks = [timer] + ([tc.ProgbarLogger(file=out)] if verbose else [])
+            callbacks: list[tc.Callback] = [timer] + ([tc.ProgbarLogger(file=out)] if verbose else [])
             callbacks += kit(directory, async_save) if with_kit else []
             tc.fit(model, batches, optimizer=optimizer, loss=F.mse_loss, epochs=epochs + 1, verbose=verbose,
                    callbacks=callbacks)
@@ -182,7 +182,7 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    contenders: dict[str, Callable[[list, int], list[float]]] = {
+    contenders: dict[str, Callable[..., list[float]]] = {
         "torchcallbacks.fit verbose=0": torchcallbacks_fit(0),
         "torchcallbacks.fit verbose=1": torchcallbacks_fit(1),
         "fit verbose=0 + usual kit": torchcallbacks_fit(0, with_kit=True),
