@@ -102,6 +102,7 @@ def _dump_totals(prefix: str) -> dict[int, dict[str, int]]:
             if names is None or values is None:  # a dump with no event (nothing ran)
                 totals[int(part)] = {}
                 continue
+            # not strict: a summary may leave out trailing events that are zero
             totals[int(part)] = dict(zip(names.group(1).split(), map(int, values.group(1).split()), strict=False))
     return totals
 
@@ -148,7 +149,8 @@ def main() -> None:
         out, go = os.path.join(tmp, "callgrind.out"), os.path.join(tmp, "go")
         command = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-before=sched_yield",
-            *(_cache_options() if args.cache_sim else []), f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__), "--epochs", str(args.epochs),
+            *(_cache_options() if args.cache_sim else []), f"--callgrind-out-file={out}",
+            sys.executable, os.path.abspath(__file__), "--epochs", str(args.epochs),
         ]
         env = {**os.environ, _CHILD: go, "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
