@@ -35,13 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead  # beside this script
 
 _CHILD = "TORCHCALLBACKS_CALLGRIND_GO"  # set in the process under callgrind: the file that says "go"
-_CONTENDERS = (
-    "plain PyTorch loop",
-    "torchcallbacks.fit verbose=0",
-    "torchcallbacks.fit verbose=1",
-    "fit verbose=0 + usual kit",
-    "fit verbose=0 + kit, async",
-)
+_PLAIN = "plain PyTorch loop"
 
 
 def child(epochs: int) -> None:
@@ -53,13 +47,7 @@ def child(epochs: int) -> None:
 
     torch.set_num_threads(1)
     batches = ob.make_batches()
-    runs = {
-        "plain PyTorch loop": ob.plain_loop,
-        "torchcallbacks.fit verbose=0": ob.torchcallbacks_fit(0),
-        "torchcallbacks.fit verbose=1": ob.torchcallbacks_fit(1),
-        "fit verbose=0 + usual kit": ob.torchcallbacks_fit(0, with_kit=True),
-        "fit verbose=0 + kit, async": ob.torchcallbacks_fit(0, with_kit=True, async_save=True),
-    }
+    runs = {_PLAIN: ob.plain_loop, **ob.fit_contenders()}
     for run in runs.values():
         run(batches, 1)  # warm-up, not instrumented
     print("READY", flush=True)
@@ -81,7 +69,7 @@ def child(epochs: int) -> None:
         # plain_loop reads the clock at each epoch's start and end; fit's EpochTimer twice at each
         # epoch's begin (the end of the epoch before, the start of this one), so an epoch of fit runs
         # from one begin's second reading to the next begin's first (the epoch-end work counts).
-        if name == "plain PyTorch loop":
+        if name == _PLAIN:
             pairs = list(zip(marks[0::2], marks[1::2], strict=True))
         else:
             pairs = list(zip(marks[1::2], marks[2::2], strict=False))
@@ -184,7 +172,7 @@ def main() -> None:
             spread[name] = max(e["Ir"] for e in epochs) / fewest["Ir"] - 1
     import torch
 
-    plain = per_step["plain PyTorch loop"]
+    plain = per_step[_PLAIN]
     columns = [("Ir", "instructions/step", 17)] + ([("L1", "L1 misses/step", 14), ("L2", "L2 misses/step", 14)]
                                                    if args.cache_sim else [])
     print(f"torch {torch.__version__}, 1 thread, MLP 32-64-1, batch 32, {overhead.STEPS} steps/epoch, {args.epochs} epochs "
@@ -193,7 +181,7 @@ def main() -> None:
     print(f"| {'loop':<30} |" + "".join(f" {title:>{width}} | {'ratio':>6} |" for _, title, width in columns)
           + f" {'spread':>6} |")
     print(f"|{'-' * 32}|" + "".join(f"{'-' * (width + 1)}:|{'-' * 7}:|" for _, _, width in columns) + f"{'-' * 7}:|")
-    for name in _CONTENDERS:
+    for name in per_step:  # the order they ran in: the plain loop first
         row = per_step[name]
         cells = "".join(f" {row[key]:{width},.0f} | {row[key] / plain[key]:5.3f}x |" for key, _, width in columns)
         print(f"| {name:<30} |{cells} {spread[name]:5.1%} |")

@@ -136,6 +136,17 @@ def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = 
     return run
 
 
+def fit_contenders() -> dict[str, Callable[..., list[float]]]:
+    """The rows of `fit`, by name: verbose 0 and 1, and the usual kit with a synchronous and an
+    asynchronous checkpoint (also run by instructions.py)."""
+    return {
+        "torchcallbacks.fit verbose=0": torchcallbacks_fit(0),
+        "torchcallbacks.fit verbose=1": torchcallbacks_fit(1),
+        "fit verbose=0 + usual kit": torchcallbacks_fit(0, with_kit=True),
+        "fit verbose=0 + kit, async": torchcallbacks_fit(0, with_kit=True, async_save=True),
+    }
+
+
 def ignite_loop(batches, epochs: int) -> list[float]:
     from ignite.engine import Events, create_supervised_trainer
 
@@ -182,12 +193,8 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    contenders: dict[str, Callable[..., list[float]]] = {
-        "torchcallbacks.fit verbose=0": torchcallbacks_fit(0),
-        "torchcallbacks.fit verbose=1": torchcallbacks_fit(1),
-        "fit verbose=0 + usual kit": torchcallbacks_fit(0, with_kit=True),
-        "fit verbose=0 + kit, async": torchcallbacks_fit(0, with_kit=True, async_save=True),
-    }
+    fit_runs = fit_contenders()
+    contenders: dict[str, Callable[..., list[float]]] = dict(fit_runs)
     if importlib.util.find_spec("ignite"):
         contenders["ignite"] = ignite_loop
     if importlib.util.find_spec("poutyne"):
@@ -200,7 +207,7 @@ def main() -> None:
     plain_all: list[float] = []
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     ratios: dict[str, list[float]] = {name: [] for name in contenders}
-    epoch_ratios: dict[str, list[float]] = {name: [] for name in contenders if name.startswith(("torchcallbacks", "fit"))}
+    epoch_ratios: dict[str, list[float]] = {name: [] for name in fit_runs}
     for _ in range(args.rounds):
         for name, run in contenders.items():
             reference_times = plain_loop(batches, args.warmup + args.epochs)[args.warmup :]
