@@ -17,7 +17,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 import torchcallbacks as tc
 from torchcallbacks.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
-from torchcallbacks.checkpoint.files import ALIASES_KEY, KIND_KEY, STATE_KEY
+from torchcallbacks.checkpoint.files import ALIASES_KEY, KIND_KEY, STATE_KEY, VERSION_KEY
 
 
 class Tied(torch.nn.Module):
@@ -261,17 +261,23 @@ def test_the_captured_words_do_not_follow_later_draws() -> None:
     assert torch.equal(state["numpy"]["key"], key) and torch.equal(state["python"]["internal"], internal)
 
 
-def _as_format_2(path: Path) -> None:
-    """Rewrite a training-state file as format 2 wrote it: numpy's and Python's words as JSON lists."""
+def _rewrite_state_file(path: Path, edit: Any) -> None:
+    """Read a training-state file, let `edit(document, tensors)` change its state document and its
+    tensors, and write it back (the file's format version as the document's)."""
     with safe_open(path, framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     document = json.loads(metadata[STATE_KEY])
+    edit(document, tensors)
+    save_file(tensors, str(path), metadata={**metadata, STATE_KEY: json.dumps(document),
+                                            VERSION_KEY: str(document["format_version"])})
+
+
+def _as_format_2(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A training state as format 2 wrote it: numpy's and Python's words as JSON lists."""
     for part, words in (("numpy", "key"), ("python", "internal")):
         name = document["rng"]["current"][part][words]["__tensor__"]
         document["rng"]["current"][part][words] = tensors.pop(name).tolist()
     document["format_version"] = 2
-    save_file(tensors, str(path), metadata={**metadata, STATE_KEY: json.dumps(document),
-                                            "torchcallbacks.format_version": "2"})
 
 
 @pytest.mark.parametrize("layout", ["current", "format 2"])
@@ -281,19 +287,12 @@ def test_rng_states_of_either_layout_restore_the_same_streams(tmp_path: Path, la
     tc.save_checkpoint(make_model(), path)
     expected = _draws()
     if layout == "format 2":
-        _as_format_2(path)
+        _rewrite_state_file(path, _as_format_2)
         with safe_open(path, framework="pt") as f:
             assert isinstance(json.loads(f.metadata()[STATE_KEY])["rng"]["current"]["numpy"]["key"], list)
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
     tc.load_checkpoint(None, path)
     assert _same_draws(_draws(), expected)
-
-
-def _edit_words(path: Path, name: str, value: torch.Tensor) -> None:
-    with safe_open(path, framework="pt") as f:
-        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    tensors[name] = value
-    save_file(tensors, str(path), metadata=metadata)
 
 
 @pytest.mark.parametrize(
@@ -314,7 +313,11 @@ def _edit_words(path: Path, name: str, value: torch.Tensor) -> None:
 def test_damaged_rng_words_are_refused_naming_the_field(tmp_path: Path, name: str, value: torch.Tensor, message: str) -> None:
     path = tmp_path / "c.safetensors"
     tc.save_checkpoint(make_model(), path)
-    _edit_words(path, name, value)
+
+    def damage(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = value
+
+    _rewrite_state_file(path, damage)
     state = np.random.get_state(legacy=True)
     with pytest.raises(CheckpointError, match=message):
         tc.load_checkpoint(None, path)
