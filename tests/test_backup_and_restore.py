@@ -28,21 +28,29 @@ TOTAL_STEPS = 48  # resume_script: 6 epochs x 8 batches
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _start(workdir: Path, save_freq: str | int) -> subprocess.Popen[str]:
+def _start(workdir: Path, save_freq: str | int, pause_at: int | None = None) -> subprocess.Popen[str]:
+    """The run; with `pause_at`, it waits after printing `step <pause_at>` for a line on its stdin."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if pause_at is not None:
+        env["RESUME_SCRIPT_PAUSE_AT"] = str(pause_at)
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(workdir), str(save_freq)],
+        stdin=subprocess.PIPE if pause_at is not None else None,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
 def _run_until(proc: subprocess.Popen[str], step: int, sig: int, delay: float) -> int:
-    """Wait until the run prints `step k` with k >= step, then send `sig` after `delay` seconds."""
+    """Wait until the run prints `step k` with k >= step, then send `sig` after `delay` seconds (and
+    let a run started with `pause_at` go on)."""
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1]) >= step:
             time.sleep(delay)
             proc.send_signal(sig)
+            if proc.stdin is not None:
+                proc.stdin.write("\n")
+                proc.stdin.close()
             break
     proc.stdout.read()
     return proc.wait(timeout=60)
@@ -110,8 +118,9 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path: Path, baseline: Pa
 
 @pytest.mark.slow
 def test_sigterm_writes_a_mid_epoch_backup_and_exits(tmp_path: Path, baseline: Path) -> None:
-    # save_freq="epoch": the mid-epoch backup can only come from the SIGTERM handling.
-    code = _run_until(_start(tmp_path, "epoch"), 11, signal.SIGTERM, 0.0)
+    # save_freq="epoch": the mid-epoch backup can only come from the SIGTERM handling. The run waits
+    # at step 11 until the signal is sent, so it lands mid-epoch however loaded the machine is.
+    code = _run_until(_start(tmp_path, "epoch", pause_at=11), 11, signal.SIGTERM, 0.0)
     assert code == 128 + signal.SIGTERM
     with safe_open(tmp_path / "backup" / "latest.safetensors", framework="pt") as f:
         document = json.loads(f.metadata()[STATE_KEY])
