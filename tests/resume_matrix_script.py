@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 import torch
+from script_progress import Progress
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -27,13 +28,6 @@ import torchcallbacks as tc
 EPOCHS = 8
 STEPS_PER_EPOCH = 4  # of 6 batches per pass
 PATIENCE = 4  # EarlyStopping stops at epoch PATIENCE (0-based): (PATIENCE + 1) * STEPS_PER_EPOCH steps in all
-
-
-class Progress(tc.Callback):
-    stops_in_sync = True
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        print(f"step {self.loop.global_step}", flush=True)
 
 
 class WriteResults(tc.Callback):

@@ -1,10 +1,8 @@
 """A training run used by the resume tests: shuffled DataLoader, dropout, Adam, numpy and Python random
 noise in the collate function, ModelCheckpoint, an EarlyStopping-style state callback and
 BackupAndRestore. Run as `python resume_script.py WORKDIR SAVE_FREQ`; prints `step N` after each batch
-and writes WORKDIR/final.safetensors and WORKDIR/final.json when training ends normally. With
-RESUME_SCRIPT_PAUSE_AT=N in the environment, it waits after printing `step N` until a line comes on
-its standard input, so that a signal sent on reading that line lands at step N however loaded the
-machine is."""
+and writes WORKDIR/final.safetensors and WORKDIR/final.json when training ends normally (PAUSE_AT_STEP:
+see script_progress)."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from script_progress import Progress
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import torchcallbacks as tc
@@ -51,24 +50,13 @@ class PatienceState(tc.MonitorCallback):
         self.wait, self.best, self.record = state["wait"], state["best"], state["record"]
 
 
-class Progress(tc.Callback):
-    def __init__(self, pause_at: int | None) -> None:
-        super().__init__()
-        self.pause_at = pause_at
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        print(f"step {self.loop.global_step}", flush=True)
-        if self.loop.global_step == self.pause_at:
-            sys.stdin.readline()  # the test sends its signal, then this line
-
-
 def noisy_collate(batch: Any) -> Any:
     x, y = default_collate(batch)
     noise = np.random.normal(0.0, 0.01, size=tuple(x.shape)).astype(np.float32)
     return x + torch.from_numpy(noise) + random.gauss(0.0, 0.01), y
 
 
-def main(workdir: str, save_freq: str | int, pause_at: int | None = None) -> None:
+def main(workdir: str, save_freq: str | int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     np.random.seed(0)
@@ -90,7 +78,7 @@ def main(workdir: str, save_freq: str | int, pause_at: int | None = None) -> Non
     backup = tc.BackupAndRestore(os.path.join(workdir, "backup"), save_freq=save_freq)
     tc.fit(
         model, train, optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=EPOCHS, verbose=0,
-        validation_data=val, callbacks=[ckpt, patience, Progress(pause_at), backup],
+        validation_data=val, callbacks=[ckpt, patience, Progress(), backup],
     )
     tc.save_weights(model, os.path.join(workdir, "final.safetensors"))
     with open(os.path.join(workdir, "final.json"), "w") as f:
@@ -106,5 +94,4 @@ def main(workdir: str, save_freq: str | int, pause_at: int | None = None) -> Non
 
 if __name__ == "__main__":
     freq = sys.argv[2]
-    pause = os.environ.get("RESUME_SCRIPT_PAUSE_AT")
-    main(sys.argv[1], freq if freq == "epoch" else int(freq), int(pause) if pause else None)
+    main(sys.argv[1], freq if freq == "epoch" else int(freq))

@@ -1,15 +1,16 @@
 """A run whose DataLoader has 2 workers drawing random augmentation in `__getitem__`, for the SIGTERM
 test: `python sigterm_workers_script.py WORKDIR`; prints `step N` after each batch, writes
-WORKDIR/final.safetensors at the end. Backups only on SIGTERM (save_freq=False)."""
+WORKDIR/final.safetensors at the end. Backups only on SIGTERM (save_freq=False); PAUSE_AT_STEP: see
+script_progress."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Any
 
 import torch
+from script_progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 import torchcallbacks as tc
@@ -27,11 +28,6 @@ class Augmented(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         time.sleep(0.001)  # slow enough for the signal to land mid-epoch
         return self.x[i] + 0.1 * torch.randn(4), self.y[i]  # drawn from the worker's own generator
-
-
-class Progress(tc.Callback):
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        print(f"step {self.loop.global_step}", flush=True)
 
 
 def main(workdir: str) -> None:

@@ -32,7 +32,7 @@ def _start(workdir: Path, save_freq: str | int, pause_at: int | None = None) -> 
     """The run; with `pause_at`, it waits after printing `step <pause_at>` for a line on its stdin."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if pause_at is not None:
-        env["RESUME_SCRIPT_PAUSE_AT"] = str(pause_at)
+        env["PAUSE_AT_STEP"] = str(pause_at)  # see script_progress
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(workdir), str(save_freq)],
         stdin=subprocess.PIPE if pause_at is not None else None,
@@ -371,20 +371,26 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_backs_up_and_resum
     script = Path(__file__).resolve().parent / "sigterm_workers_script.py"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
-    def start(workdir: Path) -> subprocess.Popen[str]:
+    def start(workdir: Path, pause_at: int | None = None) -> subprocess.Popen[str]:
+        """The run; with `pause_at`, it waits after `step <pause_at>` for a line on its stdin (script_progress)."""
         return subprocess.Popen([sys.executable, str(script), str(workdir)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                stdin=subprocess.PIPE if pause_at is not None else None,
+                                env={**env, "PAUSE_AT_STEP": str(pause_at)} if pause_at is not None else env)
 
     plain = start(tmp_path / "plain")
     _, err = plain.communicate(timeout=120)
     assert plain.returncode == 0, err
     for attempt in range(2):
         workdir = tmp_path / f"term{attempt}"
-        proc = start(workdir)
-        assert proc.stdout is not None
+        step = 5 + 7 * attempt
+        proc = start(workdir, pause_at=step)  # waits there until the signal is sent, however loaded the machine is
+        assert proc.stdout is not None and proc.stdin is not None
         for line in proc.stdout:
-            if line.startswith("step ") and int(line.split()[1]) >= 5 + 7 * attempt:
+            if line.startswith("step ") and int(line.split()[1]) >= step:
                 os.killpg(proc.pid, signal.SIGTERM)
+                proc.stdin.write("\n")
+                proc.stdin.flush()  # communicate() closes it
                 break
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 128 + signal.SIGTERM, err
