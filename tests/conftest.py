@@ -15,6 +15,27 @@ from torchcallbacks import Callback
 
 SEED_VARIABLE = "TORCHCALLBACKS_TEST_SEED"
 
+#: The test modules that compare numbers computed by training (a resumed run against an uninterrupted
+#: one, a file against the run that wrote it, fit against a plain loop). They are marked `numerics`, and
+#: .ci/run runs them a second time under ATEN_CPU_CAPABILITY=default (the kernels of another CPU), so that
+#: none of them depends on this machine's floating point.
+NUMERICS_MODULES = frozenset({
+    "test_backup_and_restore", "test_checkpoint_format", "test_early_stopping", "test_fit_arrays",
+    "test_gradient_accumulation", "test_resume_kill", "test_resume_matrix", "test_skipping",
+    "test_swap_ema_weights", "test_training_state", "test_ddp_accumulation",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = os.path.dirname(__file__)
+    present = {name[:-3] for folder in (here, os.path.join(here, "distributed")) for name in os.listdir(folder)}
+    missing = sorted(NUMERICS_MODULES - present)
+    if missing:
+        raise pytest.UsageError(f"conftest.NUMERICS_MODULES names test modules that do not exist: {missing}")
+    for item in items:
+        if item.path.stem in NUMERICS_MODULES:
+            item.add_marker(pytest.mark.numerics)
+
 
 class Crash(Callback):
     """Raises RuntimeError("crash") after training batch `at_step` (counted over the run): a crash

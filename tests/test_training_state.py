@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import Crash, make_model, make_regression
@@ -17,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import torchcallbacks as tc
-from torchcallbacks.checkpoint import read_training_state
-from torchcallbacks.checkpoint.files import STATE_KEY
+from torchcallbacks.checkpoint import read_training_state, restore_rng_state, write_training_state
+from torchcallbacks.checkpoint.files import FORMAT_VERSION, STATE_KEY
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -41,24 +43,59 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 # -- formats 1 and 2 ----------------------------------------------------------------------------------
+def _draws(rng_state: Any) -> tuple[torch.Tensor, float, float]:
+    """What the global generators draw next from a saved random state (of any format)."""
+    restore_rng_state(rng_state)
+    return torch.rand(4), float(np.random.rand()), random.random()
+
+
+def _resume_from(backup_dir: Path) -> tuple[torch.nn.Module, tc.BackupAndRestore, tc.EarlyStopping]:
+    backup = tc.BackupAndRestore(backup_dir, save_freq=3)
+    stopper = tc.EarlyStopping(monitor="loss", patience=5)
+    return _fit([stopper, backup], seed=7), backup, stopper
+
+
 @pytest.mark.parametrize("version", [1, 2])
-def test_an_older_format_mid_epoch_backup_resumes_exactly(tmp_path: Path, version: int) -> None:
+def test_an_older_format_mid_epoch_backup_resumes_as_the_same_state_in_todays_format(tmp_path: Path, version: int) -> None:
     """tests/data/backup_format1.safetensors was written by torchcallbacks 0.1.0 (format 1, EarlyStopping's
     state keyed by position), backup_format2.safetensors by the format-2 writer (numpy's key and Python's
-    words as JSON lists of ints): each a backup at global step 6 (epoch 1, batch 2) of this very run."""
+    words as JSON lists of ints): each a backup at global step 6 (epoch 1, batch 2) of the run `_fit` makes.
+
+    Their weights were computed on another machine, whose floating point may differ in the last bits: so
+    the run resumed from the old file is compared with a run resumed, here, from the same state re-saved
+    in today's format, and what the file holds besides computed numbers (the position, the data position
+    and the random states) with this machine's own backup of the same run at the same step."""
     fixture = DATA / f"backup_format{version}.safetensors"
     if version == 2:
         with safe_open(fixture, framework="pt") as f:
             document = json.loads(f.metadata()[STATE_KEY])
         assert document["format_version"] == 2 and len(document["loop"]["data"]["pass_rng"]["global"]["numpy"]["key"]) == 624
-    reference = _fit([tc.EarlyStopping(monitor="loss", patience=5)])
-    shutil.copy(fixture, tmp_path / "latest.safetensors")
-    backup = tc.BackupAndRestore(tmp_path, save_freq=3)
-    stopper = tc.EarlyStopping(monitor="loss", patience=5)
-    resumed = _fit([stopper, backup], seed=7)
-    assert backup.restored is not None and (backup.restored.epoch, backup.restored.batch) == (1, 2)
-    assert _same(reference, resumed)
-    assert stopper.best_epoch == 3
+    old, new, fresh = tmp_path / "old", tmp_path / "new", tmp_path / "fresh"
+    old.mkdir()
+    shutil.copy(fixture, old / "latest.safetensors")
+    write_training_state(new / "latest.safetensors", read_training_state(fixture))
+    with safe_open(new / "latest.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()[STATE_KEY])["format_version"] == FORMAT_VERSION > version
+
+    from_old, old_backup, old_stopper = _resume_from(old)
+    from_new, new_backup, new_stopper = _resume_from(new)
+    for backup in (old_backup, new_backup):
+        assert backup.restored is not None and (backup.restored.epoch, backup.restored.batch) == (1, 2)
+    assert _same(from_old, from_new)
+    assert old_stopper.state_dict() == new_stopper.state_dict() and old_stopper.best_epoch >= 1
+
+    # What the old file holds is this run at step 6: the same data position and random states as the
+    # backup that this machine writes at that step (crash at step 7, before the next backup).
+    with pytest.raises(RuntimeError, match="crash"):
+        _fit([tc.EarlyStopping(monitor="loss", patience=5), tc.BackupAndRestore(fresh, save_freq=3), Crash(7)])
+    saved, here = read_training_state(fixture), read_training_state(fresh / "latest.safetensors")
+    assert [saved[k] for k in ("epoch", "batch", "global_step")] == [here[k] for k in ("epoch", "batch", "global_step")]
+    for name in ("consumed", "epoch_batch"):
+        assert saved["loop"]["data"][name] == here["loop"]["data"][name]
+    for a, b in [(saved["rng"]["current"], here["rng"]["current"]),
+                 (saved["loop"]["data"]["pass_rng"]["global"], here["loop"]["data"]["pass_rng"]["global"])]:
+        (torch_a, numpy_a, python_a), (torch_b, numpy_b, python_b) = _draws(a), _draws(b)
+        assert torch.equal(torch_a, torch_b) and numpy_a == numpy_b and python_a == python_b
 
 
 # -- the restore phase and stable keys -----------------------------------------------------------------
