@@ -295,6 +295,79 @@ def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_readin
     _assert_equal(_full(fresh.state_dict()), _full(model.state_dict()))
 
 
+class Gather(tc.Callback):
+    """At every epoch end, after ModelCheckpoint's save: the model's and Adam's state, gathered in full
+    and keyed by parameter names (`get_state_dict`), what a plain process must read back."""
+
+    dispatch_order = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from torchcallbacks.checkpoint.encoding import encode
+
+        tensors: dict[str, Any] = {}
+        encode(dict(zip(("model", "optimizer"), get_state_dict(self.model, self.optimizer), strict=True)), "", tensors)
+        self.states.append(_full(tensors))
+
+
+def _plain_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A plain model's and optimizer's state in Gather's layout."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from torchcallbacks.checkpoint.encoding import encode
+
+    tensors: dict[str, Any] = {}
+    encode(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer), strict=True)), "", tensors)
+    return _full(tensors)
+
+
+def test_a_plain_process_without_a_process_group_reads_a_sharded_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After FSDP2 training with a full-state ModelCheckpoint, an inference script (one process, no
+    process group, no FSDP) reads the directory with load_weights and load_checkpoint, nothing unpickled."""
+    import pickle
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        gather = Gather()
+        _fit(_shard(_plain_model()), [tc.ModelCheckpoint(tmp_path / "ckpt" / "m-{epoch:02d}.safetensors", monitor="loss"),
+                                      gather], epochs=2)
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
+    saved = gather.states[1]
+    model_keys = {k.removeprefix("/model/") for k in saved if k.startswith("/model/")}
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("unpickling attempted")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    plain = _plain_model(seed=1)
+    tc.load_weights(plain, tmp_path / "ckpt" / "m-02")
+    assert plain.state_dict().keys() == model_keys
+    _assert_equal({k: v for k, v in plain.state_dict().items()}, {k: saved[f"/model/{k}"] for k in model_keys})
+
+    other = _plain_model(seed=2)
+    optimizer = torch.optim.Adam(other.parameters(), lr=0.5)
+    state = tc.load_checkpoint(other, tmp_path / "ckpt" / "m-02", optimizer)
+    assert (state.epoch, state.batch, state.global_step) == (2, 0, 16)
+    assert optimizer.param_groups[0]["lr"] == 1e-2
+    monkeypatch.undo()
+    _assert_equal(_plain_state(other, optimizer), saved)
+    # a model that does not fit is refused naming the keys, before anything is read
+    wrong = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    with pytest.raises(tc.CheckpointError, match=r"m-02'.*not in the model: scale"):
+        tc.load_weights(wrong, tmp_path / "ckpt" / "m-02")
+    tc.load_weights(wrong, tmp_path / "ckpt" / "m-02", strict=False)
+    assert torch.equal(wrong[0].weight, saved["/model/0.weight"])
+
+
 def test_sharded_random_states_hold_their_words_as_tensors_and_version_1_lists_still_load(group: None, tmp_path: Path) -> None:
     from safetensors import safe_open
 
