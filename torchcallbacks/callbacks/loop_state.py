@@ -317,8 +317,6 @@ class LoopState:
         sharded = is_sharded(model)
         # A sharded one's tensors were checked when they were read
         saved = check_optimizer_states(self.optimizers, state, where, types_only=sharded or not tensors_read)
-        # Optimizer states of a sharded directory are keyed by parameter names (get_optimizer_state_dict)
-        by_name = sharded or any(_keyed_by_name(s) for s in saved)
         scaler_state = state.get("scaler")
         if scaler_state is not None and not isinstance(scaler_state, Mapping):
             raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")
@@ -338,7 +336,7 @@ class LoopState:
         if not isinstance(extra, Mapping):
             raise CheckpointError(f"{where}: field 'extra' must be a dict, found {extra!r}")
         return {"counters": counters, "own": own, "model": model, "tensors": tensors, "optimizers": saved,
-                "by_name": by_name, "scaler": scaler_state, "rng": rng, "parts": parts, "extra": dict(extra)}
+                "scaler": scaler_state, "rng": rng, "parts": parts, "extra": dict(extra)}
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "the state", *, restore_rng: bool = True,
@@ -351,9 +349,9 @@ class LoopState:
         parameter groups, counters that are not integers >= 0, random states of the wrong type or size,
         a callback or loop part that rejects its state) raises a `CheckpointError` naming `source` and
         the field, and nothing is changed. Saved callback states that no callback takes, and stateful
-        callbacks that get no state, are named in one warning. Optimizer states keyed by parameter
-        names (a sharded directory's) are applied with `set_optimizer_state_dict`, into a sharded
-        model or a plain one.
+        callbacks that get no state, are named in one warning. A sharded directory's states (keyed by
+        parameter names, `get_optimizer_state_dict`) are applied to a plain model's optimizers as well,
+        which map the names to their parameters in order.
 
         Args:
             state: a tree from `state_dict()` (e.g. read back with `read_training_state`).
@@ -389,7 +387,7 @@ class LoopState:
             else:
                 model.load_state_dict(tensors)
         for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
-            if checked["by_name"]:
+            if is_sharded(model):
                 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
                 set_optimizer_state_dict(model, optimizer, optimizer_state)
@@ -410,11 +408,3 @@ class LoopState:
             library_version=state.get("library_version", ""),
         )
 
-
-def _keyed_by_name(optimizer_state: Any) -> bool:
-    """Whether an optimizer state names its parameters (`get_optimizer_state_dict`) rather than
-    numbering them (`Optimizer.state_dict`)."""
-    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, Mapping) else None
-    if not isinstance(groups, list) or not groups:
-        return False
-    return all(isinstance(p, str) for g in groups if isinstance(g, Mapping) for p in (g.get("params") or ()))
