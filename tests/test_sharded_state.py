@@ -334,8 +334,11 @@ def test_a_plain_process_without_a_process_group_reads_a_sharded_state(tmp_path:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         gather = Gather()
+        stopper = tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+        ema = tc.SwapEMAWeights(decay=0.9)
         _fit(_shard(_plain_model()), [tc.ModelCheckpoint(tmp_path / "ckpt" / "m-{epoch:02d}.safetensors", monitor="loss"),
-                                      gather], epochs=2)
+                                      gather, stopper, ema], epochs=2)
+        snapshot, average = _full(stopper.best_weights), _full(ema.ema_tensors)  # as saved at the last epoch end
     finally:
         dist.destroy_process_group()
     assert not dist.is_initialized()
@@ -345,8 +348,13 @@ def test_a_plain_process_without_a_process_group_reads_a_sharded_state(tmp_path:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("unpickling attempted")
 
-    for name in ("load", "loads", "Unpickler"):
+    class Refused(pickle.Unpickler):  # a class still: modules imported meanwhile may subclass it
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            refuse()
+
+    for name in ("load", "loads"):
         monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refused)
     monkeypatch.setattr(torch, "load", refuse)
     plain = _plain_model(seed=1)
     tc.load_weights(plain, tmp_path / "ckpt" / "m-02")
@@ -355,8 +363,13 @@ def test_a_plain_process_without_a_process_group_reads_a_sharded_state(tmp_path:
 
     other = _plain_model(seed=2)
     optimizer = torch.optim.Adam(other.parameters(), lr=0.5)
-    state = tc.load_checkpoint(other, tmp_path / "ckpt" / "m-02", optimizer)
+    callbacks = tc.CallbackList([tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True),
+                                 tc.SwapEMAWeights(decay=0.9)], model=other, optimizer=optimizer)
+    with pytest.warns(UserWarning, match="saved states that no callback takes: ModelCheckpoint"):
+        state = tc.load_checkpoint(other, tmp_path / "ckpt" / "m-02", optimizer, callbacks=callbacks)
     assert (state.epoch, state.batch, state.global_step) == (2, 0, 16)
+    _assert_equal(_full(callbacks.callbacks[0].best_weights), snapshot)  # type: ignore[attr-defined]
+    _assert_equal(_full(callbacks.callbacks[1].ema_tensors), average)  # type: ignore[attr-defined]
     assert optimizer.param_groups[0]["lr"] == 1e-2
     monkeypatch.undo()
     _assert_equal(_plain_state(other, optimizer), saved)
