@@ -293,6 +293,10 @@ def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_readin
         tc.load_checkpoint(None, tmp_path / "s")
     tc.load_checkpoint(fresh, tmp_path / "s")  # the model only: the optimizer state is not read
     _assert_equal(_full(fresh.state_dict()), _full(model.state_dict()))
+    # save_checkpoint writes files; a sharded model's training state is a directory written by the callbacks
+    with pytest.raises(ValueError, match="save_checkpoint: model is FSDP2-sharded .*ModelCheckpoint"):
+        tc.save_checkpoint(fresh, tmp_path / "f.safetensors")
+    assert not (tmp_path / "f.safetensors").exists()
 
 
 class Gather(tc.Callback):

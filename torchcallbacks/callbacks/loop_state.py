@@ -5,7 +5,10 @@ Everything a resumed run needs is one tree, gathered by `LoopState.state_dict()`
 callback's state under its `state_key`, the loop's own parts (fit's running means and data position,
 or whatever a hand-written loop tracks) and the random states. The checkpoint package only writes
 and reads that tree. Loading checks every part before it applies any, so a state that does not fit
-changes nothing.
+changes nothing. Every writer and reader goes through it: `BackupAndRestore`, `ModelCheckpoint`, and
+the functional `save_checkpoint` / `load_checkpoint` (checkpoint_functions.py), which make a
+`LoopState` of the objects they are given; `load_state_dict` is the one place that makes the
+`TrainingState` a reader returns.
 """
 
 from __future__ import annotations
