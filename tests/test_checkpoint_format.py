@@ -179,7 +179,8 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     assert (document["epoch"], document["batch"], document["global_step"]) == (3, 2, 14)
     assert document["library_version"] == tc.__version__
     assert document["optimizers"][1]["param_groups"][0]["momentum"] == 0.9
-    assert document["schedulers"][0]["last_epoch"] == 3
+    assert document["loop"]["scheduler/0"]["last_epoch"] == 3  # the one layout: BackupAndRestore's name
+    assert "schedulers" not in document and document["world_size"] == 1 and document["extra"] == {"note": "x"}
     assert document["scaler"]["scale"] == scaler.get_scale()
     assert document["callbacks"]["Stateful"]["best"] == {"__float__": "inf"}
     assert document["rng"]["current"]["numpy"]["key"] == {"__tensor__": "@rng/current/numpy/key"}

@@ -293,6 +293,96 @@ def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_readin
         tc.load_checkpoint(None, tmp_path / "s")
     tc.load_checkpoint(fresh, tmp_path / "s")  # the model only: the optimizer state is not read
     _assert_equal(_full(fresh.state_dict()), _full(model.state_dict()))
+    # save_checkpoint writes files; a sharded model's training state is a directory written by the callbacks
+    with pytest.raises(ValueError, match="save_checkpoint: model is FSDP2-sharded .*ModelCheckpoint"):
+        tc.save_checkpoint(fresh, tmp_path / "f.safetensors")
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+class Gather(tc.Callback):
+    """At every epoch end, after ModelCheckpoint's save: the model's and Adam's state, gathered in full
+    and keyed by parameter names (`get_state_dict`), what a plain process must read back."""
+
+    dispatch_order = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from torchcallbacks.checkpoint.encoding import encode
+
+        tensors: dict[str, Any] = {}
+        encode(dict(zip(("model", "optimizer"), get_state_dict(self.model, self.optimizer), strict=True)), "", tensors)
+        self.states.append(_full(tensors))
+
+
+def _plain_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A plain model's and optimizer's state in Gather's layout."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from torchcallbacks.checkpoint.encoding import encode
+
+    tensors: dict[str, Any] = {}
+    encode(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer), strict=True)), "", tensors)
+    return _full(tensors)
+
+
+def test_a_plain_process_without_a_process_group_reads_a_sharded_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After FSDP2 training with a full-state ModelCheckpoint, an inference script (one process, no
+    process group, no FSDP) reads the directory with load_weights and load_checkpoint, nothing unpickled."""
+    import pickle
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        gather = Gather()
+        stopper = tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+        ema = tc.SwapEMAWeights(decay=0.9)
+        _fit(_shard(_plain_model()), [tc.ModelCheckpoint(tmp_path / "ckpt" / "m-{epoch:02d}.safetensors", monitor="loss"),
+                                      gather, stopper, ema], epochs=2)
+        snapshot, average = _full(stopper.best_weights), _full(ema.ema_tensors)  # as saved at the last epoch end
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
+    saved = gather.states[1]
+    model_keys = {k.removeprefix("/model/") for k in saved if k.startswith("/model/")}
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("unpickling attempted")
+
+    class Refused(pickle.Unpickler):  # a class still: modules imported meanwhile may subclass it
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            refuse()
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refused)
+    monkeypatch.setattr(torch, "load", refuse)
+    plain = _plain_model(seed=1)
+    tc.load_weights(plain, tmp_path / "ckpt" / "m-02")
+    assert plain.state_dict().keys() == model_keys
+    _assert_equal({k: v for k, v in plain.state_dict().items()}, {k: saved[f"/model/{k}"] for k in model_keys})
+
+    other = _plain_model(seed=2)
+    optimizer = torch.optim.Adam(other.parameters(), lr=0.5)
+    callbacks = tc.CallbackList([tc.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True),
+                                 tc.SwapEMAWeights(decay=0.9)], model=other, optimizer=optimizer)
+    with pytest.warns(UserWarning, match="saved states that no callback takes: ModelCheckpoint"):
+        state = tc.load_checkpoint(other, tmp_path / "ckpt" / "m-02", optimizer, callbacks=callbacks)
+    assert (state.epoch, state.batch, state.global_step) == (2, 0, 16)
+    _assert_equal(_full(callbacks.callbacks[0].best_weights), snapshot)  # type: ignore[attr-defined]
+    _assert_equal(_full(callbacks.callbacks[1].ema_tensors), average)  # type: ignore[attr-defined]
+    assert optimizer.param_groups[0]["lr"] == 1e-2
+    monkeypatch.undo()
+    _assert_equal(_plain_state(other, optimizer), saved)
+    # a model that does not fit is refused naming the keys, before anything is read
+    wrong = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    with pytest.raises(tc.CheckpointError, match=r"m-02'.*not in the model: scale"):
+        tc.load_weights(wrong, tmp_path / "ckpt" / "m-02")
+    tc.load_weights(wrong, tmp_path / "ckpt" / "m-02", strict=False)
+    assert torch.equal(wrong[0].weight, saved["/model/0.weight"])
 
 
 def test_sharded_random_states_hold_their_words_as_tensors_and_version_1_lists_still_load(group: None, tmp_path: Path) -> None:

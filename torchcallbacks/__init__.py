@@ -23,14 +23,10 @@ from torchcallbacks.callbacks import (
     SwapEMAWeights,
     TensorBoard,
     TerminateOnNaN,
-)
-from torchcallbacks.checkpoint import (
-    CheckpointError,
     load_checkpoint,
-    load_weights,
     save_checkpoint,
-    save_weights,
 )
+from torchcallbacks.checkpoint import CheckpointError, load_weights, save_weights
 from torchcallbacks.training import EpochIterator, evaluate, fit, predict
 
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
-"""Every callback, one module each."""
+"""Every callback, one module each; `LoopState`, the owner of the training state, and the functional
+`save_checkpoint` / `load_checkpoint` built on it."""
 
 from torchcallbacks.callbacks.backup_and_restore import BackupAndRestore
 from torchcallbacks.callbacks.callback import Callback, LoopState
 from torchcallbacks.callbacks.callback_list import CallbackList
+from torchcallbacks.callbacks.checkpoint_functions import load_checkpoint, save_checkpoint
 from torchcallbacks.callbacks.csv_logger import CSVLogger
 from torchcallbacks.callbacks.early_stopping import EarlyStopping
 from torchcallbacks.callbacks.history import History
@@ -36,4 +38,6 @@ __all__ = [
     "SwapEMAWeights",
     "TensorBoard",
     "TerminateOnNaN",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

@@ -173,16 +173,9 @@ class BackupAndRestore(Callback):
             if errors:
                 warnings.warn(f"BackupAndRestore: {errors[-1]}; falling back to {path!r}", stacklevel=4)
             try:
-                state = read_training_state(path)
-                self.loop.load_state_dict(state, path)
+                return self.loop.load_state_dict(read_training_state(path), path)
             except CheckpointError as exc:
                 errors.append(exc)
-                continue
-            return TrainingState(
-                path=path, epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],
-                rng=state.get("rng") or {}, callbacks=state.get("callbacks") or {}, extra=state.get("extra") or {},
-                library_version=state.get("library_version", ""),
-            )
         if errors:
             raise errors[-1]
         return None
@@ -206,12 +199,9 @@ class BackupAndRestore(Callback):
         )
         if not os.path.isfile(os.path.join(path, STATE_FILE)) and not interrupted:
             return None
-        state, _ = load_sharded(path, self.loop.sharded_template)  # callback templates from what was saved
-        self.loop.load_state_dict(state, path)
-        return TrainingState(
-            path=path, epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],
-            rng=state.get("rng") or {}, callbacks=state.get("callbacks") or {}, extra=state.get("extra") or {},
-        )
+        # the templates of the callback states from what was saved, after the checks of what was saved
+        state, _ = load_sharded(path, lambda saved: self.loop.sharded_template(saved, path))
+        return self.loop.load_state_dict(state, path)
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:

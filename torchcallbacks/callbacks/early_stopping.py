@@ -106,10 +106,14 @@ class EarlyStopping(MonitorCallback):
         self._best_weights_epoch = epoch
 
     def state_template(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """Under FSDP2, when the saved state has a snapshot: CPU shards of the model's own state dict
-        to read it into (also when this process has no snapshot yet, e.g. a fresh process resuming)."""
-        if saved.get("best_weights") is None or not is_sharded(self.model):
+        """When the saved state has a snapshot: under FSDP2, CPU shards of the model's own state dict
+        to read it into (also when this process has no snapshot yet, e.g. a fresh process resuming);
+        for a plain model (an FSDP2 run's checkpoint read in one process), full CPU tensors."""
+        saved_weights = saved.get("best_weights")
+        if not isinstance(saved_weights, dict):
             return {}
+        if not is_sharded(self.model):
+            return {"best_weights": {k: v for k, v in self._cpu_weights().items() if k in saved_weights}}
         from torch.distributed.tensor import DTensor
 
         return {"best_weights": {k: v for k, v in self._cpu_weights().items() if isinstance(v, DTensor)}}

@@ -5,13 +5,16 @@ Everything a resumed run needs is one tree, gathered by `LoopState.state_dict()`
 callback's state under its `state_key`, the loop's own parts (fit's running means and data position,
 or whatever a hand-written loop tracks) and the random states. The checkpoint package only writes
 and reads that tree. Loading checks every part before it applies any, so a state that does not fit
-changes nothing.
+changes nothing. Every writer and reader goes through it: `BackupAndRestore`, `ModelCheckpoint`, and
+the functional `save_checkpoint` / `load_checkpoint` (checkpoint_functions.py), which make a
+`LoopState` of the objects they are given; `load_state_dict` is the one place that makes the
+`TrainingState` a reader returns.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,7 @@ from torchcallbacks.checkpoint.encoding import from_json, to_json
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.files import _check_keys
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint.state_file import TrainingState
 from torchcallbacks.checkpoint.validate import (
     check_counter,
     check_list,
@@ -117,6 +121,8 @@ class LoopState:
             running means and stateful metric objects of the epoch in progress) and `"data"` (the
             position in the data and the random state its order was drawn from).
         callbacks: the `CallbackList` that owns this state.
+        extra: more JSON-able (or tensor) data kept with the state, under `"extra"` when not empty
+            (`save_checkpoint(extra=...)`); a restored state sets it.
 
     Example:
 
@@ -145,6 +151,7 @@ class LoopState:
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list, repr=False)
     parts: dict[str, Any] = field(default_factory=dict, repr=False)
     callbacks: CallbackList | None = field(default=None, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def at_every(self, frequency: int | str | bool | None) -> bool:
         """Whether the training batch just ended is a save / log step for `frequency` batches: an
@@ -186,11 +193,16 @@ class LoopState:
         self.parts[name] = part
 
     # -- the state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, gather: bool = True) -> dict[str, Any]:
         """The whole training state as one tree (tensors are the live ones: write or copy it now).
 
         Under `torch.distributed` every process must call it at the same point: each process's random
-        states and loop parts are gathered under `"ranks"` (one all-gather).
+        states and loop parts are gathered under `"ranks"` (one all-gather). With `gather=False` (what
+        `save_checkpoint` does, called by one process) nothing is gathered and the tree holds this
+        process's own parts only (an FSDP2 model's parts are collective either way).
+
+        Args:
+            gather: gather every process's own parts under `torch.distributed`.
 
         Example:
 
@@ -204,7 +216,7 @@ class LoopState:
         else:
             model = unwrap_model(self.model).state_dict() if self.model is not None else {}
             parts = {"model": model, "optimizers": [o.state_dict() for o in self.optimizers]}
-        return self._rest(epoch, batch, parts)
+        return self._rest(epoch, batch, parts, gather)
 
     # -- FSDP2: model and optimizers as DTensor state dicts (keyed by parameter names) ------------------
     def _sharded_parts(self) -> dict[str, Any]:
@@ -212,7 +224,7 @@ class LoopState:
 
         return sharded_states(unwrap_model(self.model), self.optimizers)  # type: ignore[arg-type]
 
-    def _rest(self, epoch: int, batch: int, parts: dict[str, Any]) -> dict[str, Any]:
+    def _rest(self, epoch: int, batch: int, parts: dict[str, Any], gather: bool) -> dict[str, Any]:
         own = {"rng": {"current": capture_rng_state()}, "loop": {n: p.state_dict() for n, p in self.parts.items()}}
         state: dict[str, Any] = {
             "epoch": epoch,
@@ -225,19 +237,28 @@ class LoopState:
             "callbacks": self.callbacks.state_dict() if self.callbacks is not None else {},
             **own,
         }
-        if is_distributed():
+        if self.extra:
+            state["extra"] = dict(self.extra)
+        if gather and is_distributed():
             state["ranks"] = [from_json(part) for part in all_gather_json(to_json(own))]
         return state
 
-    def sharded_template(self, saved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def sharded_template(self, saved: Mapping[str, Any] | None = None, source: str = "the state") -> dict[str, Any]:
         """What `checkpoint.sharded.load_sharded` loads a sharded state into (collective): the model's
-        and optimizers' DTensor state dicts (the optimizer state is initialised if it is empty) and,
-        given the saved tree, the templates of the saved callback states (`Callback.state_template`:
-        e.g. EarlyStopping's snapshot of the best weights, SwapEMAWeights' average).
+        and optimizers' state dicts as `get_model_state_dict` / `get_optimizer_state_dict` give them
+        (DTensors for an FSDP2 model, full tensors for a plain one; the optimizer state is initialised
+        if it is empty) and, given the saved tree, the templates of the saved callback states
+        (`Callback.state_template`: e.g. EarlyStopping's snapshot of the best weights, SwapEMAWeights'
+        average).
+
+        Given the saved tree, what can be checked before a tensor is read is checked first (counters,
+        model keys, optimizer count and types, the random state's shape): a directory that does not fit
+        is refused naming `source` and the field before anything is read.
 
         Args:
             saved: the saved tree, its tensors not read yet (what `load_sharded` passes a callable
                 template), or None for the model and optimizers only.
+            source: the directory, for messages.
 
         Example:
 
@@ -246,6 +267,8 @@ class LoopState:
         callbacks.loop.load_state_dict(state, "backup/latest")
         ```
         """
+        if saved is not None:
+            self._check(saved, repr(source), source, tensors_read=False)
         template = self._sharded_parts()
         states = saved.get("callbacks") if saved is not None else None
         if self.callbacks is not None and isinstance(states, dict):
@@ -256,9 +279,11 @@ class LoopState:
         ranks = state.get("ranks")
         if ranks is not None:
             check_list(ranks, where, "ranks")
-        saved_world = len(ranks) if ranks else state.get("world_size", 1)
+        # A file that does not record its world (format 1, save_checkpoint before format 3 did) is taken
+        # as written by as many processes as this run has.
+        saved_world = len(ranks) if ranks else state.get("world_size")
         world = get_world_size()
-        if saved_world == world:
+        if saved_world is None or saved_world == world:
             own: Mapping[str, Any] = ranks[get_rank()] if ranks else {"rng": state.get("rng") or {}, "loop": state.get("loop") or {}}
             return own
         if state.get("batch"):
@@ -275,7 +300,51 @@ class LoopState:
         )
         return {"rng": state.get("rng") or {}, "loop": {k: v for k, v in (state.get("loop") or {}).items() if k != "data"}}
 
-    def load_state_dict(self, state: Mapping[str, Any], source: str = "the state") -> None:
+    def _check(
+        self, state: Mapping[str, Any], where: str, source: str, *, tensors_read: bool = True,
+        restore_rng: bool = True, required: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Every check of `state` that needs no callback (those are checked by applying), before
+        anything is applied; returns what `load_state_dict` applies. With `tensors_read=False` (a
+        sharded state whose tensors are None yet) only what the JSON tells: key names, counts, types."""
+        counters = [check_counter(state.get(name), where, name) for name in ("epoch", "batch", "global_step")]
+        own = self._own_part(state, where) if tensors_read else {"rng": state.get("rng") or {}, "loop": state.get("loop") or {}}
+        model = unwrap_model(self.model) if self.model is not None else None
+        tensors = dict(state.get("model") or {})
+        if model is not None:
+            if tensors_read:
+                _check_keys(source, model, tensors, {}, strict=True)  # DTensors have the global shapes
+            else:  # key names only (every tensor of the right shape): the reader checks the shapes
+                expected = model.state_dict()
+                _check_keys(source, model, {k: expected.get(k, torch.empty(0)) for k in tensors}, {}, strict=True)
+        sharded = is_sharded(model)
+        # A sharded one's tensors were checked when they were read
+        saved = check_optimizer_states(self.optimizers, state, where, types_only=sharded or not tensors_read)
+        scaler_state = state.get("scaler")
+        if scaler_state is not None and not isinstance(scaler_state, Mapping):
+            raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")
+        rng = (own.get("rng") or {}).get("current") if restore_rng else None
+        if rng is not None and tensors_read:
+            check_rng_state(rng, where, "rng/current")
+        elif rng is not None and not isinstance(rng, Mapping):
+            raise CheckpointError(f"{where}: field 'rng/current' must be a random state, found {rng!r}")
+        parts = own.get("loop") or {}
+        if not isinstance(parts, Mapping):
+            raise CheckpointError(f"{where}: field 'loop' must be a dict of the loop's parts, found {parts!r}")
+        absent = [name for name in required if name not in parts]
+        if absent:
+            held = ", ".join(sorted(parts)) or "none"
+            raise CheckpointError(f"{where}: field 'loop/{absent[0]}' is missing (the loop parts it holds: {held})")
+        extra = state.get("extra") or {}
+        if not isinstance(extra, Mapping):
+            raise CheckpointError(f"{where}: field 'extra' must be a dict, found {extra!r}")
+        return {"counters": counters, "own": own, "model": model, "tensors": tensors, "optimizers": saved,
+                "scaler": scaler_state, "rng": rng, "parts": parts, "extra": dict(extra)}
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], source: str = "the state", *, restore_rng: bool = True,
+        required: Sequence[str] = (),
+    ) -> TrainingState:
         """Check every part of `state`, then apply all of them: callbacks, the loop's parts, model,
         optimizers, scaler, counters and random states.
 
@@ -283,11 +352,19 @@ class LoopState:
         parameter groups, counters that are not integers >= 0, random states of the wrong type or size,
         a callback or loop part that rejects its state) raises a `CheckpointError` naming `source` and
         the field, and nothing is changed. Saved callback states that no callback takes, and stateful
-        callbacks that get no state, are named in one warning.
+        callbacks that get no state, are named in one warning. A sharded directory's states (keyed by
+        parameter names, `get_optimizer_state_dict`) are applied to a plain model's optimizers as well,
+        which map the names to their parameters in order.
 
         Args:
             state: a tree from `state_dict()` (e.g. read back with `read_training_state`).
             source: where it comes from (a file name), for messages.
+            restore_rng: set the random generators to the state saved as "current".
+            required: names of loop parts (see `track`) that must be in `state` (e.g. `"scheduler/0"`).
+
+        Returns:
+            What was read besides what was applied in place: a `TrainingState` (counters, random and
+            callback states, `extra`).
 
         Example:
 
@@ -296,46 +373,41 @@ class LoopState:
         ```
         """
         where = repr(source)
-        epoch = check_counter(state.get("epoch"), where, "epoch")
-        batch = check_counter(state.get("batch"), where, "batch")
-        global_step = check_counter(state.get("global_step"), where, "global_step")
-        own = self._own_part(state, where)
-        model = unwrap_model(self.model) if self.model is not None else None
-        tensors = dict(state.get("model") or {})
-        sharded = is_sharded(model)
-        if model is not None:
-            _check_keys(source, model, tensors, {}, strict=True)  # DTensors have the global shapes
-        # sharded: keyed by parameter names, its tensors checked when they were read
-        saved = check_optimizer_states(self.optimizers, state, where, types_only=sharded)
-        scaler_state = state.get("scaler")
-        if scaler_state is not None and not isinstance(scaler_state, Mapping):
-            raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")
-        rng = (own.get("rng") or {}).get("current")
-        if rng is not None:
-            check_rng_state(rng, where, "rng/current")
-
+        checked = self._check(state, where, source, restore_rng=restore_rng, required=required)
+        model, tensors, saved, rng = checked["model"], checked["tensors"], checked["optimizers"], checked["rng"]
         items: list[tuple[str, Any, Any]] = []
         if self.callbacks is not None:
             items += self.callbacks.match_states(state.get("callbacks") or {}, bool(state.get("callbacks_by_position")), source)
-        parts = own.get("loop") or {}
+        parts = checked["parts"]
         items += [(f"loop/{name}", self.parts[name], parts[name]) for name in parts if name in self.parts]
         apply_states(where, items)  # all or nothing; the model and optimizers are untouched if it raises
 
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        if model is not None:
+            if is_sharded(model):
+                from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-            set_model_state_dict(model, tensors)  # type: ignore[arg-type]
-            for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
-                set_optimizer_state_dict(model, optimizer, optimizer_state)  # type: ignore[arg-type]
-        else:
-            if model is not None:
+                set_model_state_dict(model, tensors)
+            else:
                 model.load_state_dict(tensors)
-            for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
+        for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
+            if is_sharded(model):
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                set_optimizer_state_dict(model, optimizer, optimizer_state)
+            else:
                 optimizer.load_state_dict(optimizer_state)
-        if self.scaler is not None and scaler_state:
-            self.scaler.load_state_dict(scaler_state)
+        if self.scaler is not None and checked["scaler"]:
+            self.scaler.load_state_dict(checked["scaler"])
         if rng is not None:
             restore_rng_state(rng)
+        epoch, batch, global_step = checked["counters"]
         self.initial_epoch, self.initial_batch, self.global_step = epoch, batch, global_step
         self.position = (epoch, batch)
+        self.extra = checked["extra"]
         self.resumed = True
+        return TrainingState(
+            path=source, epoch=epoch, batch=batch, global_step=global_step, rng=dict(state.get("rng") or {}),
+            callbacks=dict(state.get("callbacks") or {}), extra=checked["extra"],
+            library_version=state.get("library_version", ""),
+        )
+

@@ -194,10 +194,13 @@ class SwapEMAWeights(Callback):
         return {"num_updates": self.num_updates, "ema_in_model": self._ema_in_model, "tensors": list(self.ema_tensors)}
 
     def state_template(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """Under FSDP2, when the saved state has an average: new DTensors of the model's placements to
-        read it into (None in the places of plain tensors, which need none)."""
-        if not saved.get("tensors") or not is_sharded(self.model):
+        """When the saved state has an average: under FSDP2, new DTensors of the model's placements to
+        read it into (None in the places of plain tensors, which need none); for a plain model (an FSDP2
+        run's checkpoint read in one process), full tensors."""
+        if not saved.get("tensors"):
             return {}
+        if not is_sharded(self.model):
+            return {"tensors": [t.detach().clone() for t in self._tensors(self.model)]}
         from torch.distributed.tensor import DTensor
 
         return {"tensors": [t.detach().clone() if isinstance(t, DTensor) else None for t in self._tensors(self.model)]}

@@ -283,7 +283,10 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
 
     The weights may also be split files: `filepath` an index (`*.index.json`), a path `X.safetensors`
     saved with `max_shard_size` (its `X.safetensors.index.json` is read), or a directory of a Hugging
-    Face export (`model.safetensors`, or `model.safetensors.index.json` and its files).
+    Face export (`model.safetensors`, or `model.safetensors.index.json` and its files), or a sharded
+    training-state directory (a full-state `ModelCheckpoint` or a backup of an FSDP2 model): its model
+    part, put together from the saved chunks, in one process without a process group for a plain model
+    (`checkpoint.sharded_model`).
 
     Into an FSDP2-sharded model, every process calls it: each reads the full tensors from the file
     itself, one at a time, and keeps its own shard (no communication; memory: about the largest
@@ -312,6 +315,12 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
 
     path = os.fspath(filepath)
     module = unwrap_model(model)
+    if os.path.isdir(path):
+        from torchcallbacks.checkpoint.sharded_model import is_sharded_state, load_state_weights
+
+        if is_sharded_state(path):  # a sharded training state: its model part
+            load_state_weights(module, path, strict)
+            return
     if has_dtensors(module.parameters()):
         from torchcallbacks.checkpoint.full_weights import load_sharded_weights
 

@@ -1,0 +1,71 @@
+"""The model part of a sharded training-state directory (FSDP2's full-state `ModelCheckpoint`, a sharded
+backup) read as weights: `load_weights(model, "ckpt/m-02")`.
+
+Into a plain model this works in one process without a process group, as DCP's own load does: each
+tensor is put together from the chunks every saving process wrote (DCP's default load planner over
+`sharded.SafetensorsShardReader`: safetensors shards and JSON metadata, nothing unpickled). Into an
+FSDP2 model every process calls it and reads the chunks its shards need. Only the model's tensors
+are read; key names are checked from the JSON before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from torchcallbacks.checkpoint.errors import CheckpointError
+from torchcallbacks.checkpoint.files import PathLike, _check_keys
+from torchcallbacks.checkpoint.sharded import STATE_FILE, load_sharded
+
+
+def is_sharded_state(path: PathLike) -> bool:
+    """Whether `path` is a sharded training-state directory (it holds `state.json`).
+
+    Args:
+        path: a file or directory.
+
+    Example:
+
+    ```python
+    is_sharded_state("ckpt/m-02")  # True for a full-state ModelCheckpoint of an FSDP2 model
+    ```
+    """
+    return os.path.isfile(os.path.join(os.fspath(path), STATE_FILE))
+
+
+def load_state_weights(model: torch.nn.Module, directory: PathLike, strict: bool = True) -> None:
+    """Load the model part of a sharded training-state directory into `model` (see the module docstring).
+
+    Args:
+        model: the module (plain, or FSDP2-sharded on every process).
+        directory: the checkpoint directory.
+        strict: require exactly the model's keys. Shapes must match either way.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: a damaged directory, or keys or shapes that differ from the model's (named).
+
+    Example:
+
+    ```python
+    plain = make_model()                        # no process group, no FSDP
+    load_state_weights(plain, "ckpt/m-02")      # the full tensors, put together from every shard
+    ```
+    """
+    path = os.fspath(directory)
+    targets = model.state_dict()
+
+    def template(saved: dict[str, Any]) -> dict[str, Any]:
+        names = saved.get("model")
+        if not isinstance(names, dict):
+            raise CheckpointError(f"{path!r}: field 'model' must be a dict of tensors, found {names!r}")
+        # key names only here (every tensor of the model's shape): the reader checks the shapes
+        _check_keys(path, model, {k: targets.get(k, torch.empty(0)) for k in names}, {}, strict)
+        return {"model": {k: torch.empty_like(targets[k]) for k in names if k in targets}}
+
+    state, _ = load_sharded(path, template, partial=True)
+    tensors = {k: v for k, v in state["model"].items() if k in targets}
+    _check_keys(path, model, tensors, {}, strict)
+    model.load_state_dict(tensors, strict=strict)
