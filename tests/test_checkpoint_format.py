@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import torchcallbacks as tc
-from torchcallbacks.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
+from torchcallbacks.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    read_training_state,
+    restore_rng_state,
+)
 from torchcallbacks.checkpoint.files import ALIASES_KEY, KIND_KEY, STATE_KEY, VERSION_KEY
 
 
@@ -441,3 +447,20 @@ def test_the_model_comes_first(tmp_path: Path) -> None:
     tc.save_checkpoint(model, tmp_path / "c.safetensors")
     with pytest.raises(TypeError, match=r"load_checkpoint\(model, filepath, ...\): the model comes first"):
         tc.load_checkpoint(tmp_path / "c.safetensors", model)  # type: ignore[arg-type]
+
+
+def test_a_training_state_of_a_newer_format_is_refused_naming_the_file_and_both_versions(tmp_path: Path) -> None:
+    from torchcallbacks.checkpoint.files import FORMAT_VERSION
+
+    path = tmp_path / "future.safetensors"
+    tc.save_checkpoint(make_model(), path)
+
+    def newer(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        document["format_version"] = FORMAT_VERSION + 1
+
+    _rewrite_state_file(path, newer)
+    message = rf"{re.escape(repr(str(path)))} has format version {FORMAT_VERSION + 1}; this torchcallbacks reads up to {FORMAT_VERSION}"
+    with pytest.raises(tc.CheckpointError, match=message):
+        read_training_state(path)
+    with pytest.raises(tc.CheckpointError, match=message):
+        tc.load_checkpoint(make_model(), path)

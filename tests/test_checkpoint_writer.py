@@ -331,3 +331,40 @@ def test_after_fit_an_async_writer_holds_no_buffers(tmp_path: Path, callback: st
            epochs=2, verbose=0, callbacks=[cb, probe])
     assert max(seen) > 0  # the writer did keep host copies during training
     assert cb._writer._buffers == {}
+
+
+@pytest.mark.parametrize("what", ["weights", "training state"])
+def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """The order that makes a save crash-safe, recorded at the os level: the new file's data reaches the
+    disk (fsync of the file) before it takes the target's name (os.replace), and the rename itself
+    (fsync of the directory) after."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", os.path.abspath(src)))
+        real_replace(src, dst)
+        events.append(("replaced", os.path.abspath(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "ckpt" / "m.safetensors"
+    model = torch.nn.Linear(3, 2)
+    if what == "weights":
+        tc.save_weights(model, target)
+    else:
+        tc.save_checkpoint(model, target, torch.optim.SGD(model.parameters(), lr=0.1))
+    renames = [i for i, event in enumerate(events) if event == ("replaced", str(target))]
+    assert len(renames) == 1, events
+    moved = events[renames[0] - 1]
+    assert moved[0] == "replace"
+    temp = moved[1]
+    assert ("fsync", temp) in events[: renames[0] - 1], events  # the data before the name
+    assert ("fsync", str(target.parent)) in events[renames[0] + 1 :], events  # the name after the rename
+    assert load_file(target).keys() == tc.checkpoint.read_file(target)[0].keys()
