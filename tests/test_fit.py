@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -479,3 +480,31 @@ def test_the_model_can_be_deep_copied_during_and_after_fit() -> None:
            epochs=3, verbose=0, callbacks=[Snapshot()])
     copy.deepcopy(model)
     assert len(copies) == 3
+
+
+def test_each_epochs_logs_are_the_means_of_that_epochs_batches_only() -> None:
+    """The running means start afresh at every epoch: each epoch's loss and metric are the batch-size
+    weighted means of that epoch's batch values (recorded in this run), not of all batches so far."""
+    model = make_model()
+    loader = make_regression(n=40, batch_size=16)  # batches of 16, 16 and 8
+    values: list[dict[str, list[tuple[float, int]]]] = []
+
+    class Epochs(tc.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            values.append({"loss": [], "mae": []})
+
+    def recorded(name: str, fn: Any) -> Any:
+        def compute(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            value = fn(y_pred, y)
+            values[-1][name].append((value.item(), len(y)))
+            return value
+        return compute
+
+    history = tc.fit(model, loader, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     loss=recorded("loss", F.mse_loss), metrics={"mae": recorded("mae", F.l1_loss)},
+                     epochs=3, verbose=0, callbacks=[Epochs()])
+    for name in ("loss", "mae"):
+        means = [sum(v * n for v, n in epoch[name]) / sum(n for _, n in epoch[name]) for epoch in values]
+        assert [len(epoch[name]) for epoch in values] == [3, 3, 3]
+        assert history.history[name] == pytest.approx(means, rel=1e-6)
+        assert means[0] > means[1] > means[2]  # training moves the means: a sum over epochs would show
