@@ -7,6 +7,7 @@ import copy
 import json
 import random
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -439,16 +440,23 @@ def test_a_backup_never_names_a_checkpoint_whose_asynchronous_write_is_unfinishe
     that never appeared."""
     from torchcallbacks.checkpoint import writer
 
-    real = writer.atomic_save_file
+    real_save, real_flush = writer.atomic_save_file, writer.CheckpointWriter.flush
+    # A best-file write stays in flight until somebody waits for it (flush) or the check below is
+    # done: a backup that does not wait sees it unfinished, every time.
+    permits = threading.Semaphore(0)
 
-    def slow(tensors: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+    def held(tensors: Any, path: Any, *args: Any, **kwargs: Any) -> None:
         if "best" in str(path):
-            import time
+            assert permits.acquire(timeout=60), "the write was never released"
+        real_save(tensors, path, *args, **kwargs)
 
-            time.sleep(0.3)
-        real(tensors, path, *args, **kwargs)
+    def flush(self: Any) -> None:
+        if self._thread is not None:  # this writer has a write in flight: waiting for it lets it end
+            permits.release()
+        real_flush(self)
 
-    monkeypatch.setattr(writer, "atomic_save_file", slow)
+    monkeypatch.setattr(writer, "atomic_save_file", held)
+    monkeypatch.setattr(writer.CheckpointWriter, "flush", flush)
     found: list[bool] = []
 
     class AfterTheBackup(tc.Callback):
@@ -459,6 +467,7 @@ def test_a_backup_never_names_a_checkpoint_whose_asynchronous_write_is_unfinishe
             key = next(k for k in state["callbacks"] if k.startswith("ModelCheckpoint"))
             best = state["callbacks"][key]["best_path"]
             found.append(best is not None and Path(best).exists())
+            permits.release()
 
     ckpt = tc.ModelCheckpoint(str(tmp_path / "best-{epoch}.safetensors"), monitor="loss", save_best_only=True,
                               save_weights_only=True, async_save=True)
