@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import urllib.parse
 import warnings
 from collections.abc import Iterator
@@ -22,9 +21,10 @@ from torchcallbacks import RemoteMonitor
 
 
 class Server:
-    """A real HTTP server in a thread that records every request and answers `status` after `delay`."""
+    """A real HTTP server in a thread that records every request and answers `status`; with `hold`,
+    only once that event is set (a server that does not answer in time, whatever the machine's speed)."""
 
-    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
+    def __init__(self, status: int = 200, hold: threading.Event | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
         outer = self
 
@@ -32,7 +32,8 @@ class Server:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                time.sleep(delay)
+                if hold is not None:
+                    hold.wait(timeout=60)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -120,13 +121,15 @@ def test_closed_port_warns_once_per_epoch_and_training_completes() -> None:
 
 
 def test_slow_server_times_out_with_a_warning() -> None:
-    slow = Server(delay=1.0)
+    answer = threading.Event()
+    slow = Server(hold=answer)  # answers only after the run: the post must time out
     try:
         monitor = RemoteMonitor(root=slow.root, timeout=0.2)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             history = _fit([monitor], epochs=1)
     finally:
+        answer.set()
         slow.close()
     assert len(slow.requests) == 1
     messages = _monitor_warnings(record)
