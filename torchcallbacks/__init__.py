@@ -14,6 +14,7 @@ from torchcallbacks.callbacks import (
     LambdaCallback,
     LearningRateScheduler,
     LoopState,
+    MLflowLogger,
     ModelCheckpoint,
     MonitorCallback,
     NonFiniteLossError,
@@ -23,6 +24,8 @@ from torchcallbacks.callbacks import (
     SwapEMAWeights,
     TensorBoard,
     TerminateOnNaN,
+    TrackerCallback,
+    WandbLogger,
 )
 from torchcallbacks.checkpoint import (
     CheckpointError,
@@ -47,6 +50,7 @@ __all__ = [
     "LambdaCallback",
     "LearningRateScheduler",
     "LoopState",
+    "MLflowLogger",
     "ModelCheckpoint",
     "MonitorCallback",
     "NonFiniteLossError",
@@ -56,6 +60,8 @@ __all__ = [
     "SwapEMAWeights",
     "TensorBoard",
     "TerminateOnNaN",
+    "TrackerCallback",
+    "WandbLogger",
     "__version__",
     "evaluate",
     "fit",
