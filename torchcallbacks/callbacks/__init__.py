@@ -10,6 +10,7 @@ from torchcallbacks.callbacks.early_stopping import EarlyStopping
 from torchcallbacks.callbacks.history import History
 from torchcallbacks.callbacks.lambda_callback import LambdaCallback
 from torchcallbacks.callbacks.learning_rate_scheduler import LearningRateScheduler
+from torchcallbacks.callbacks.mlflow_logger import MLflowLogger
 from torchcallbacks.callbacks.model_checkpoint import ModelCheckpoint
 from torchcallbacks.callbacks.monitor import MonitorCallback
 from torchcallbacks.callbacks.progbar_logger import ProgbarLogger
@@ -18,6 +19,8 @@ from torchcallbacks.callbacks.remote_monitor import RemoteMonitor
 from torchcallbacks.callbacks.swap_ema_weights import SwapEMAWeights
 from torchcallbacks.callbacks.tensorboard import TensorBoard
 from torchcallbacks.callbacks.terminate_on_nan import NonFiniteLossError, TerminateOnNaN
+from torchcallbacks.callbacks.tracker import TrackerCallback
+from torchcallbacks.callbacks.wandb_logger import WandbLogger
 
 __all__ = [
     "BackupAndRestore",
@@ -29,6 +32,7 @@ __all__ = [
     "LambdaCallback",
     "LearningRateScheduler",
     "LoopState",
+    "MLflowLogger",
     "ModelCheckpoint",
     "MonitorCallback",
     "NonFiniteLossError",
@@ -38,6 +42,8 @@ __all__ = [
     "SwapEMAWeights",
     "TensorBoard",
     "TerminateOnNaN",
+    "TrackerCallback",
+    "WandbLogger",
     "load_checkpoint",
     "save_checkpoint",
 ]

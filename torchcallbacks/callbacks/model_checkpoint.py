@@ -250,6 +250,20 @@ class ModelCheckpoint(MonitorCallback):
     def idle_hooks(self) -> frozenset[str]:
         return frozenset({"on_train_batch_end"}) if self.save_freq == "epoch" else frozenset()
 
+    def committed_paths(self) -> list[str]:
+        """The files (directories, for a sharded training state) of this callback's saves that are
+        complete on disk now, oldest first: writes are atomic, so a file in flight is not among them
+        until it is committed. Trackers read it to log the saved models (`MLflowLogger(log_models=...)`).
+
+        Example:
+
+        ```python
+        for path in checkpoint.committed_paths():
+            print(path)
+        ```
+        """
+        return [path for path, _ in self._kept if os.path.exists(path)]
+
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.loop.at_every(self.save_freq):
             # Batch logs are this process's running means; their mean over processes makes "is this
