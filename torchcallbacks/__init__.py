@@ -31,8 +31,7 @@ from torchcallbacks.callbacks import (
 )
 from torchcallbacks.checkpoint import CheckpointError, load_weights, save_weights
 from torchcallbacks.training import EpochIterator, evaluate, fit, predict
-
-__version__ = "0.1.0"
+from torchcallbacks.version import __version__
 
 __all__ = [
     "BackupAndRestore",

@@ -82,6 +82,7 @@ from torchcallbacks.checkpoint.encoding import decode, encode, from_json, to_jso
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write_json, fsync_file
 from torchcallbacks.distributed import all_gather_json, barrier, get_rank, get_world_size
+from torchcallbacks.version import __version__
 
 PathLike = str | os.PathLike[str]
 
@@ -525,8 +526,6 @@ def _stage(directory: PathLike, state: Mapping[str, Any], per_process: Any, *, d
     """The collective first part of a save (every process): agree on the temp directory, run DCP's
     planning and write its metadata, and gather every process's `per_process` value. With `defer`, the
     shards and the replicated tensors are copied to host buffers of their own, to be written later."""
-    from torchcallbacks import __version__
-
     target = os.path.abspath(os.fspath(directory))
     document, tensors = _encode_tree(state)
     shards = {name: t for name, t in tensors.items() if isinstance(t, DTensor)}

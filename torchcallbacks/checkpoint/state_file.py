@@ -40,6 +40,7 @@ from torchcallbacks.checkpoint.validate import (
     check_counter,
 )
 from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.version import __version__
 
 #: Document entries that describe the file rather than the state.
 _FILE_FIELDS = ("format", "format_version", "library_version", "torch_version")
@@ -106,8 +107,6 @@ def write_training_state(
     write_training_state("backup/latest.safetensors", callbacks.loop.state_dict())
     ```
     """
-    from torchcallbacks import __version__
-
     model = dict(state.get("model") or {})
     bad = [k for k in model if k.startswith(PREFIX)]
     if bad:

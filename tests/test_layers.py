@@ -1,0 +1,78 @@
+"""The package's layers, as docs/architecture.md states them: `training/` on `callbacks/`, `callbacks/`
+on `checkpoint/`, all of them on the base modules, and nothing upward; the package root only
+re-exports. Every import counts, function-local ones included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "torchcallbacks"
+LAYERS = {"training": 3, "callbacks": 2, "checkpoint": 1}  # every other module is a base module (0)
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a dotted module name of ours; None for the package root."""
+    parts = module.split(".")
+    if parts[0] != "torchcallbacks":
+        raise ValueError(module)
+    if len(parts) == 1:
+        return None
+    return LAYERS.get(parts[1], 0)
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of one of our modules in the file, wherever it stands."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "torchcallbacks"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "torchcallbacks":
+            found.append((node.lineno, node.module or ""))
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}:{node.lineno}: relative import (the layers are checked on absolute ones)")
+    return found
+
+
+def upward_imports(package: Path = PACKAGE) -> list[str]:
+    """Every import of a module by one of a lower layer (or of the package root by anything but the root)."""
+    problems = []
+    for path in sorted(package.rglob("*.py")):
+        name = _module_name(path, package)
+        own = _layer(name)
+        if own is None:
+            continue  # the root re-exports every layer
+        for line, imported in _imports(path):
+            layer = _layer(imported)
+            if layer is None or layer > own:
+                problems.append(f"{path.relative_to(package.parent)}:{line} ({name}, layer {own}) imports {imported}")
+    return problems
+
+
+def test_no_module_imports_a_higher_layer_or_the_package_root() -> None:
+    assert upward_imports() == []
+
+
+def test_the_check_sees_an_upward_import_even_inside_a_function(tmp_path: Path) -> None:
+    package = tmp_path / "torchcallbacks"
+    (package / "checkpoint").mkdir(parents=True)
+    (package / "__init__.py").write_text("from torchcallbacks.training import fit\n")
+    (package / "checkpoint" / "files.py").write_text("def f():\n    from torchcallbacks.callbacks.callback import Callback\n")
+    (package / "logs.py").write_text("import torchcallbacks\n")
+    assert upward_imports(package) == [
+        "torchcallbacks/checkpoint/files.py:2 (torchcallbacks.checkpoint.files, layer 1) imports torchcallbacks.callbacks.callback",
+        "torchcallbacks/logs.py:1 (torchcallbacks.logs, layer 0) imports torchcallbacks",
+    ]
+
+
+@pytest.mark.parametrize(("module", "layer"), [("torchcallbacks.training.fit", 3), ("torchcallbacks.logs", 0),
+                                               ("torchcallbacks.version", 0), ("torchcallbacks.checkpoint", 1)])
+def test_layers_of_module_names(module: str, layer: int) -> None:
+    assert _layer(module) == layer
