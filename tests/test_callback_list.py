@@ -133,7 +133,7 @@ def test_state_dict_collects_stateful_callbacks() -> None:
 
 
 def test_hand_written_loop_with_the_same_callbacks() -> None:
-    """The loop of DESIGN.md: tensors in batch logs, Keras stop idiom, History."""
+    """The hand-written loop of the README and docs/architecture.md: tensors in batch logs, Keras stop idiom, History."""
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     loader = make_regression()
