@@ -4,6 +4,8 @@
 callback objects work in a hand-written loop through `CallbackList`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from torchcallbacks.callbacks import (
     BackupAndRestore,
     Callback,
@@ -33,6 +35,19 @@ from torchcallbacks.checkpoint import CheckpointError, load_weights, save_weight
 from torchcallbacks.training import EpochIterator, evaluate, fit, predict
 from torchcallbacks.version import __version__
 
+if TYPE_CHECKING:
+    from torchcallbacks.checkpoint.sharded import export_full_weights
+
+
+def __getattr__(name: str) -> Any:
+    # export_full_weights lives with the FSDP2 code, which imports torch.distributed.checkpoint:
+    # imported on first use, so `import torchcallbacks` stays light.
+    if name == "export_full_weights":
+        from torchcallbacks.checkpoint.sharded import export_full_weights
+
+        return export_full_weights
+    raise AttributeError(f"module 'torchcallbacks' has no attribute {name!r}")
+
 __all__ = [
     "BackupAndRestore",
     "CSVLogger",
@@ -59,6 +74,7 @@ __all__ = [
     "WandbLogger",
     "__version__",
     "evaluate",
+    "export_full_weights",
     "fit",
     "load_checkpoint",
     "load_weights",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import tempfile
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def check_count(value: object, name: str, minimum: int = 0, note: str = "") -> int:
@@ -100,6 +103,38 @@ def check_save_freq(save_freq: object, owner: str) -> str | int | bool:
             f"BackupAndRestore expects {expected}."
         )
     raise ValueError(f"Unrecognized save_freq: {save_freq!r}. {owner} expects {expected}.")
+
+
+def check_local_path(path: str | os.PathLike[str], name: str) -> str:
+    """`path` as a local filesystem path; a `file://` URL becomes its path.
+
+    A path with another scheme (`s3://bucket/run`, `gs://...`, `memory://...`) is refused with a
+    ValueError naming the argument: today every checkpoint is written with the local protocol (temp
+    file, fsync, rename), and without this check `s3://bucket/m.safetensors` would silently become a
+    local folder named `s3:`. Remote storage is not supported yet (see docs/checkpoint-format.md).
+
+    Args:
+        path: the path or URL given.
+        name: the argument it came from, for the message (e.g. `"ModelCheckpoint: filepath"`).
+
+    Example:
+
+    ```python
+    check_local_path("file:///tmp/ckpt/m.safetensors", "save_weights: filepath")  # "/tmp/ckpt/m.safetensors"
+    ```
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or path, received {type(path).__name__}")
+    match = _URL.match(text)
+    if match is None:
+        return text
+    if match.group(1).lower() == "file":
+        return text[len(match.group(0)):] or "."
+    raise ValueError(
+        f"{name}: {text!r} is a {match.group(1)!r} URL; checkpoints are written to local paths only "
+        "(remote storage is not supported yet): give a local path, or a file:// URL"
+    )
 
 
 def check_writable_dir(path: str | os.PathLike[str], name: str) -> str:

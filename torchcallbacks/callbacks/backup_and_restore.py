@@ -17,7 +17,7 @@ from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.checks import check_save_freq, check_writable_dir_everywhere
+from torchcallbacks.checks import check_local_path, check_save_freq, check_writable_dir_everywhere
 from torchcallbacks.distributed import any_process, barrier, is_distributed, main_process_only
 
 
@@ -124,7 +124,7 @@ class BackupAndRestore(Callback):
             raise ValueError(f"Empty `backup_dir` argument passed: BackupAndRestore needs a directory, received {backup_dir!r}")
         if not isinstance(backup_dir, (str, os.PathLike)):
             raise TypeError(f"BackupAndRestore: backup_dir must be a path, received {backup_dir!r}")
-        self.backup_dir = os.fspath(backup_dir)
+        self.backup_dir = check_local_path(backup_dir, "BackupAndRestore: backup_dir")
         self.save_freq = check_save_freq(save_freq, "BackupAndRestore")
         self.double_checkpoint = bool(double_checkpoint)
         self.delete_checkpoint = bool(delete_checkpoint)

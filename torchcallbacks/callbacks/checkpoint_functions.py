@@ -22,6 +22,7 @@ from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.files import PathLike
 from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
 from torchcallbacks.checkpoint.validate import check_counter
+from torchcallbacks.checks import check_local_path
 from torchcallbacks.distributed import unwrap_model
 
 
@@ -131,6 +132,7 @@ def save_checkpoint(
     ```
     """
     _check_model_first(model, filepath, "save_checkpoint")
+    filepath = check_local_path(filepath, "save_checkpoint: filepath")
     if is_sharded(model):
         raise ValueError(
             "save_checkpoint: model is FSDP2-sharded (DTensor parameters): its training state is a directory of "
@@ -209,7 +211,7 @@ def load_checkpoint(
     ```
     """
     _check_model_first(model, filepath, "load_checkpoint")
-    path = os.fspath(filepath)
+    path = check_local_path(filepath, "load_checkpoint: filepath")
     loop, schedulers = _loop("load_checkpoint", model, optimizer, scaler, scheduler, callbacks)
     given = bool(loop.optimizers)
     if os.path.isdir(path):

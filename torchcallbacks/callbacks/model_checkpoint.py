@@ -14,7 +14,12 @@ from torchcallbacks.checkpoint.files import save_weights
 from torchcallbacks.checkpoint.full_weights import check_max_shard_size
 from torchcallbacks.checkpoint.state_file import write_training_state
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.checks import check_save_freq, check_verbose, check_writable_dir_everywhere
+from torchcallbacks.checks import (
+    check_local_path,
+    check_save_freq,
+    check_verbose,
+    check_writable_dir_everywhere,
+)
 from torchcallbacks.distributed import (
     barrier,
     main_process_only,
@@ -145,7 +150,7 @@ class ModelCheckpoint(MonitorCallback):
         super().__init__(monitor=monitor, mode=mode, baseline=initial_value_threshold)
         if not isinstance(filepath, (str, os.PathLike)):
             raise TypeError(f"ModelCheckpoint: filepath must be a str or path, received {type(filepath).__name__}")
-        filepath = os.fspath(filepath)
+        filepath = check_local_path(filepath, "ModelCheckpoint: filepath")
         if not filepath.endswith(".safetensors"):
             raise ValueError(f"ModelCheckpoint: filepath must end with '.safetensors', received {filepath!r}")
         self.save_freq = check_save_freq(save_freq, "ModelCheckpoint")

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.checks import check_local_path
 
 FORMAT_VERSION = 3
 KIND_KEY = "torchcallbacks.kind"
@@ -265,6 +266,7 @@ def save_weights(
     """
     from torchcallbacks.distributed import has_dtensors, unwrap_model
 
+    filepath = check_local_path(filepath, "save_weights: filepath")
     state = unwrap_model(model).state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     header = {**{str(k): str(v) for k, v in (metadata or {}).items()}, **_header(WEIGHTS)}
     if max_shard_size is not None or has_dtensors(state.values()):
@@ -313,7 +315,7 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
     """
     from torchcallbacks.distributed import has_dtensors, unwrap_model
 
-    path = os.fspath(filepath)
+    path = check_local_path(filepath, "load_weights: filepath")
     module = unwrap_model(model)
     if os.path.isdir(path):
         from torchcallbacks.checkpoint.sharded_model import is_sharded_state, load_state_weights

@@ -81,6 +81,7 @@ from torch.futures import Future
 from torchcallbacks.checkpoint.encoding import decode, encode, from_json, to_json
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write_json, fsync_file
+from torchcallbacks.checks import check_local_path
 from torchcallbacks.distributed import all_gather_json, barrier, get_rank, get_world_size
 from torchcallbacks.version import __version__
 
@@ -925,7 +926,7 @@ def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shar
 
     if max_shard_size is None:
         raise ValueError("max_shard_size: expected a positive integer (bytes), received None")
-    out = os.fspath(directory)
+    out = check_local_path(directory, "export_full_weights: directory")
     written = write_weights(unwrap_model(model).state_dict(), os.path.join(out, HF_WEIGHTS), {"format": "pt"},
                             max_shard_size=max_shard_size, collective=True, deduplicate=False)
     barrier()
