@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -41,9 +43,17 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _records(tmp_path: Path, run_id: str) -> list[list[dict[str, Any]]]:
-    """Every offline run directory of `run_id`, oldest first, as its list of records."""
+    """Every offline run directory of `run_id`, oldest first, as its list of records. W&B names them
+    `offline-run-<start second>-<id>`, with `-1`, `-2`... added when that directory exists already (a rerun
+    that starts within the same second)."""
+    name = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for directory in glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}*")):
+        match = name.fullmatch(Path(directory).name)
+        if match:
+            found.append(((match[1], int(match[2] or 0)), Path(directory) / f"run-{run_id}.wandb"))
     runs = []
-    for log in sorted(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))):
+    for _, log in sorted(found):
         out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", log],
                              capture_output=True, text=True, check=True, timeout=60).stdout
         runs.append([json.loads(line) for line in out.splitlines() if line.strip()])
@@ -87,7 +97,14 @@ def test_history_config_summary_and_exit(offline: Path) -> None:
     assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
 
 
-def test_crash_then_resume_continues_the_run_and_logs_each_step_once(offline: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("same_second", [False, True])
+def test_crash_then_resume_continues_the_run_and_logs_each_step_once(
+    offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_second: bool
+) -> None:
+    if same_second:  # the rerun starts within the crashed run's second: W&B gives its directory a suffix
+        import wandb.sdk.wandb_init
+
+        monkeypatch.setattr(wandb.sdk.wandb_init, "time", SimpleNamespace(time=lambda: 1.8e9))
     backup = str(tmp_path / "backup")
     logger = WandbLogger(project="p", update_freq=1)
     with pytest.raises(RuntimeError, match="crash"):
