@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import shutil
 import threading
@@ -187,6 +188,15 @@ def _kept_elsewhere(document: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     document["callbacks"][key]["kept"] = [["/etc/passwd.safetensors", 1.0]]
 
 
+def _kept_as(rename: Any) -> Any:
+    """ModelCheckpoint's `kept` entry replaced by `rename(entry)` (an edited backup)."""
+    def edit(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in document["callbacks"] if k.startswith("ModelCheckpoint"))
+        kept = document["callbacks"][key]["kept"]
+        kept[0][0] = rename(kept[0][0])
+    return edit
+
+
 def _exp_avg_shape(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     name = "@optimizers/0/state/0/exp_avg"
     tensors[name] = torch.zeros(3, 3)
@@ -211,6 +221,14 @@ HOSTILE = {
     "optimizer groups": (_set("optimizers/0/param_groups/0/params", [0, 1]), r"group 0 has 4 parameters, the file holds 2"),
     "kept file elsewhere": (
         _kept_elsewhere, r"callbacks/ModelCheckpoint.*names '/etc/passwd.safetensors', which is not a checkpoint file under"
+    ),
+    "kept file of another run": (  # under the checkpoint directory, but not a name the template gives
+        _kept_as(lambda entry: os.path.join(os.path.dirname(entry), "other_run", "model.safetensors")),
+        r"names '.*/ckpt/other_run/model.safetensors', which is not a checkpoint file under .* that filepath",
+    ),
+    "kept name beside the template": (
+        _kept_as(lambda entry: os.path.join(os.path.dirname(entry), "model.safetensors")),
+        r"names '.*/ckpt/model.safetensors', which is not a checkpoint file under",
     ),
     "metric sums": (_set("loop/metrics/means/loss", "lots"), r"'loop/metrics' does not fit"),
     "data position": (_set("loop/data/consumed", -2), r"'consumed' must be an integer >= 0"),
@@ -239,6 +257,32 @@ def test_a_hostile_value_is_refused_naming_file_and_field_and_changes_nothing(tm
     assert all(torch.equal(a, b) for a, b in zip(before[0].values(), model.state_dict().values(), strict=True))
     assert optimizer.state_dict() == before[1]
     assert ckpt.best_path is None and ckpt._kept == []  # the callbacks got nothing either
+
+
+def test_a_backup_cannot_make_model_checkpoint_delete_or_overwrite_what_it_never_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a template without a directory: its files are in the working directory
+    other = tmp_path / "other_run" / "m-1.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(b"another run's weights")
+    (tmp_path / "m-9.safetensors").mkdir()  # a directory where a file of the template would be
+    for entry, message in [
+        ("other_run/m-1.safetensors", r"names 'other_run/m-1.safetensors', which is not a checkpoint file"),
+        ("notes.safetensors", r"names 'notes.safetensors', which is not a checkpoint file"),
+        ("m-9.safetensors", r"names 'm-9.safetensors', which is not a regular file"),
+        ("m-1", r"names 'm-1', which is not a sharded checkpoint directory of ours"),
+    ]:
+        if entry == "m-1":
+            (tmp_path / "m-1").mkdir(exist_ok=True)  # a directory, but not one of our sharded states
+        checkpoint = tc.ModelCheckpoint("m-{epoch}.safetensors", monitor="loss", max_to_keep=1)
+        with pytest.raises(ValueError, match=message):
+            checkpoint.load_state_dict({"best": None, "best_path": None, "last_path": None, "kept": [[entry, 1.0]]})
+        assert checkpoint._kept == []
+    checkpoint.load_state_dict({"best": 1.0, "best_path": "m-3.safetensors", "last_path": "m-3.safetensors",
+                                "kept": [["m-3.safetensors", 1.0]]})  # the template's names are taken
+    assert checkpoint._kept == [["m-3.safetensors", 1.0]]
+    assert other.read_bytes() == b"another run's weights" and (tmp_path / "m-9.safetensors").is_dir()
 
 
 @pytest.mark.parametrize("text", ['{"format_version": 2, "epoch": NaN}', '{"format_version": 2, "format_version": 2}'])

@@ -48,6 +48,12 @@ def _template_fields(filepath: str) -> list[str]:
     return names
 
 
+def _is_sharded_state(path: str) -> bool:
+    from torchcallbacks.checkpoint.sharded_model import is_sharded_state  # DCP's modules: only when needed
+
+    return not os.path.islink(path) and is_sharded_state(path)
+
+
 class ModelCheckpoint(MonitorCallback):
     """Save the model's weights, or the whole training state, at some frequency.
 
@@ -202,26 +208,36 @@ class ModelCheckpoint(MonitorCallback):
         return {"best": self.best, "best_path": self.best_path, "last_path": self.last_path, "kept": self._kept}
 
     def _own_file(self, path: Any, field: str) -> str | None:
-        """`path` when it is None or a file this callback could have written: under the fixed
-        directory part of `filepath`, ending in `.safetensors`. A state read from a file must never
-        name files elsewhere (they would be deleted at the next rotation)."""
+        """`path` when it is None or a name this callback's saves can have: `filepath` with each field
+        filled (a file), or that without `.safetensors` (an FSDP2 training-state directory), under the
+        fixed directory part of `filepath` once symbolic links are resolved, and, where it exists, a
+        regular file or one of our checkpoint directories. A state read from a file must never name
+        anything else: the names it holds are deleted at the next rotation."""
         if path is None:
             return None
         if not isinstance(path, str):
             raise TypeError(f"ModelCheckpoint state {field!r}: expected a path string or None, received {path!r}")
         root = os.path.realpath(self._fixed_dir())
-        real = os.path.realpath(path)
-        if not (real.endswith(".safetensors") or self._is_sharded_name(path)) or os.path.commonpath([root, real]) != root:
+        file = self._produces(path, ".safetensors")
+        directory = not file and self._produces(path, "")
+        if not (file or directory) or os.path.commonpath([root, os.path.realpath(path)]) != root:
             raise ValueError(
                 f"ModelCheckpoint state {field!r} names {path!r}, which is not a checkpoint file under {root!r} "
-                f"(this callback's filepath is {self.filepath!r}); refusing a state that points elsewhere"
+                f"that filepath {self.filepath!r} names; refusing a state that points elsewhere"
+            )
+        if file and os.path.lexists(path) and not os.path.isfile(path):
+            raise ValueError(f"ModelCheckpoint state {field!r} names {path!r}, which is not a regular file")
+        if directory and os.path.lexists(path) and not _is_sharded_state(path):
+            raise ValueError(
+                f"ModelCheckpoint state {field!r} names {path!r}, which is not a sharded checkpoint directory "
+                "of ours"
             )
         return path
 
-    def _is_sharded_name(self, path: str) -> bool:
-        """Whether `path` is a name `filepath` gives a sharded checkpoint directory (the template
-        without `.safetensors`, each field matching characters other than a separator, no `..`)."""
-        parts = string.Formatter().parse(self.filepath.removesuffix(".safetensors"))
+    def _produces(self, path: str, suffix: str) -> bool:
+        """Whether `filepath` (with `suffix` in place of `.safetensors`) gives the name `path`: its
+        literal parts as they are, each field any characters but a separator, no `..` component."""
+        parts = string.Formatter().parse(self.filepath.removesuffix(".safetensors") + suffix)
         field = f"[^{re.escape(os.sep)}]+"
         pattern = "".join(re.escape(literal) + (field if name is not None else "") for literal, name, _, _ in parts)
         return re.fullmatch(pattern, path) is not None and ".." not in path.split(os.sep)
