@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import warnings
@@ -291,6 +292,87 @@ def test_metadata_that_is_not_strict_json_is_refused(tmp_path: Path, text: str) 
     _rewrite(path, tensors, metadata, text=text)
     with pytest.raises(tc.CheckpointError, match=r"the training-state metadata: (NaN is not allowed|duplicate key .format_version.)"):
         read_training_state(path)
+
+
+def _nested(depth: int) -> Any:
+    def edit(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        document["extra"] = {"x": json.loads("[" * depth + "]" * depth)}
+    return edit
+
+
+def _replace_file(make: Any) -> Any:
+    """latest.safetensors replaced by what `make(path)` puts there."""
+    def damage(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        path.unlink()
+        make(path)
+    return damage
+
+
+DAMAGED = {  # (damage, what the CheckpointError says after the file's name)
+    "rng a number": (lambda p, t, m: _rewrite(p, t, m, _set("rng", 5)), "field 'rng' must be a dict"),
+    "callbacks a list of ints": (lambda p, t, m: _rewrite(p, t, m, _set("callbacks", [1, 2])), "field 'callbacks' must be a dict"),
+    "ranks a list of ints": (lambda p, t, m: _rewrite(p, t, m, _set("ranks", [1])), "field 'ranks/0' must be a dict"),
+    "world size a string": (lambda p, t, m: _rewrite(p, t, m, _set("world_size", "two")), "field 'world_size' must be an integer >= 1"),
+    "optimizer types too few": (lambda p, t, m: _rewrite(p, t, m, _set("optimizer_types", [])), "field 'optimizer_types' holds 0"),
+    "JSON nested 600 deep": (lambda p, t, m: _rewrite(p, t, m, _nested(600)), "JSON nested more than 100 deep"),
+    "batch beyond the epoch": (lambda p, t, m: _rewrite(p, t, m, _set("batch", 10**9)), "field 'batch' is 1000000000, beyond the 4 batches"),
+    "a FIFO": (_replace_file(lambda path: os.mkfifo(path)), "is not a regular file"),
+    "a link to /dev/zero": (_replace_file(lambda path: path.symlink_to("/dev/zero")), "is not a regular file"),
+    "a link to nothing": (_replace_file(lambda path: path.symlink_to(path.parent / "gone")), "is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_damaged_latest_backup_is_a_checkpoint_error_naming_it_and_falls_back(tmp_path: Path, case: str) -> None:
+    path, tensors, metadata = _backup(tmp_path, double=True)
+    damage, message = DAMAGED[case]
+    damage(path, tensors, metadata)
+    with pytest.raises(tc.CheckpointError, match=re.escape(repr(str(path))) + ".*" + message):
+        _fit([tc.BackupAndRestore(tmp_path / "b", save_freq=3)])  # no previous backup to fall back to
+    backup = tc.BackupAndRestore(tmp_path / "b", save_freq=3, double_checkpoint=True)
+    with pytest.warns(UserWarning, match=rf"{re.escape(repr(str(path)))}.*falling back to .*previous.safetensors"):
+        _fit([backup, tc.ModelCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.safetensors"), monitor="loss", max_to_keep=1)])
+    assert backup.restored is not None and backup.restored.path.endswith("previous.safetensors")
+
+
+def test_a_directory_in_place_of_the_backup_file_is_named_before_training(tmp_path: Path) -> None:
+    (tmp_path / "latest.safetensors").mkdir()
+    (tmp_path / "latest.safetensors" / "mine").write_text("kept")
+    model = make_model()
+    with pytest.raises(IsADirectoryError, match="latest.safetensors"):
+        tc.fit(model, make_regression(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+               loss=torch.nn.functional.mse_loss, epochs=1, verbose=0, callbacks=[tc.BackupAndRestore(tmp_path)])
+    assert (tmp_path / "latest.safetensors" / "mine").read_text() == "kept"
+    with pytest.raises(IsADirectoryError, match="a directory is where the file goes"):
+        write_training_state(tmp_path / "latest.safetensors", tc.CallbackList([], model=model).loop.state_dict())
+
+
+def test_a_backup_of_an_epoch_beyond_epochs_says_nothing_is_left_to_train(tmp_path: Path) -> None:
+    _fit([tc.BackupAndRestore(tmp_path, delete_checkpoint=False)], epochs=4)
+    with pytest.warns(UserWarning, match=r"saved at epoch 4, beyond this run's epochs=2: nothing is left to train"):
+        _fit([tc.BackupAndRestore(tmp_path)], epochs=2)
+
+
+def test_double_checkpoint_keeps_a_complete_latest_at_every_instant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill at any rename of a save leaves latest.safetensors complete (it was moved to previous
+    first, and 3 of 60 kills found no latest)."""
+    import torchcallbacks.checkpoint.writer as writer
+
+    latest = tmp_path / "latest.safetensors"
+    renames: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        renames.append((os.path.basename(src), os.path.basename(dst)))
+        if renames[0][1] == latest.name:  # from the first backup's commit on
+            assert latest.is_file(), f"no {latest.name} after renaming {src} to {dst}"
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    _fit([tc.BackupAndRestore(tmp_path, save_freq=2, double_checkpoint=True, delete_checkpoint=False)], epochs=2)
+    assert ("previous", "previous.safetensors") in renames  # the previous copy was kept as well
+    first, second = read_training_state(latest), read_training_state(tmp_path / "previous.safetensors")
+    assert (first["global_step"], second["global_step"]) == (8, 6)  # the last two backups
 
 
 def test_every_refusal_falls_back_to_the_previous_backup(tmp_path: Path) -> None:

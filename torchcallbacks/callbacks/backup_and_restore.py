@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -147,6 +148,9 @@ class BackupAndRestore(Callback):
     def restore(self) -> None:
         self._sigterm = False
         check_writable_dir_everywhere(self.backup_dir, "BackupAndRestore: backup_dir")  # now, not at the first backup
+        for path in (self.latest_path, self.previous_path):
+            if os.path.isdir(path):  # no backup could be written there: say so before training
+                raise IsADirectoryError(errno.EISDIR, "BackupAndRestore: a directory is where its backup file goes", path)
         for i, scheduler in enumerate(self.schedulers):
             self.loop.track(f"scheduler/{i}", scheduler)
         self.restored = self._restore()
@@ -168,10 +172,12 @@ class BackupAndRestore(Callback):
         candidates = [self.latest_path] + ([self.previous_path] if self.double_checkpoint else [])
         errors: list[CheckpointError] = []
         for path in candidates:
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 continue
             if errors:
                 warnings.warn(f"BackupAndRestore: {errors[-1]}; falling back to {path!r}", stacklevel=4)
+            elif path == self.previous_path:
+                warnings.warn(f"BackupAndRestore: {self.latest_path!r} is missing; resuming from {path!r}", stacklevel=4)
             try:
                 return self.loop.load_state_dict(read_training_state(path), path)
             except CheckpointError as exc:

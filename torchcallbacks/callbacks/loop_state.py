@@ -30,6 +30,7 @@ from torchcallbacks.checkpoint.validate import (
     check_list,
     check_optimizer_states,
     check_rng_state,
+    check_state_fields,
     optimizer_type,
 )
 from torchcallbacks.distributed import (
@@ -300,6 +301,23 @@ class LoopState:
         )
         return {"rng": state.get("rng") or {}, "loop": {k: v for k, v in (state.get("loop") or {}).items() if k != "data"}}
 
+    def _check_reachable(self, epoch: int, batch: int, where: str) -> None:
+        """Counters this run can reach: a batch within an epoch's length (a saved position beyond
+        it would skip the rest of the epoch); an epoch beyond `epochs` leaves nothing to train,
+        which a warning says."""
+        params = getattr(self.callbacks, "params", None) or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        if isinstance(steps, int) and batch > steps:
+            raise CheckpointError(
+                f"{where}: field 'batch' is {batch}, beyond the {steps} batches of an epoch of this run "
+                "(was the data shortened, or steps_per_epoch changed?)"
+            )
+        if isinstance(epochs, int) and epoch > epochs:
+            warnings.warn(
+                f"{where} was saved at epoch {epoch}, beyond this run's epochs={epochs}: nothing is left to train",
+                stacklevel=5,
+            )
+
     def _check(
         self, state: Mapping[str, Any], where: str, source: str, *, tensors_read: bool = True,
         restore_rng: bool = True, required: Sequence[str] = (),
@@ -307,7 +325,9 @@ class LoopState:
         """Every check of `state` that needs no callback (those are checked by applying), before
         anything is applied; returns what `load_state_dict` applies. With `tensors_read=False` (a
         sharded state whose tensors are None yet) only what the JSON tells: key names, counts, types."""
+        check_state_fields(state, where)
         counters = [check_counter(state.get(name), where, name) for name in ("epoch", "batch", "global_step")]
+        self._check_reachable(counters[0], counters[1], where)
         own = self._own_part(state, where) if tensors_read else {"rng": state.get("rng") or {}, "loop": state.get("loop") or {}}
         model = unwrap_model(self.model) if self.model is not None else None
         tensors = dict(state.get("model") or {})

@@ -93,8 +93,9 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         path: the file to read.
 
     Raises:
-        FileNotFoundError: there is no file at `path`.
-        CheckpointError: the file is not a complete safetensors file (truncated, foreign, damaged),
+        FileNotFoundError: there is nothing at `path`.
+        CheckpointError: `path` is not a regular file (a directory, a FIFO, a device), or not a
+            complete safetensors file (truncated, foreign, damaged),
             its header is larger than `reader.MAX_HEADER_BYTES`, or its aliases entry is not strict JSON.
 
     Example:
@@ -107,8 +108,10 @@ def read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from torchcallbacks.checkpoint.reader import check_header_size
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    if not os.path.isfile(path):  # a directory, a FIFO, a link to a device or to nothing: never opened
+        raise CheckpointError(f"{path!r} is not a regular file (a checkpoint file is one)")
     check_header_size(path)  # before anything parses the header
     try:
         with safe_open(path, framework="pt", device="cpu") as f:

@@ -79,9 +79,14 @@ def check_header_size(path: str | os.PathLike[str]) -> int:
     return header_size
 
 
+#: The deepest nesting of JSON that `loads_strict` takes (a training state nests about 10 deep; the
+#: callbacks' own states are in it).
+MAX_JSON_DEPTH = 100
+
+
 def loads_strict(text: str, where: str) -> Any:
     """`json.loads` for strict JSON: refuses `NaN`, `Infinity` and `-Infinity`, numbers that
-    overflow a float (`1e999`), and objects with a repeated key.
+    overflow a float (`1e999`), objects with a repeated key, and nesting deeper than `MAX_JSON_DEPTH`.
 
     Args:
         text: the JSON text.
@@ -120,8 +125,22 @@ def loads_strict(text: str, where: str) -> Any:
         return result
 
     try:
-        return json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=unique)
+        value = json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=unique)
     except CheckpointError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{where}: not valid JSON: {exc}") from exc
+    _check_depth(value, where)
+    return value
+
+
+def _check_depth(value: Any, where: str) -> None:
+    """Refuse JSON nested deeper than `MAX_JSON_DEPTH` (checked without recursion): what reads it
+    afterwards recurses, and a state of ours nests about 10 deep."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))

@@ -282,3 +282,59 @@ def check_list(value: Any, where: str, field: str, count: int | None = None) -> 
     if count is not None and len(value) != count:
         raise CheckpointError(f"{where}: field {field!r} holds {len(value)} item(s), {count} expected")
     return value
+
+
+#: The type each top-level field of a training-state tree must have when it is present (not None).
+_FIELD_TYPES: dict[str, tuple[type, str]] = {
+    "rng": (Mapping, "a dict of random states"),
+    "callbacks": (Mapping, "a dict callback state key -> state"),
+    "loop": (Mapping, "a dict of the loop's parts"),
+    "extra": (Mapping, "a dict"),
+    "model": (Mapping, "a dict of tensors"),
+    "scaler": (Mapping, "a GradScaler state (a dict)"),
+    "optimizers": (list, "a list"),
+    "optimizer_types": (list, "a list of class names"),
+    "ranks": (list, "a list, one entry per process"),
+    "callbacks_by_position": (bool, "true or false"),
+}
+
+
+def check_state_fields(state: Mapping[str, Any], where: str) -> None:
+    """The type of every top-level field of a training-state tree, and of what each process's entry
+    in `ranks` holds, before anything reads inside them: a damaged or edited file is a
+    `CheckpointError` naming the field, never an AttributeError or TypeError of the reader.
+
+    Args:
+        state: the tree (e.g. `read_training_state`'s).
+        where: the file, for messages.
+
+    Example:
+
+    ```python
+    check_state_fields(read_training_state("backup/latest.safetensors"), "'backup/latest.safetensors'")
+    ```
+    """
+    for name, (kind, expected) in _FIELD_TYPES.items():
+        value = state.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise _fail(where, name, expected, value)
+    keys = [key for key in state.get("callbacks") or {} if not isinstance(key, str)]
+    if keys:
+        raise _fail(where, "callbacks", "a dict with string keys", keys[0])
+    types = state.get("optimizer_types")
+    if types is not None and not all(t is None or isinstance(t, str) for t in types):
+        raise _fail(where, "optimizer_types", "a list of class names", types)
+    if types is not None and len(types) != len(state.get("optimizers") or []):
+        raise CheckpointError(
+            f"{where}: field 'optimizer_types' holds {len(types)} item(s), one per optimizer "
+            f"({len(state.get('optimizers') or [])}) expected"
+        )
+    world = state.get("world_size")
+    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
+        raise _fail(where, "world_size", "an integer >= 1", world)
+    for i, rank in enumerate(state.get("ranks") or []):
+        if not isinstance(rank, Mapping):
+            raise _fail(where, f"ranks/{i}", "a dict (one process's random states and loop parts)", rank)
+        for name in ("rng", "loop"):
+            if rank.get(name) is not None and not isinstance(rank[name], Mapping):
+                raise _fail(where, f"ranks/{i}/{name}", "a dict", rank[name])

@@ -30,6 +30,7 @@ write is raised on the training thread, at the next save, at `flush()` or at `cl
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -123,8 +124,9 @@ def atomic_save_file(
         tensors: name -> contiguous tensor, no two sharing memory.
         path: the file to create or replace; its directory is created if needed.
         metadata: safetensors header metadata (strings only).
-        keep_previous_as: if given and `path` exists, the old file is moved there (also atomically)
-            just before the new one takes its place.
+        keep_previous_as: if given and `path` is a file, the old file becomes this one (a hard link
+            renamed into place) just before the new one takes its place: there is a complete file at
+            `path` at every instant.
 
     Example:
 
@@ -152,8 +154,9 @@ def atomic_write(
     Args:
         path: the file to create or replace; its directory is created if needed.
         write: writes the whole content to the file it is given (and closes it).
-        keep_previous_as: if given and `path` exists, the old file is moved there (also atomically)
-            just before the new one takes its place.
+        keep_previous_as: if given and `path` is a file, the old file becomes this one (a hard link
+            renamed into place) just before the new one takes its place: there is a complete file at
+            `path` at every instant.
 
     Example:
 
@@ -162,6 +165,8 @@ def atomic_write(
     ```
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a directory is where the file goes (it is left as it is)", path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # A private temp directory: save_file itself writes a `.tmpXXXXXX` file next to the file it is
@@ -172,13 +177,25 @@ def atomic_write(
         os.mkdir(tmp_dir)
         write(tmp)
         fsync_file(tmp)
-        if keep_previous_as is not None and os.path.exists(path):
-            os.replace(path, os.fspath(keep_previous_as))
+        if keep_previous_as is not None and os.path.isfile(path):
+            _keep_copy(path, os.fspath(keep_previous_as), os.path.join(tmp_dir, "previous"))
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
     _fsync_dir(directory)
     _remove_stale_temp_files(directory)
+
+
+def _keep_copy(path: str, previous: str, held: str) -> None:
+    """Make `previous` a copy of `path` while `path` stays in place: a hard link (or, on a file
+    system without them, a copy) under the temp name `held`, then renamed to `previous`. A kill at
+    any instant leaves `path` whole, where moving it to `previous` first left a moment without it."""
+    try:
+        os.link(path, held)
+    except OSError:
+        shutil.copyfile(path, held)
+        fsync_file(held)
+    os.replace(held, previous)
 
 
 def atomic_write_json(path: str | os.PathLike[str], value: Any, *, indent: int | None = None) -> None:
