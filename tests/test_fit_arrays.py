@@ -192,6 +192,62 @@ def test_class_weight_becomes_per_sample_weights(one_hot: bool) -> None:
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def _three_classes(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(7))
+    return x, torch.arange(n) % 3
+
+
+def test_class_weight_does_not_weigh_the_validation_split() -> None:
+    # Keras 3 applies class_weight to training only: val_loss is the plain mean loss of the held-out
+    # samples. lr=0 keeps the model as it is, so the expected value is computed with the same weights.
+    x, labels = _three_classes()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    history = tc.fit(
+        model, x, labels, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=PER_SAMPLE_CE,
+        class_weight={0: 1.0, 1: 3.0, 2: 0.5}, validation_split=0.25, batch_size=8, verbose=0,
+    )
+    with torch.no_grad():
+        per_sample = PER_SAMPLE_CE(model(x[30:]), labels[30:])
+    assert history.history["val_loss"][0] == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    weighted = per_sample * torch.tensor([1.0, 3.0, 0.5])[labels[30:]]
+    assert abs(weighted.mean().item() - per_sample.mean().item()) > 1e-3  # the test tells them apart
+
+
+def test_class_weight_trains_on_the_training_split_weighted_by_class() -> None:
+    # the training samples (the first 30) still weigh their class's weight
+    x, labels = _three_classes()
+    class_weight = {0: 1.0, 1: 3.0, 2: 0.5}
+    torch.manual_seed(0)
+    by_loader, by_arrays = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    by_arrays.load_state_dict(by_loader.state_dict())
+    weights = torch.tensor([class_weight[int(c)] for c in labels[:30]])
+    _fit(by_loader, DataLoader(TensorDataset(x[:30], labels[:30], weights), batch_size=8), loss=PER_SAMPLE_CE)
+    _fit(by_arrays, x, labels, class_weight=class_weight, validation_split=0.25, batch_size=8, shuffle=False,
+         loss=PER_SAMPLE_CE)
+    assert _same_weights(by_loader, by_arrays)
+
+
+def test_sample_weight_is_split_along_for_validation_and_a_tuple_without_weights_is_unweighted() -> None:
+    x, labels = _three_classes()
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    history = tc.fit(
+        model, x, labels, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=PER_SAMPLE_CE,
+        sample_weight=weights, validation_split=0.25, batch_size=40, verbose=0,
+    )
+    with torch.no_grad():
+        per_sample = PER_SAMPLE_CE(model(x[30:]), labels[30:])
+    assert history.history["val_loss"][0] == pytest.approx((per_sample * weights[30:]).mean().item(), rel=1e-6)
+    for given in ({"class_weight": {1: 3.0}}, {"sample_weight": weights[:30]}):
+        history = tc.fit(
+            model, x[:30], labels[:30], optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=PER_SAMPLE_CE,
+            validation_data=(x[30:], labels[30:]), batch_size=40, verbose=0, **given,
+        )
+        assert history.history["val_loss"][0] == pytest.approx(per_sample.mean().item(), rel=1e-6), given
+
+
 def test_class_weights_to_sample_weights_follows_keras() -> None:
     assert torch.equal(class_weights_to_sample_weights(np.array([0, 1, 1, 2]), {1: 3.0}), torch.tensor([1.0, 3.0, 3.0, 1.0]))
     assert torch.equal(class_weights_to_sample_weights(torch.tensor([[0.0], [2.0]]), {2: 5.0}), torch.tensor([1.0, 5.0]))

@@ -227,6 +227,26 @@ def class_weights_to_sample_weights(y: Any, class_weight: Mapping[int, float]) -
     return weights
 
 
+def uniform_weights(y: Any, name: str = "y") -> torch.Tensor:
+    """A weight of 1 for every sample of `y` (an array structure): what the validation samples of a
+    run trained with `class_weight` weigh, so that a per-sample loss averages them unweighted.
+
+    Args:
+        y: the targets, a tensor, a numpy array, or a tuple or dict of them (one row per sample).
+        name: the argument it came from, for error messages.
+
+    Example:
+
+    ```python
+    uniform_weights(torch.tensor([0, 2, 1]))  # tensor([1., 1., 1.])
+    ```
+    """
+    tensors = _flatten(y, name)[0]
+    if not tensors:
+        raise ValueError(f"{name}: expected at least one array")
+    return torch.ones(tensors[0].shape[0], dtype=torch.get_default_dtype())
+
+
 def split_for_validation(parts: Sequence[Any], validation_split: float) -> tuple[list[Any], list[Any]]:
     """The training and validation parts of arrays, as Keras splits them: the LAST
     `validation_split` fraction of the samples (before any shuffling) is for validation.

@@ -30,6 +30,7 @@ from torchcallbacks.training.arrays import (
     is_array_data,
     is_array_validation,
     split_for_validation,
+    uniform_weights,
 )
 from torchcallbacks.training.data import EpochIterator, check_same_length, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
@@ -145,9 +146,13 @@ def fit(
         class_weight: with array `x`, a dict class index -> weight; each training sample weighs its
             class's weight (1 for a class not in the dict), as a per-sample `sample_weight`. The class
             is `y` itself (class indices, shape `(n,)` or `(n, 1)`), or the argmax of one-hot rows.
-            `loss` must then return per-sample values (see `loss`). Not with `sample_weight`.
+            `loss` must then return per-sample values (see `loss`). Not with `sample_weight`. As in
+            Keras 3, validation ignores it: the `validation_split` samples and a `(x_val, y_val)`
+            tuple weigh 1 each (a `(x_val, y_val, sample_weight_val)` tuple its own weights).
         sample_weight: with array `x`, one weight per training sample (a tensor or numpy array);
-            batches become `(x, y, sample_weight)`, and `loss` must return per-sample values.
+            batches become `(x, y, sample_weight)`, and `loss` must return per-sample values. With
+            `validation_split` the held-out samples keep theirs (Keras splits them along with `x`);
+            a `(x_val, y_val)` tuple weighs 1 per sample.
         initial_epoch: epoch to start at (to continue an earlier run).
         steps_per_epoch: batches per epoch. With it, one iterator carries over between epochs (so an
             endless iterable works); without it, an epoch is one pass over `x`.
@@ -312,6 +317,9 @@ def _training_data(
         )
     if is_array_validation(validation_data):
         val_sample_weight = validation_data[2] if len(validation_data) == 3 else None
+        if val_sample_weight is None and (class_weight is not None or sample_weight is not None):
+            # the loss returns per-sample values (weighted training needs them): validation averages them
+            val_sample_weight = uniform_weights(validation_data[1], "validation_data")
         val_parts, val_names = _batch_parts(validation_data[0], validation_data[1], val_sample_weight, "validation_data")
         validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
     if not is_array_data(x):
@@ -333,12 +341,18 @@ def _training_data(
             raise ValueError("fit: class_weight and sample_weight both given; pass one (as in Keras)")
         if y is None:
             raise TypeError("fit: class_weight needs the targets y")
-        sample_weight = class_weights_to_sample_weights(y, class_weight)
     if validation_split:
+        # Keras 3 splits x, y and a given sample_weight; class_weight applies to training only, so the
+        # held-out samples are weighted by sample_weight alone (unweighted with class_weight).
         train, held_out = split_for_validation((x, y, sample_weight), validation_split)
         x, y, sample_weight = train
-        val_parts, val_names = _batch_parts(held_out[0], held_out[1], held_out[2], "validation_split")
+        val_weight = held_out[2]
+        if class_weight is not None:
+            val_weight = uniform_weights(held_out[1], "validation_split")  # unweighted, per-sample loss
+        val_parts, val_names = _batch_parts(held_out[0], held_out[1], val_weight, "validation_split")
         validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+    if class_weight is not None:
+        sample_weight = class_weights_to_sample_weights(y, class_weight)  # of the training samples only
     parts, names = _batch_parts(x, y, sample_weight, "fit")
     return array_loader(parts, names, batch_size, shuffle=bool(shuffle)), validation_data
 
