@@ -17,6 +17,7 @@ from torchcallbacks.logs import to_floats
 from torchcallbacks.training.arguments import (
     check_callable,
     check_model,
+    check_optimized,
     check_optimizers,
     check_verbose,
     make_callback_list,
@@ -95,6 +96,7 @@ def fit(
     gradient_accumulation_steps: int | None = None,
     train_step: StepFunction | None = None,
     test_step: StepFunction | None = None,
+    warn_unoptimized: bool = True,
 ) -> History:
     """Trains `model` on the batches of `x` for a number of epochs, calling the callbacks' hooks.
 
@@ -181,6 +183,11 @@ def fit(
             step (forward, backward and optimizer step are then yours); the batch is already on the
             device. Returned values are logged as running means.
         test_step: the same for validation: `test_step(batch) -> loss tensor or dict of scalars`.
+        warn_unoptimized: before the first step, `fit` compares the optimizers' parameters with the
+            model's trainable ones (`requires_grad`; frozen ones do not count): an optimizer that holds
+            none of them is a `ValueError` (it would train nothing), and when the optimizers together
+            leave some out a `UserWarning` says how many; False silences that warning (parameters
+            left out on purpose). Not checked with a custom `train_step`, which steps what it likes.
 
     Returns:
         The `History` of the run.
@@ -205,6 +212,9 @@ def fit(
     if validation_data is not None and loss is None and test_step is None:
         raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
     optimizers = check_optimizers(optimizer)
+    if train_step is None:
+        several = isinstance(optimizer, (list, tuple)) and len(optimizers) > 1
+        check_optimized(model, optimizers, several, bool(warn_unoptimized), loss)
     verbose = check_verbose(verbose)
     steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
     validation_steps = check_steps(validation_steps, "validation_steps")
