@@ -237,3 +237,22 @@ def test_a_custom_train_step_may_step_what_it_likes() -> None:
 
     history = _fit(model=model, optimizer=torch.optim.SGD(other.parameters()), train_step=train_step)
     assert len(history.history["loss"]) == 1
+
+
+def test_a_model_on_the_meta_device_is_a_value_error_naming_model() -> None:
+    with torch.device("meta"):
+        model = make_model()
+    message = r"model has tensors on the 'meta' device \(shapes without data\), e.g. '0.weight'; materialize"
+    with pytest.raises(ValueError, match="^fit: " + message):
+        _fit(model=model)
+    with pytest.raises(ValueError, match="^fit: " + message):  # before moving it (.to() cannot)
+        _fit(model=model, device="cpu")
+    with pytest.raises(ValueError, match="^evaluate: " + message):
+        tc.evaluate(model, make_regression(), loss=F.mse_loss, verbose=0)
+    with pytest.raises(ValueError, match="^predict: " + message):
+        tc.predict(model, make_regression(), verbose=0)
+    model.to_empty(device="cpu")  # materialized: it trains
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    assert len(_fit(model=model).history["loss"]) == 1

@@ -18,6 +18,10 @@ from torchcallbacks.checks import check_verbose as check_verbose
 def check_model(model: Any, where: str) -> torch.nn.Module:
     """`model` itself when it is a `torch.nn.Module`, else a `TypeError` that names `where`.
 
+    A model with parameters or buffers on the `meta` device (shapes without data, as built under
+    `torch.device("meta")` for deferred initialisation) is a `ValueError` naming `model` and the
+    first such tensor: it cannot run, nor be moved with `.to()`.
+
     Args:
         model: the `model` argument as given.
         where: the public function checking it, for the message (e.g. `"fit"`).
@@ -30,6 +34,13 @@ def check_model(model: Any, where: str) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, received {type(model).__name__}")
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(
+                f"{where}: model has tensors on the 'meta' device (shapes without data), e.g. {name!r}; "
+                "materialize it first: model.to_empty(device=...) and then initialize the weights "
+                "(e.g. model.reset_parameters() per module) or load them (torchcallbacks.load_weights)"
+            )
     return model
 
 
