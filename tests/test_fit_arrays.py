@@ -259,8 +259,16 @@ def test_class_weights_to_sample_weights_follows_keras() -> None:
 
 def test_class_weight_with_a_mean_loss_names_the_per_sample_requirement() -> None:
     x, _ = _data()
-    with pytest.raises(ValueError, match="one value per sample"):
+    with pytest.raises(ValueError, match="^loss: class_weight was given, so .* one value per sample"):
         _fit(torch.nn.Linear(4, 3), x, torch.arange(40) % 3, loss=F.cross_entropy, class_weight={0: 2.0})
+    with pytest.raises(ValueError, match="^loss: sample_weight was given, so .* one value per sample"):
+        _fit(torch.nn.Linear(4, 3), x, torch.arange(40) % 3, loss=F.cross_entropy, sample_weight=torch.ones(40))
+    with pytest.raises(ValueError, match="^loss: sample_weight was given, so .* one value per sample"):
+        tc.evaluate(torch.nn.Linear(4, 3), x, torch.arange(40) % 3, loss=F.cross_entropy, sample_weight=torch.ones(40),
+                    verbose=0)
+    loader = DataLoader(TensorDataset(x, torch.arange(40) % 3, torch.ones(40)), batch_size=8)
+    with pytest.raises(ValueError, match="^loss: the batch has sample_weight, so .* one value per sample"):
+        _fit(torch.nn.Linear(4, 3), loader, loss=F.cross_entropy)
 
 
 # -- evaluate and predict --------------------------------------------------------------------------------

@@ -138,7 +138,10 @@ def evaluate(
     x = array_batches(x, y, batch_size, sample_weight, "evaluate")
     device = resolve_device(model, device)
     named_metrics = normalize_metrics(metrics)
-    stepper = Stepper(model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step)
+    stepper = Stepper(
+        model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step,
+        weights_from="sample_weight was given" if sample_weight is not None else "the batch has sample_weight",
+    )
     callback_list = make_callback_list(
         callbacks, model, None, add_history=False, add_progbar=verbose != 0,
         params={"verbose": verbose, "epochs": 1, "steps": steps if steps is not None else known_length(x)},

@@ -231,7 +231,7 @@ def fit(
     stepper = Stepper(
         model, device, tracker, loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
         scaler=grad_scaler, clip_grad_norm=clip_grad_norm, train_step=train_step, test_step=test_step,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=accumulation, weights_from=_weights_from(class_weight, sample_weight),
     )
     train_data = EpochIterator(x, steps_per_epoch, "x")
     params = {
@@ -296,6 +296,15 @@ def _check_arguments(
     check_count(initial_epoch, "initial_epoch")
     if clip_grad_norm is not None and not _is_positive(clip_grad_norm):
         raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
+
+
+def _weights_from(class_weight: Any, sample_weight: Any) -> str:
+    """Where the batches' sample weights come from, for the loss's message (Stepper.weights_from)."""
+    if class_weight is not None:
+        return "class_weight was given"
+    if sample_weight is not None:
+        return "sample_weight was given"
+    return "the batch has sample_weight"
 
 
 def _check_accumulation(value: Any, train_step: Any) -> int:
