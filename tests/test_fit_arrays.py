@@ -271,6 +271,60 @@ def test_class_weight_with_a_mean_loss_names_the_per_sample_requirement() -> Non
         _fit(torch.nn.Linear(4, 3), loader, loss=F.cross_entropy)
 
 
+# -- dtypes: arrays are cast to the model's, a loader's batches are not --------------------------------
+def test_floating_arrays_are_cast_to_the_model_dtype() -> None:
+    x, y = _data()
+    for model in (seeded_model(), seeded_model().double()):
+        dtype = next(model.parameters()).dtype
+        for given_x, given_y in ((x.double().numpy(), y.double().numpy()), (x.double(), y.double()), (x, y)):
+            history = _fit(model, given_x, given_y, validation_split=0.25, batch_size=8)
+            assert len(history.history["val_loss"]) == 1
+            assert tc.evaluate(model, given_x, given_y, loss=F.mse_loss, verbose=0) > 0
+            assert tc.predict(model, given_x, verbose=0).dtype == dtype
+    same = x.numpy()
+    assert _fit(seeded_model(), same, y.numpy()) is not None and same.dtype == np.float32  # shared, not cast
+
+
+def test_a_loader_of_another_floating_dtype_is_a_type_error_naming_x_and_the_dtypes() -> None:
+    x, y = _data()
+    model = seeded_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    loader = DataLoader(TensorDataset(x.double(), y), batch_size=8)
+    message = r"^x: the batches' inputs are torch.float64 but the model's parameters are torch.float32"
+    with pytest.raises(TypeError, match=message) as raised:
+        _fit(model, loader)
+    assert isinstance(raised.value.__cause__, RuntimeError)  # torch's error stays chained
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # nothing trained
+    with pytest.raises(TypeError, match=r"^validation_data: the batches' inputs are torch.float64"):
+        _fit(model, DataLoader(TensorDataset(x, y), batch_size=8), validation_data=loader)
+    with pytest.raises(TypeError, match=message):
+        tc.evaluate(model, loader, loss=F.mse_loss, verbose=0)
+    with pytest.raises(TypeError, match=message):
+        tc.predict(model, DataLoader(TensorDataset(x.double()), batch_size=8), verbose=0)
+    with pytest.raises(TypeError, match=message):  # the weighted path, and under autocast
+        _fit(model, DataLoader(TensorDataset(x.double(), y, torch.ones(40)), batch_size=8), loss=PER_SAMPLE_MSE)
+    with pytest.raises(TypeError, match=r"^x: the batches' inputs are torch.float64 but the model's parameters are"):
+        _fit(model, loader, amp_dtype=torch.bfloat16)
+
+
+def test_other_errors_of_the_forward_pass_through_unchanged() -> None:
+    x, y = _data()
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied"):
+        _fit(seeded_model(), DataLoader(TensorDataset(torch.zeros(8, 3), torch.zeros(8, 1)), batch_size=8))
+
+
+    class CastsWrongly(torch.nn.Module):  # a dtype error of the model's own making: x is not to blame
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.linear(inputs.double())
+
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 must have the same dtype"):
+        _fit(CastsWrongly(), DataLoader(TensorDataset(x, y), batch_size=8))
+
+
 # -- evaluate and predict --------------------------------------------------------------------------------
 def test_evaluate_and_predict_on_arrays_equal_the_loader_results() -> None:
     x, y = _data(45)

@@ -17,7 +17,7 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
-from torchcallbacks.training.arrays import array_batches
+from torchcallbacks.training.arrays import array_batches, float_dtype_of
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
 from torchcallbacks.training.run import run_hooks
@@ -135,7 +135,7 @@ def evaluate(
         raise TypeError("evaluate: loss is required (loss(y_pred, y) -> scalar tensor), or pass a test_step")
     verbose = check_verbose(verbose)
     steps = check_steps(steps, "steps")
-    x = array_batches(x, y, batch_size, sample_weight, "evaluate")
+    x = array_batches(x, y, batch_size, sample_weight, "evaluate", float_dtype_of(model))
     device = resolve_device(model, device)
     named_metrics = normalize_metrics(metrics)
     stepper = Stepper(

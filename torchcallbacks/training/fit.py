@@ -28,6 +28,7 @@ from torchcallbacks.training.arrays import (
     check_batch_size,
     check_validation_split,
     class_weights_to_sample_weights,
+    float_dtype_of,
     is_array_data,
     is_array_validation,
     split_for_validation,
@@ -118,8 +119,11 @@ def fit(
             Or, as in Keras, the inputs themselves: a tensor, a numpy array, or a tuple or dict of them
             (one row per sample), with the targets in `y`; a loader is built for them (see
             `batch_size`, `shuffle`, `validation_split`, `class_weight`, `sample_weight`). Numpy
-            arrays are shared with `torch.from_numpy`; floating ones become float32 (torch's default
-            dtype), as Keras casts to its floatx.
+            arrays are shared with `torch.from_numpy`; floating arrays and tensors are cast to the
+            model's floating dtype (its first floating parameter's: float32 for most models), as
+            Keras casts inputs to its layers' dtype (no copy where the dtype is already right). A
+            loader's batches are not cast: a floating dtype other than the model's is a `TypeError`
+            naming `x` and both dtypes, at the first batch, before any optimizer step.
         y: the targets when `x` holds arrays: a tensor, a numpy array, or a tuple or dict of them.
             Not with a loader (its batches hold the targets): that is a `TypeError`.
         optimizer: a `torch.optim.Optimizer`, or a list of them (all are stepped).
@@ -207,7 +211,7 @@ def fit(
     accumulation = _check_accumulation(gradient_accumulation_steps, train_step)
     x, validation_data = _training_data(
         x, y, batch_size, validation_split, validation_data, shuffle, class_weight, sample_weight,
-        validation_batch_size,
+        validation_batch_size, float_dtype_of(model),
     )
     if validation_data is not None and loss is None and test_step is None:
         raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
@@ -322,10 +326,11 @@ def _check_accumulation(value: Any, train_step: Any) -> int:
 
 def _training_data(
     x: Any, y: Any, batch_size: Any, validation_split: Any, validation_data: Any, shuffle: bool,
-    class_weight: Any, sample_weight: Any, validation_batch_size: Any,
+    class_weight: Any, sample_weight: Any, validation_batch_size: Any, float_dtype: torch.dtype | None,
 ) -> tuple[Iterable[Any], Any]:
     """The training loader and the validation data: `x` and `validation_data` as given when they
-    are loaders, else loaders built from the arrays (Keras' `fit(x, y, ...)`)."""
+    are loaders, else loaders built from the arrays (Keras' `fit(x, y, ...)`), whose floating arrays
+    are cast to the model's `float_dtype`."""
     batch_size = check_batch_size(batch_size)
     validation_batch_size = check_batch_size(validation_batch_size, "validation_batch_size")
     validation_split = check_validation_split(validation_split)
@@ -340,7 +345,7 @@ def _training_data(
             # the loss returns per-sample values (weighted training needs them): validation averages them
             val_sample_weight = uniform_weights(validation_data[1], "validation_data")
         val_parts, val_names = _batch_parts(validation_data[0], validation_data[1], val_sample_weight, "validation_data")
-        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False, float_dtype=float_dtype)
     if not is_array_data(x):
         given = [
             name for name, value in (
@@ -369,11 +374,11 @@ def _training_data(
         if class_weight is not None:
             val_weight = uniform_weights(held_out[1], "validation_split")  # unweighted, per-sample loss
         val_parts, val_names = _batch_parts(held_out[0], held_out[1], val_weight, "validation_split")
-        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False, float_dtype=float_dtype)
     if class_weight is not None:
         sample_weight = class_weights_to_sample_weights(y, class_weight)  # of the training samples only
     parts, names = _batch_parts(x, y, sample_weight, "fit")
-    return array_loader(parts, names, batch_size, shuffle=bool(shuffle)), validation_data
+    return array_loader(parts, names, batch_size, shuffle=bool(shuffle), float_dtype=float_dtype), validation_data
 
 
 def _batch_parts(x: Any, y: Any, sample_weight: Any, where: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from torchcallbacks.structures import iter_tensors
 from torchcallbacks.training.batches import batch_size, call_model, to_device, unpack, unpack_x
 from torchcallbacks.training.metrics import MetricTracker
 
@@ -112,6 +114,58 @@ def _works_swapped(loss_fn: Callable[..., Any], y_pred: Any, y: Any) -> bool:
         return False
 
 
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|type \(\w+\) and|same type", re.IGNORECASE)
+
+
+def dtype_error(model: torch.nn.Module, x: Any, where: str, error: Exception) -> TypeError | None:
+    """A `TypeError` naming the data and both dtypes when the model's forward raised `error` because
+    the batch's floating inputs have a dtype the model's parameters do not; else None.
+
+    Looked at only once the forward has raised (nothing per step); a loader's batches are not cast
+    (array data is, to the model's dtype, when its loader is built).
+
+    Args:
+        model: the model whose forward raised.
+        x: the batch's inputs.
+        where: the data's argument (`"x"`, `"validation_data"`), or `"fit"` for fit's training data.
+        error: what the forward raised.
+
+    Example:
+
+    ```python
+    try:
+        y_pred = model(x)
+    except RuntimeError as exc:
+        error = dtype_error(model, x, "x", exc)
+        if error is None:
+            raise
+        raise error from exc
+    ```
+    """
+    if not _DTYPE_ERROR.search(str(error)):
+        return None
+    model_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    data_dtypes = {t.dtype for t in iter_tensors(x) if t.is_floating_point()}
+    if not model_dtypes or data_dtypes <= model_dtypes:
+        return None
+    name = "x" if where == "fit" else where
+    theirs = ", ".join(sorted(str(d) for d in data_dtypes - model_dtypes))
+    ours = ", ".join(sorted(str(d) for d in model_dtypes))
+    return TypeError(
+        f"{name}: the batches' inputs are {theirs} but the model's parameters are {ours}; give the data the "
+        f"model's dtype (e.g. TensorDataset(x.to({ours.split(',')[0]}), y), or cast in the loader's collate_fn) "
+        f"or the model the data's (model.to({theirs.split(',')[0]})). Arrays given to fit itself are cast for you"
+    )
+
+
+def _raise_forward_error(model: torch.nn.Module, x: Any, where: str, error: RuntimeError) -> NoReturn:
+    """Re-raise what the model's forward raised, as `dtype_error`'s TypeError when that explains it."""
+    explained = dtype_error(model, x, where, error)
+    if explained is None:
+        raise error
+    raise explained from error
+
+
 def _as_values(result: Any, where: str) -> Mapping[str, Any]:
     if isinstance(result, torch.Tensor):
         return {"loss": result}
@@ -202,7 +256,10 @@ class Stepper:
             x, y = batch
             if type(x) is _Tensor and type(y) is _Tensor and x.is_cpu and y.is_cpu:
                 assert self.loss is not None
-                y_pred = self.model(x)
+                try:
+                    y_pred = self.model(x)
+                except RuntimeError as exc:  # a try costs nothing until something raises
+                    _raise_forward_error(self.model, x, where, exc)
                 shape = x.shape
                 return compute_loss(self.loss, y_pred, y, None), y_pred, y, shape[0] if shape else 1
         x, y, sample_weight = unpack(batch, where)
@@ -211,11 +268,17 @@ class Stepper:
             sample_weight = to_device(sample_weight, self.device)
         assert self.loss is not None
         if self.amp_dtype is None:
-            y_pred = call_model(self.model, x)
+            try:
+                y_pred = call_model(self.model, x)
+            except RuntimeError as exc:
+                _raise_forward_error(self.model, x, where, exc)
             loss = compute_loss(self.loss, y_pred, y, sample_weight, self.weights_from)
         else:
             with self._autocast():
-                y_pred = call_model(self.model, x)
+                try:
+                    y_pred = call_model(self.model, x)
+                except RuntimeError as exc:
+                    _raise_forward_error(self.model, x, where, exc)
                 loss = compute_loss(self.loss, y_pred, y, sample_weight, self.weights_from)
         return loss, y_pred, y, batch_size(x)
 
@@ -364,8 +427,11 @@ class Stepper:
             with self._autocast():
                 return self.custom_predict(batch)
         x = to_device(unpack_x(batch), self.device)
-        with self._autocast():
-            return call_model(self.model, x)
+        try:
+            with self._autocast():
+                return call_model(self.model, x)
+        except RuntimeError as exc:
+            _raise_forward_error(self.model, x, "x", exc)
 
 
 class GradientAccumulator:
