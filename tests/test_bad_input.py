@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,3 +179,80 @@ def test_arguments_keras_lacks_are_keyword_only() -> None:
         assert positional == ["self", *names], cls.__name__
     with pytest.raises(TypeError):
         tc.ModelCheckpoint("m.safetensors", "val_loss", 0, False, False, "auto", "epoch", None, 3)  # type: ignore[misc]
+
+
+# -- optimizers that train nothing (or not everything) -----------------------------------------------
+def test_an_optimizer_of_another_model_is_a_value_error_naming_it() -> None:
+    model, other = make_model(), make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"fit: optimizer \(Adam\) holds none of the model's trainable parameters \(0 of 4\)"):
+        _fit(model=model, optimizer=torch.optim.Adam(other.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # before any step
+    good = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"fit: optimizer\[1\] \(SGD\) holds none of the model's trainable parameters \(0 of 4\)"):
+        _fit(model=model, optimizer=[good, torch.optim.SGD(other.parameters(), lr=0.1)])
+    history = _fit(model=model, optimizer=[good])  # the right optimizer in a list of one
+    assert len(history.history["loss"]) == 1
+
+
+def test_frozen_parameters_do_not_count_and_a_loss_module_may_have_its_own_optimizer() -> None:
+    model = make_model()
+    model[0].requires_grad_(False)  # trainable: the last layer's weight and bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fit(model=model, optimizer=torch.optim.SGD(model[2].parameters(), lr=0.1))
+
+    class ScaledMSE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.scale * F.mse_loss(y_pred, y)
+
+    loss = ScaledMSE()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fit(model=model, loss=loss, optimizer=[torch.optim.SGD(model[2].parameters(), lr=0.1),
+                                                torch.optim.SGD(loss.parameters(), lr=0.1)])
+
+
+def test_parameters_in_no_optimizer_are_a_warning_unless_warn_unoptimized_is_false() -> None:
+    model = make_model()  # Linear(4, 8), ReLU, Linear(8, 1): 4 trainable parameters
+    with pytest.warns(UserWarning, match=r"fit: 2 of the model's 4 trainable parameters are in no optimizer"):
+        _fit(model=model, optimizer=torch.optim.SGD(model[0].parameters(), lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fit(model=model, optimizer=torch.optim.SGD(model[0].parameters(), lr=0.1), warn_unoptimized=False)
+        _fit(model=model, optimizer=[torch.optim.SGD(model[0].parameters(), lr=0.1),
+                                     torch.optim.Adam(model[2].parameters())])
+
+
+def test_a_custom_train_step_may_step_what_it_likes() -> None:
+    model, other = make_model(), make_model()
+
+    def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(model(x), y).detach()
+
+    history = _fit(model=model, optimizer=torch.optim.SGD(other.parameters()), train_step=train_step)
+    assert len(history.history["loss"]) == 1
+
+
+def test_a_model_on_the_meta_device_is_a_value_error_naming_model() -> None:
+    with torch.device("meta"):
+        model = make_model()
+    message = r"model has tensors on the 'meta' device \(shapes without data\), e.g. '0.weight'; materialize"
+    with pytest.raises(ValueError, match="^fit: " + message):
+        _fit(model=model)
+    with pytest.raises(ValueError, match="^fit: " + message):  # before moving it (.to() cannot)
+        _fit(model=model, device="cpu")
+    with pytest.raises(ValueError, match="^evaluate: " + message):
+        tc.evaluate(model, make_regression(), loss=F.mse_loss, verbose=0)
+    with pytest.raises(ValueError, match="^predict: " + message):
+        tc.predict(model, make_regression(), verbose=0)
+    model.to_empty(device="cpu")  # materialized: it trains
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    assert len(_fit(model=model).history["loss"]) == 1

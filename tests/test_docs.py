@@ -1,10 +1,12 @@
 """Every Python snippet in README.md and docs/*.md runs as written.
 
-Each file's ```python fences run in order in one namespace (a later snippet may use what an earlier
-one defined), in a temporary directory, after a prelude that defines only small stand-in data and
-objects the prose assumes (`model`, `train_loader`, `val_loader`, `test_loader`, `loader`,
-`optimizer`, `opt`, `loss_fn`, `train_set`); imports are the snippets' own. A fence right after the
-HTML comment `<!-- no-run: reason -->` is skipped (it needs torchrun, say); the test lists those.
+README.md's ```python fences each run on their own, in a fresh namespace: a reader may copy any one
+of them, so each defines (or imports) everything it uses. A docs/*.md file's fences run in order in one
+namespace (a later snippet may use what an earlier one defined), after a prelude that defines only
+small stand-in data and objects the prose assumes (`model`, `train_loader`, `val_loader`,
+`test_loader`, `loader`, `optimizer`, `opt`, `loss_fn`, `train_set`); imports are the snippets' own.
+All run in a temporary directory. A fence right after the HTML comment `<!-- no-run: reason -->` is
+skipped (it needs torchrun, say); the test lists those.
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ def test_there_are_snippets_and_few_are_skipped() -> None:
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_snippets_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
+    standalone = path.name == "README.md"  # each of its snippets defines what it uses
     namespace: dict = {"__name__": "__docs__"}
-    exec(compile(PRELUDE, "<prelude>", "exec"), namespace)
+    if not standalone:
+        exec(compile(PRELUDE, "<prelude>", "exec"), namespace)
     for line, code, skipped in snippets(path):
         if skipped:
             continue
+        if standalone:
+            namespace = {"__name__": "__docs__"}
         try:
             exec(compile("\n" * (line - 1) + code, str(path.relative_to(ROOT)), "exec"), namespace)
         except Exception as exc:

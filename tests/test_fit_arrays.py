@@ -192,6 +192,62 @@ def test_class_weight_becomes_per_sample_weights(one_hot: bool) -> None:
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def _three_classes(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(7))
+    return x, torch.arange(n) % 3
+
+
+def test_class_weight_does_not_weigh_the_validation_split() -> None:
+    # Keras 3 applies class_weight to training only: val_loss is the plain mean loss of the held-out
+    # samples. lr=0 keeps the model as it is, so the expected value is computed with the same weights.
+    x, labels = _three_classes()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    history = tc.fit(
+        model, x, labels, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=PER_SAMPLE_CE,
+        class_weight={0: 1.0, 1: 3.0, 2: 0.5}, validation_split=0.25, batch_size=8, verbose=0,
+    )
+    with torch.no_grad():
+        per_sample = PER_SAMPLE_CE(model(x[30:]), labels[30:])
+    assert history.history["val_loss"][0] == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    weighted = per_sample * torch.tensor([1.0, 3.0, 0.5])[labels[30:]]
+    assert abs(weighted.mean().item() - per_sample.mean().item()) > 1e-3  # the test tells them apart
+
+
+def test_class_weight_trains_on_the_training_split_weighted_by_class() -> None:
+    # the training samples (the first 30) still weigh their class's weight
+    x, labels = _three_classes()
+    class_weight = {0: 1.0, 1: 3.0, 2: 0.5}
+    torch.manual_seed(0)
+    by_loader, by_arrays = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    by_arrays.load_state_dict(by_loader.state_dict())
+    weights = torch.tensor([class_weight[int(c)] for c in labels[:30]])
+    _fit(by_loader, DataLoader(TensorDataset(x[:30], labels[:30], weights), batch_size=8), loss=PER_SAMPLE_CE)
+    _fit(by_arrays, x, labels, class_weight=class_weight, validation_split=0.25, batch_size=8, shuffle=False,
+         loss=PER_SAMPLE_CE)
+    assert _same_weights(by_loader, by_arrays)
+
+
+def test_sample_weight_is_split_along_for_validation_and_a_tuple_without_weights_is_unweighted() -> None:
+    x, labels = _three_classes()
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    history = tc.fit(
+        model, x, labels, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=PER_SAMPLE_CE,
+        sample_weight=weights, validation_split=0.25, batch_size=40, verbose=0,
+    )
+    with torch.no_grad():
+        per_sample = PER_SAMPLE_CE(model(x[30:]), labels[30:])
+    assert history.history["val_loss"][0] == pytest.approx((per_sample * weights[30:]).mean().item(), rel=1e-6)
+    for given in ({"class_weight": {1: 3.0}}, {"sample_weight": weights[:30]}):
+        history = tc.fit(
+            model, x[:30], labels[:30], optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=PER_SAMPLE_CE,
+            validation_data=(x[30:], labels[30:]), batch_size=40, verbose=0, **given,
+        )
+        assert history.history["val_loss"][0] == pytest.approx(per_sample.mean().item(), rel=1e-6), given
+
+
 def test_class_weights_to_sample_weights_follows_keras() -> None:
     assert torch.equal(class_weights_to_sample_weights(np.array([0, 1, 1, 2]), {1: 3.0}), torch.tensor([1.0, 3.0, 3.0, 1.0]))
     assert torch.equal(class_weights_to_sample_weights(torch.tensor([[0.0], [2.0]]), {2: 5.0}), torch.tensor([1.0, 5.0]))
@@ -203,8 +259,70 @@ def test_class_weights_to_sample_weights_follows_keras() -> None:
 
 def test_class_weight_with_a_mean_loss_names_the_per_sample_requirement() -> None:
     x, _ = _data()
-    with pytest.raises(ValueError, match="one value per sample"):
+    with pytest.raises(ValueError, match="^loss: class_weight was given, so .* one value per sample"):
         _fit(torch.nn.Linear(4, 3), x, torch.arange(40) % 3, loss=F.cross_entropy, class_weight={0: 2.0})
+    with pytest.raises(ValueError, match="^loss: sample_weight was given, so .* one value per sample"):
+        _fit(torch.nn.Linear(4, 3), x, torch.arange(40) % 3, loss=F.cross_entropy, sample_weight=torch.ones(40))
+    with pytest.raises(ValueError, match="^loss: sample_weight was given, so .* one value per sample"):
+        tc.evaluate(torch.nn.Linear(4, 3), x, torch.arange(40) % 3, loss=F.cross_entropy, sample_weight=torch.ones(40),
+                    verbose=0)
+    loader = DataLoader(TensorDataset(x, torch.arange(40) % 3, torch.ones(40)), batch_size=8)
+    with pytest.raises(ValueError, match="^loss: the batch has sample_weight, so .* one value per sample"):
+        _fit(torch.nn.Linear(4, 3), loader, loss=F.cross_entropy)
+
+
+# -- dtypes: arrays are cast to the model's, a loader's batches are not --------------------------------
+def test_floating_arrays_are_cast_to_the_model_dtype() -> None:
+    x, y = _data()
+    for model in (seeded_model(), seeded_model().double()):
+        dtype = next(model.parameters()).dtype
+        for given_x, given_y in ((x.double().numpy(), y.double().numpy()), (x.double(), y.double()), (x, y)):
+            history = _fit(model, given_x, given_y, validation_split=0.25, batch_size=8)
+            assert len(history.history["val_loss"]) == 1
+            assert tc.evaluate(model, given_x, given_y, loss=F.mse_loss, verbose=0) > 0
+            assert tc.predict(model, given_x, verbose=0).dtype == dtype
+    same = x.numpy()
+    assert _fit(seeded_model(), same, y.numpy()) is not None and same.dtype == np.float32  # shared, not cast
+
+
+def test_a_loader_of_another_floating_dtype_is_a_type_error_naming_x_and_the_dtypes() -> None:
+    x, y = _data()
+    model = seeded_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    loader = DataLoader(TensorDataset(x.double(), y), batch_size=8)
+    message = r"^x: the batches' inputs are torch.float64 but the model's parameters are torch.float32"
+    with pytest.raises(TypeError, match=message) as raised:
+        _fit(model, loader)
+    assert isinstance(raised.value.__cause__, RuntimeError)  # torch's error stays chained
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # nothing trained
+    with pytest.raises(TypeError, match=r"^validation_data: the batches' inputs are torch.float64"):
+        _fit(model, DataLoader(TensorDataset(x, y), batch_size=8), validation_data=loader)
+    with pytest.raises(TypeError, match=message):
+        tc.evaluate(model, loader, loss=F.mse_loss, verbose=0)
+    with pytest.raises(TypeError, match=message):
+        tc.predict(model, DataLoader(TensorDataset(x.double()), batch_size=8), verbose=0)
+    with pytest.raises(TypeError, match=message):  # the weighted path, and under autocast
+        _fit(model, DataLoader(TensorDataset(x.double(), y, torch.ones(40)), batch_size=8), loss=PER_SAMPLE_MSE)
+    with pytest.raises(TypeError, match=r"^x: the batches' inputs are torch.float64 but the model's parameters are"):
+        _fit(model, loader, amp_dtype=torch.bfloat16)
+
+
+def test_other_errors_of_the_forward_pass_through_unchanged() -> None:
+    x, y = _data()
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied"):
+        _fit(seeded_model(), DataLoader(TensorDataset(torch.zeros(8, 3), torch.zeros(8, 1)), batch_size=8))
+
+
+    class CastsWrongly(torch.nn.Module):  # a dtype error of the model's own making: x is not to blame
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.linear(inputs.double())
+
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 must have the same dtype"):
+        _fit(CastsWrongly(), DataLoader(TensorDataset(x, y), batch_size=8))
 
 
 # -- evaluate and predict --------------------------------------------------------------------------------

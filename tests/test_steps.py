@@ -45,6 +45,34 @@ def test_other_loss_errors_pass_through_unchanged() -> None:
     assert "swap" not in str(raised.value)
 
 
+def test_a_loss_that_takes_one_argument_is_a_type_error_naming_loss() -> None:
+    with pytest.raises(TypeError, match=r"^loss: must take two arguments, \(y_pred, y\).* takes \(y_pred\)") as raised:
+        _fit(lambda y_pred: y_pred.mean())
+    assert isinstance(raised.value.__cause__, TypeError)  # Python's own message stays chained
+
+    class OneArgument(torch.nn.Module):
+        def forward(self, y_pred: torch.Tensor) -> torch.Tensor:
+            return y_pred.mean()
+
+    with pytest.raises(TypeError, match=r"^loss: must take two arguments, \(y_pred, y\)"):
+        _fit(OneArgument())
+    with pytest.raises(TypeError, match=r"^loss: must take two arguments"):
+        tc.evaluate(torch.nn.Linear(4, 2), _classification(), loss=lambda y_pred: y_pred.mean(), verbose=0)
+
+
+def test_a_type_error_raised_inside_a_two_argument_loss_passes_through_unchanged() -> None:
+    def broken(y_pred, y):
+        raise TypeError("inside")
+
+    def variadic(*args):
+        raise TypeError("inside too")
+
+    with pytest.raises(TypeError, match="^inside$"):
+        _fit(broken)
+    with pytest.raises(TypeError, match="^inside too$"):
+        _fit(variadic)
+
+
 def test_the_success_path_calls_the_loss_once_per_batch() -> None:
     calls = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,10 @@ from torchcallbacks.checks import check_verbose as check_verbose
 def check_model(model: Any, where: str) -> torch.nn.Module:
     """`model` itself when it is a `torch.nn.Module`, else a `TypeError` that names `where`.
 
+    A model with parameters or buffers on the `meta` device (shapes without data, as built under
+    `torch.device("meta")` for deferred initialisation) is a `ValueError` naming `model` and the
+    first such tensor: it cannot run, nor be moved with `.to()`.
+
     Args:
         model: the `model` argument as given.
         where: the public function checking it, for the message (e.g. `"fit"`).
@@ -29,6 +34,13 @@ def check_model(model: Any, where: str) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, received {type(model).__name__}")
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(
+                f"{where}: model has tensors on the 'meta' device (shapes without data), e.g. {name!r}; "
+                "materialize it first: model.to_empty(device=...) and then initialize the weights "
+                "(e.g. model.reset_parameters() per module) or load them (torchcallbacks.load_weights)"
+            )
     return model
 
 
@@ -54,6 +66,66 @@ def check_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
                 f"fit: optimizer must be a torch.optim.Optimizer (or a list of them), received {type(item).__name__}"
             )
     return optimizers
+
+
+def check_optimized(
+    model: torch.nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    several: bool,
+    warn_unoptimized: bool = True,
+    loss: Any = None,
+) -> None:
+    """Refuse optimizers that would train nothing of `model`, warn about parameters none trains.
+
+    The model's trainable parameters are those of `model.parameters()` with `requires_grad` (a
+    DistributedDataParallel or FSDP2 model's are the very objects its optimizers hold), compared by
+    identity, once per `fit`. An optimizer holding none of them (built over another model, or over
+    a copy of this one) is a `ValueError` naming it, unless it holds trainable parameters of `loss`
+    (a `torch.nn.Module` loss with weights of its own). When the optimizers together leave some of
+    the trainable parameters out, a `UserWarning` says how many, unless `warn_unoptimized` is False.
+    A model without trainable parameters is not checked.
+
+    Args:
+        model: the model `fit` trains.
+        optimizers: the optimizers from `check_optimizers`.
+        several: whether `fit` was given a list of more than one (the message then names the position).
+        warn_unoptimized: warn when some trainable parameters are in no optimizer.
+        loss: `fit`'s loss; a module's own trainable parameters count for its optimizers.
+
+    Example:
+
+    ```python
+    model = torch.nn.Linear(4, 1)
+    check_optimized(model, [torch.optim.SGD(model.parameters(), lr=0.1)], several=False)  # passes
+    ```
+    """
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if not trainable:
+        return
+    own_loss = {id(p) for p in loss.parameters() if p.requires_grad} if isinstance(loss, torch.nn.Module) else set()
+    covered: set[int] = set()
+    for i, optimizer in enumerate(optimizers):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        of_model = held & trainable
+        if not of_model and not held & own_loss:
+            name = type(optimizer).__name__
+            where = f"optimizer[{i}] ({name})" if several else f"optimizer ({name})"
+            raise ValueError(
+                f"fit: {where} holds none of the model's trainable parameters (0 of {len(trainable)}), so "
+                f"training would change nothing; build it from this model's parameters, e.g. "
+                f"torch.optim.{name}(model.parameters(), ...), after moving, wrapping or sharding the "
+                "model and not from a copy of it"
+            )
+        covered |= of_model
+    missing = len(trainable) - len(covered)
+    if missing and warn_unoptimized:
+        warnings.warn(
+            f"fit: {missing} of the model's {len(trainable)} trainable parameters are in no optimizer and will "
+            "not be trained; freeze them (requires_grad_(False)), add them to an optimizer, or pass "
+            "warn_unoptimized=False",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_callable(value: Any, name: str) -> Callable[..., Any] | None:

@@ -53,19 +53,38 @@ def is_array_data(value: Any) -> bool:
     return False
 
 
-def _to_tensor(value: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    """A tensor for an array: tensors as they are; numpy arrays shared with `torch.from_numpy` (a
-    copy when the array is read-only), floating ones cast to torch's default dtype (float32), as
-    Keras casts arrays to its floatx."""
+def float_dtype_of(model: torch.nn.Module) -> torch.dtype | None:
+    """The floating dtype `model` computes in: its first floating parameter's (else buffer's), or
+    None for a model without floating tensors. Array data is cast to it (`array_loader`).
+
+    Example:
+
+    ```python
+    float_dtype_of(torch.nn.Linear(4, 1).double())  # torch.float64
+    ```
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _to_tensor(value: torch.Tensor | np.ndarray, name: str, float_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor for an array: numpy arrays shared with `torch.from_numpy` (a copy when the array is
+    read-only); floating ones cast to `float_dtype` (the model's, see `float_dtype_of`), as Keras
+    casts inputs to its layers' dtype: numpy ones to torch's default dtype (float32) without it,
+    tensors kept as they are then. No copy where the dtype is already right."""
     if isinstance(value, torch.Tensor):
         tensor = value
+        if float_dtype is not None and tensor.is_floating_point() and tensor.dtype != float_dtype:
+            tensor = tensor.to(float_dtype)
     else:
         try:
             tensor = torch.from_numpy(value) if value.flags.writeable else torch.tensor(value)
         except TypeError as exc:
             raise TypeError(f"{name}: cannot convert a numpy array of dtype {value.dtype} to a tensor ({exc})") from exc
         if tensor.is_floating_point():
-            tensor = tensor.to(torch.get_default_dtype())
+            tensor = tensor.to(float_dtype or torch.get_default_dtype())
     if tensor.ndim == 0:
         raise ValueError(f"{name}: expected arrays with one row per sample, received a 0-d array")
     return tensor
@@ -74,17 +93,17 @@ def _to_tensor(value: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 Rebuild = Callable[[list[torch.Tensor]], Any]
 
 
-def _flatten(value: Any, name: str) -> tuple[list[torch.Tensor], Rebuild]:
+def _flatten(value: Any, name: str, float_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], Rebuild]:
     """The tensors of an array structure (a tensor, a tuple or a dict of them) and the function that
     rebuilds the structure from a list of (sliced) tensors in the same order."""
     if _is_array(value):
-        return [_to_tensor(value, name)], lambda tensors: tensors[0]
+        return [_to_tensor(value, name, float_dtype)], lambda tensors: tensors[0]
     if isinstance(value, Mapping):
         keys = list(value)
-        tensors = [_to_tensor(value[key], f"{name}[{key!r}]") for key in keys]
+        tensors = [_to_tensor(value[key], f"{name}[{key!r}]", float_dtype) for key in keys]
         return tensors, lambda parts: dict(zip(keys, parts, strict=True))
     if type(value) is tuple:
-        tensors = [_to_tensor(item, f"{name}[{i}]") for i, item in enumerate(value)]
+        tensors = [_to_tensor(item, f"{name}[{i}]", float_dtype) for i, item in enumerate(value)]
         return tensors, tuple
     raise TypeError(
         f"{name}: expected a tensor, a numpy array, or a tuple or dict of them, received {type(value).__name__}"
@@ -100,6 +119,8 @@ class ArrayDataset(TensorDataset):
     Args:
         parts: the batch's parts, each an array structure: `(x, y)`, `(x, y, sample_weight)`, `(x,)`.
         names: the parts' argument names, for error messages (e.g. `("x", "y")`).
+        float_dtype: the dtype floating arrays are cast to (the model's); None: numpy ones to
+            torch's default dtype, tensors as they are.
 
     Example:
 
@@ -109,11 +130,11 @@ class ArrayDataset(TensorDataset):
     ```
     """
 
-    def __init__(self, parts: Sequence[Any], names: Sequence[str]) -> None:
+    def __init__(self, parts: Sequence[Any], names: Sequence[str], float_dtype: torch.dtype | None = None) -> None:
         tensors: list[torch.Tensor] = []
         self._layout: list[tuple[int, int, Rebuild]] = []
         for part, name in zip(parts, names, strict=True):
-            flat, rebuild = _flatten(part, name)
+            flat, rebuild = _flatten(part, name, float_dtype)
             self._layout.append((len(tensors), len(tensors) + len(flat), rebuild))
             tensors.extend(flat)
         counts = {tensor.shape[0] for tensor in tensors}
@@ -157,7 +178,10 @@ def check_batch_size(batch_size: Any, name: str = "batch_size") -> int | None:
     return batch_size
 
 
-def array_loader(parts: Sequence[Any], names: Sequence[str], batch_size: int | None, shuffle: bool) -> DataLoader:
+def array_loader(
+    parts: Sequence[Any], names: Sequence[str], batch_size: int | None, shuffle: bool,
+    float_dtype: torch.dtype | None = None,
+) -> DataLoader:
     """A DataLoader over arrays, yielding `tuple(parts)` batches of `batch_size` samples (32 when
     None, as Keras) in the structure given; with `shuffle`, in a new order each pass.
 
@@ -169,6 +193,8 @@ def array_loader(parts: Sequence[Any], names: Sequence[str], batch_size: int | N
         names: the parts' argument names, for error messages.
         batch_size: samples per batch (the last batch may be smaller), None for 32.
         shuffle: reshuffle the samples at every pass over the loader.
+        float_dtype: cast floating arrays to this dtype (the model's, `float_dtype_of`), as Keras
+            casts inputs to its layers' dtype; None: numpy ones to torch's default, tensors as given.
 
     Example:
 
@@ -176,7 +202,7 @@ def array_loader(parts: Sequence[Any], names: Sequence[str], batch_size: int | N
     loader = array_loader((x, y), ("x", "y"), batch_size=64, shuffle=True)
     ```
     """
-    dataset = ArrayDataset(parts, names)
+    dataset = ArrayDataset(parts, names, float_dtype)
     size = batch_size if batch_size is not None else 32
     if is_distributed():
         sampler: DistributedSampler[Any] = DistributedSampler(
@@ -225,6 +251,26 @@ def class_weights_to_sample_weights(y: Any, class_weight: Mapping[int, float]) -
             raise ValueError(f"class_weight: the weight of class {label} must be finite and >= 0, received {weight!r}")
         weights[labels == int(label)] = value
     return weights
+
+
+def uniform_weights(y: Any, name: str = "y") -> torch.Tensor:
+    """A weight of 1 for every sample of `y` (an array structure): what the validation samples of a
+    run trained with `class_weight` weigh, so that a per-sample loss averages them unweighted.
+
+    Args:
+        y: the targets, a tensor, a numpy array, or a tuple or dict of them (one row per sample).
+        name: the argument it came from, for error messages.
+
+    Example:
+
+    ```python
+    uniform_weights(torch.tensor([0, 2, 1]))  # tensor([1., 1., 1.])
+    ```
+    """
+    tensors = _flatten(y, name)[0]
+    if not tensors:
+        raise ValueError(f"{name}: expected at least one array")
+    return torch.ones(tensors[0].shape[0], dtype=torch.get_default_dtype())
 
 
 def split_for_validation(parts: Sequence[Any], validation_split: float) -> tuple[list[Any], list[Any]]:
@@ -294,10 +340,13 @@ def is_array_validation(value: Any) -> bool:
     return (_is_array(y) or (isinstance(y, Mapping) and is_array_data(y))) and is_array_data(value[0])
 
 
-def array_batches(x: Any, y: Any, batch_size: Any, sample_weight: Any, where: str) -> Any:
+def array_batches(
+    x: Any, y: Any, batch_size: Any, sample_weight: Any, where: str, float_dtype: torch.dtype | None = None,
+) -> Any:
     """`evaluate`'s and `predict`'s data: `x` itself when it is a loader (then `y`, `batch_size` and
     `sample_weight` must be None: a `TypeError` names them), else an unshuffled loader over the
-    arrays: `(x, y[, sample_weight])` batches to evaluate, `(x,)` to predict (`where == "predict"`).
+    arrays: `(x, y[, sample_weight])` batches to evaluate, `(x,)` to predict (`where == "predict"`),
+    floating ones cast to `float_dtype` (see `array_loader`).
 
     Example:
 
@@ -316,9 +365,9 @@ def array_batches(x: Any, y: Any, batch_size: Any, sample_weight: Any, where: st
             )
         return x
     if where == "predict":
-        return array_loader((x,), ("x",), batch_size, shuffle=False)
+        return array_loader((x,), ("x",), batch_size, shuffle=False, float_dtype=float_dtype)
     if y is None:
         raise TypeError(f"{where}: y (the targets) is required with array x")
     if sample_weight is None:
-        return array_loader((x, y), ("x", "y"), batch_size, shuffle=False)
-    return array_loader((x, y, sample_weight), ("x", "y", "sample_weight"), batch_size, shuffle=False)
+        return array_loader((x, y), ("x", "y"), batch_size, shuffle=False, float_dtype=float_dtype)
+    return array_loader((x, y, sample_weight), ("x", "y", "sample_weight"), batch_size, shuffle=False, float_dtype=float_dtype)

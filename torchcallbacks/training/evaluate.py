@@ -17,7 +17,7 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
-from torchcallbacks.training.arrays import array_batches
+from torchcallbacks.training.arrays import array_batches, float_dtype_of
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
 from torchcallbacks.training.run import run_hooks
@@ -135,10 +135,13 @@ def evaluate(
         raise TypeError("evaluate: loss is required (loss(y_pred, y) -> scalar tensor), or pass a test_step")
     verbose = check_verbose(verbose)
     steps = check_steps(steps, "steps")
-    x = array_batches(x, y, batch_size, sample_weight, "evaluate")
+    x = array_batches(x, y, batch_size, sample_weight, "evaluate", float_dtype_of(model))
     device = resolve_device(model, device)
     named_metrics = normalize_metrics(metrics)
-    stepper = Stepper(model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step)
+    stepper = Stepper(
+        model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step,
+        weights_from="sample_weight was given" if sample_weight is not None else "the batch has sample_weight",
+    )
     callback_list = make_callback_list(
         callbacks, model, None, add_history=False, add_progbar=verbose != 0,
         params={"verbose": verbose, "epochs": 1, "steps": steps if steps is not None else known_length(x)},

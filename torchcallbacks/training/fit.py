@@ -17,6 +17,7 @@ from torchcallbacks.logs import to_floats
 from torchcallbacks.training.arguments import (
     check_callable,
     check_model,
+    check_optimized,
     check_optimizers,
     check_verbose,
     make_callback_list,
@@ -27,9 +28,11 @@ from torchcallbacks.training.arrays import (
     check_batch_size,
     check_validation_split,
     class_weights_to_sample_weights,
+    float_dtype_of,
     is_array_data,
     is_array_validation,
     split_for_validation,
+    uniform_weights,
 )
 from torchcallbacks.training.data import EpochIterator, check_same_length, check_steps, known_length
 from torchcallbacks.training.evaluate import run_evaluation
@@ -94,6 +97,7 @@ def fit(
     gradient_accumulation_steps: int | None = None,
     train_step: StepFunction | None = None,
     test_step: StepFunction | None = None,
+    warn_unoptimized: bool = True,
 ) -> History:
     """Trains `model` on the batches of `x` for a number of epochs, calling the callbacks' hooks.
 
@@ -115,8 +119,11 @@ def fit(
             Or, as in Keras, the inputs themselves: a tensor, a numpy array, or a tuple or dict of them
             (one row per sample), with the targets in `y`; a loader is built for them (see
             `batch_size`, `shuffle`, `validation_split`, `class_weight`, `sample_weight`). Numpy
-            arrays are shared with `torch.from_numpy`; floating ones become float32 (torch's default
-            dtype), as Keras casts to its floatx.
+            arrays are shared with `torch.from_numpy`; floating arrays and tensors are cast to the
+            model's floating dtype (its first floating parameter's: float32 for most models), as
+            Keras casts inputs to its layers' dtype (no copy where the dtype is already right). A
+            loader's batches are not cast: a floating dtype other than the model's is a `TypeError`
+            naming `x` and both dtypes, at the first batch, before any optimizer step.
         y: the targets when `x` holds arrays: a tensor, a numpy array, or a tuple or dict of them.
             Not with a loader (its batches hold the targets): that is a `TypeError`.
         optimizer: a `torch.optim.Optimizer`, or a list of them (all are stepped).
@@ -145,9 +152,13 @@ def fit(
         class_weight: with array `x`, a dict class index -> weight; each training sample weighs its
             class's weight (1 for a class not in the dict), as a per-sample `sample_weight`. The class
             is `y` itself (class indices, shape `(n,)` or `(n, 1)`), or the argmax of one-hot rows.
-            `loss` must then return per-sample values (see `loss`). Not with `sample_weight`.
+            `loss` must then return per-sample values (see `loss`). Not with `sample_weight`. As in
+            Keras 3, validation ignores it: the `validation_split` samples and a `(x_val, y_val)`
+            tuple weigh 1 each (a `(x_val, y_val, sample_weight_val)` tuple its own weights).
         sample_weight: with array `x`, one weight per training sample (a tensor or numpy array);
-            batches become `(x, y, sample_weight)`, and `loss` must return per-sample values.
+            batches become `(x, y, sample_weight)`, and `loss` must return per-sample values. With
+            `validation_split` the held-out samples keep theirs (Keras splits them along with `x`);
+            a `(x_val, y_val)` tuple weighs 1 per sample.
         initial_epoch: epoch to start at (to continue an earlier run).
         steps_per_epoch: batches per epoch. With it, one iterator carries over between epochs (so an
             endless iterable works); without it, an epoch is one pass over `x`.
@@ -176,6 +187,11 @@ def fit(
             step (forward, backward and optimizer step are then yours); the batch is already on the
             device. Returned values are logged as running means.
         test_step: the same for validation: `test_step(batch) -> loss tensor or dict of scalars`.
+        warn_unoptimized: before the first step, `fit` compares the optimizers' parameters with the
+            model's trainable ones (`requires_grad`; frozen ones do not count): an optimizer that holds
+            none of them is a `ValueError` (it would train nothing), and when the optimizers together
+            leave some out a `UserWarning` says how many; False silences that warning (parameters
+            left out on purpose). Not checked with a custom `train_step`, which steps what it likes.
 
     Returns:
         The `History` of the run.
@@ -195,11 +211,14 @@ def fit(
     accumulation = _check_accumulation(gradient_accumulation_steps, train_step)
     x, validation_data = _training_data(
         x, y, batch_size, validation_split, validation_data, shuffle, class_weight, sample_weight,
-        validation_batch_size,
+        validation_batch_size, float_dtype_of(model),
     )
     if validation_data is not None and loss is None and test_step is None:
         raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
     optimizers = check_optimizers(optimizer)
+    if train_step is None:
+        several = isinstance(optimizer, (list, tuple)) and len(optimizers) > 1
+        check_optimized(model, optimizers, several, bool(warn_unoptimized), loss)
     verbose = check_verbose(verbose)
     steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
     validation_steps = check_steps(validation_steps, "validation_steps")
@@ -216,7 +235,7 @@ def fit(
     stepper = Stepper(
         model, device, tracker, loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
         scaler=grad_scaler, clip_grad_norm=clip_grad_norm, train_step=train_step, test_step=test_step,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=accumulation, weights_from=_weights_from(class_weight, sample_weight),
     )
     train_data = EpochIterator(x, steps_per_epoch, "x")
     params = {
@@ -283,6 +302,15 @@ def _check_arguments(
         raise ValueError(f"clip_grad_norm: expected a positive number, received {clip_grad_norm!r}")
 
 
+def _weights_from(class_weight: Any, sample_weight: Any) -> str:
+    """Where the batches' sample weights come from, for the loss's message (Stepper.weights_from)."""
+    if class_weight is not None:
+        return "class_weight was given"
+    if sample_weight is not None:
+        return "sample_weight was given"
+    return "the batch has sample_weight"
+
+
 def _check_accumulation(value: Any, train_step: Any) -> int:
     if value is None:
         return 1
@@ -298,10 +326,11 @@ def _check_accumulation(value: Any, train_step: Any) -> int:
 
 def _training_data(
     x: Any, y: Any, batch_size: Any, validation_split: Any, validation_data: Any, shuffle: bool,
-    class_weight: Any, sample_weight: Any, validation_batch_size: Any,
+    class_weight: Any, sample_weight: Any, validation_batch_size: Any, float_dtype: torch.dtype | None,
 ) -> tuple[Iterable[Any], Any]:
     """The training loader and the validation data: `x` and `validation_data` as given when they
-    are loaders, else loaders built from the arrays (Keras' `fit(x, y, ...)`)."""
+    are loaders, else loaders built from the arrays (Keras' `fit(x, y, ...)`), whose floating arrays
+    are cast to the model's `float_dtype`."""
     batch_size = check_batch_size(batch_size)
     validation_batch_size = check_batch_size(validation_batch_size, "validation_batch_size")
     validation_split = check_validation_split(validation_split)
@@ -312,8 +341,11 @@ def _training_data(
         )
     if is_array_validation(validation_data):
         val_sample_weight = validation_data[2] if len(validation_data) == 3 else None
+        if val_sample_weight is None and (class_weight is not None or sample_weight is not None):
+            # the loss returns per-sample values (weighted training needs them): validation averages them
+            val_sample_weight = uniform_weights(validation_data[1], "validation_data")
         val_parts, val_names = _batch_parts(validation_data[0], validation_data[1], val_sample_weight, "validation_data")
-        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False, float_dtype=float_dtype)
     if not is_array_data(x):
         given = [
             name for name, value in (
@@ -333,14 +365,20 @@ def _training_data(
             raise ValueError("fit: class_weight and sample_weight both given; pass one (as in Keras)")
         if y is None:
             raise TypeError("fit: class_weight needs the targets y")
-        sample_weight = class_weights_to_sample_weights(y, class_weight)
     if validation_split:
+        # Keras 3 splits x, y and a given sample_weight; class_weight applies to training only, so the
+        # held-out samples are weighted by sample_weight alone (unweighted with class_weight).
         train, held_out = split_for_validation((x, y, sample_weight), validation_split)
         x, y, sample_weight = train
-        val_parts, val_names = _batch_parts(held_out[0], held_out[1], held_out[2], "validation_split")
-        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False)
+        val_weight = held_out[2]
+        if class_weight is not None:
+            val_weight = uniform_weights(held_out[1], "validation_split")  # unweighted, per-sample loss
+        val_parts, val_names = _batch_parts(held_out[0], held_out[1], val_weight, "validation_split")
+        validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False, float_dtype=float_dtype)
+    if class_weight is not None:
+        sample_weight = class_weights_to_sample_weights(y, class_weight)  # of the training samples only
     parts, names = _batch_parts(x, y, sample_weight, "fit")
-    return array_loader(parts, names, batch_size, shuffle=bool(shuffle)), validation_data
+    return array_loader(parts, names, batch_size, shuffle=bool(shuffle), float_dtype=float_dtype), validation_data
 
 
 def _batch_parts(x: Any, y: Any, sample_weight: Any, where: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:

@@ -19,7 +19,7 @@ from torchcallbacks.training.arguments import (
     make_callback_list,
     resolve_device,
 )
-from torchcallbacks.training.arrays import array_batches
+from torchcallbacks.training.arrays import array_batches, float_dtype_of
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.run import run_hooks
 from torchcallbacks.training.steps import StepFunction, Stepper
@@ -139,7 +139,7 @@ def predict(
     check_callable(predict_step, "predict_step")
     verbose = check_verbose(verbose)
     steps = check_steps(steps, "steps")
-    x = array_batches(x, None, batch_size, None, "predict")
+    x = array_batches(x, None, batch_size, None, "predict", float_dtype_of(model))
     device = resolve_device(model, device)
     stepper = Stepper(model, device, amp_dtype=amp_dtype, predict_step=predict_step)
     callback_list = make_callback_list(

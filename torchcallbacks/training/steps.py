@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from torchcallbacks.structures import iter_tensors
 from torchcallbacks.training.batches import batch_size, call_model, to_device, unpack, unpack_x
 from torchcallbacks.training.metrics import MetricTracker
 
@@ -15,15 +18,24 @@ StepFunction = Callable[[Any], Any]
 _Tensor = torch.Tensor
 
 
-def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight: Any) -> torch.Tensor:
+def compute_loss(
+    loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight: Any,
+    weights_from: str = "the batch has sample_weight",
+) -> torch.Tensor:
     """`loss_fn(y_pred, y)`, checked to be a scalar; with `sample_weight`, per-sample losses weighted
     and averaged over the batch as Keras does (sum of weighted losses / number of elements).
+
+    A loss that cannot take two positional arguments (e.g. `lambda y_pred: ...`) is a `TypeError`
+    naming `loss`; one that raises for another reason raises as it is (unless it works with the
+    arguments swapped: a `TypeError` says so). These are looked at only once the loss has raised.
 
     Args:
         loss_fn: `(y_pred, y) -> tensor`: a scalar, or per-sample losses when there are sample weights.
         y_pred: the model's output.
         y: the targets.
         sample_weight: one weight per sample, or None.
+        weights_from: where the sample weights come from, for the message when the loss returns a
+            scalar although there are sample weights (e.g. "class_weight was given").
 
     Example:
 
@@ -35,6 +47,11 @@ def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight
     try:
         value = loss_fn(y_pred, y)
     except Exception as exc:
+        if isinstance(exc, TypeError) and _takes_two_arguments(loss_fn) is False:
+            raise TypeError(
+                f"loss: must take two arguments, (y_pred, y), and return a tensor; the loss given takes "
+                f"{_signature(loss_fn)} ({exc})"
+            ) from exc
         if _works_swapped(loss_fn, y_pred, y):
             raise TypeError(
                 f"loss: loss(y_pred, y) raised {type(exc).__name__} ({exc}), but loss(y, y_pred) works: the "
@@ -53,13 +70,39 @@ def compute_loss(loss_fn: Callable[..., Any], y_pred: Any, y: Any, sample_weight
         return value
     if value.ndim == 0:
         raise ValueError(
-            "loss: the batch has sample_weight, so loss(y_pred, y) must return one value per sample "
+            f"loss: {weights_from}, so loss(y_pred, y) must return one value per sample "
             "(e.g. functools.partial(F.cross_entropy, reduction='none')); it returned a scalar"
         )
     weight = torch.as_tensor(sample_weight, device=value.device, dtype=value.dtype)
     while weight.ndim < value.ndim:
         weight = weight.unsqueeze(-1)
     return (value * weight).mean()
+
+
+def _loss_signature(loss_fn: Callable[..., Any]) -> inspect.Signature | None:
+    """The signature the loss is called with (a module's `forward`), or None where Python has none."""
+    target = loss_fn.forward if isinstance(loss_fn, torch.nn.Module) else loss_fn
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def _takes_two_arguments(loss_fn: Callable[..., Any]) -> bool | None:
+    """Whether `loss_fn(y_pred, y)` binds to the loss's signature; None when it cannot be told."""
+    signature = _loss_signature(loss_fn)
+    if signature is None:
+        return None
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return False
+    return True
+
+
+def _signature(loss_fn: Callable[..., Any]) -> str:
+    signature = _loss_signature(loss_fn)
+    return "an unknown signature" if signature is None else str(signature)
 
 
 def _works_swapped(loss_fn: Callable[..., Any], y_pred: Any, y: Any) -> bool:
@@ -69,6 +112,58 @@ def _works_swapped(loss_fn: Callable[..., Any], y_pred: Any, y: Any) -> bool:
             return isinstance(loss_fn(y, y_pred), torch.Tensor)
     except Exception:
         return False
+
+
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|type \(\w+\) and|same type", re.IGNORECASE)
+
+
+def dtype_error(model: torch.nn.Module, x: Any, where: str, error: Exception) -> TypeError | None:
+    """A `TypeError` naming the data and both dtypes when the model's forward raised `error` because
+    the batch's floating inputs have a dtype the model's parameters do not; else None.
+
+    Looked at only once the forward has raised (nothing per step); a loader's batches are not cast
+    (array data is, to the model's dtype, when its loader is built).
+
+    Args:
+        model: the model whose forward raised.
+        x: the batch's inputs.
+        where: the data's argument (`"x"`, `"validation_data"`), or `"fit"` for fit's training data.
+        error: what the forward raised.
+
+    Example:
+
+    ```python
+    try:
+        y_pred = model(x)
+    except RuntimeError as exc:
+        error = dtype_error(model, x, "x", exc)
+        if error is None:
+            raise
+        raise error from exc
+    ```
+    """
+    if not _DTYPE_ERROR.search(str(error)):
+        return None
+    model_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    data_dtypes = {t.dtype for t in iter_tensors(x) if t.is_floating_point()}
+    if not model_dtypes or data_dtypes <= model_dtypes:
+        return None
+    name = "x" if where == "fit" else where
+    theirs = ", ".join(sorted(str(d) for d in data_dtypes - model_dtypes))
+    ours = ", ".join(sorted(str(d) for d in model_dtypes))
+    return TypeError(
+        f"{name}: the batches' inputs are {theirs} but the model's parameters are {ours}; give the data the "
+        f"model's dtype (e.g. TensorDataset(x.to({ours.split(',')[0]}), y), or cast in the loader's collate_fn) "
+        f"or the model the data's (model.to({theirs.split(',')[0]})). Arrays given to fit itself are cast for you"
+    )
+
+
+def _raise_forward_error(model: torch.nn.Module, x: Any, where: str, error: RuntimeError) -> NoReturn:
+    """Re-raise what the model's forward raised, as `dtype_error`'s TypeError when that explains it."""
+    explained = dtype_error(model, x, where, error)
+    if explained is None:
+        raise error
+    raise explained from error
 
 
 def _as_values(result: Any, where: str) -> Mapping[str, Any]:
@@ -99,6 +194,9 @@ class Stepper:
         train_step: a custom training step `batch -> loss tensor or dict of scalars`.
         test_step: a custom evaluation step, the same.
         predict_step: a custom prediction step `batch -> output`.
+        gradient_accumulation_steps: step the optimizers once every this many batches (`accumulate`).
+        weights_from: where sample weights come from, for the message of a loss that returns a scalar
+            although there are sample weights (`fit` says "class_weight was given" when it was).
 
     Example:
 
@@ -124,6 +222,7 @@ class Stepper:
         test_step: StepFunction | None = None,
         predict_step: StepFunction | None = None,
         gradient_accumulation_steps: int = 1,
+        weights_from: str = "the batch has sample_weight",
     ) -> None:
         self.model = model
         self.device = device
@@ -136,6 +235,7 @@ class Stepper:
         self.custom_train = train_step
         self.custom_test = test_step
         self.custom_predict = predict_step
+        self.weights_from = weights_from
         self._params = [p for p in model.parameters() if p.requires_grad] if clip_grad_norm else []
         self._plain_cpu = device.type == "cpu" and amp_dtype is None  # the step _forward has a fast path for
         #: With gradient accumulation (k > 1) the group's state; fit then calls `accumulate`, not `train`.
@@ -156,7 +256,10 @@ class Stepper:
             x, y = batch
             if type(x) is _Tensor and type(y) is _Tensor and x.is_cpu and y.is_cpu:
                 assert self.loss is not None
-                y_pred = self.model(x)
+                try:
+                    y_pred = self.model(x)
+                except RuntimeError as exc:  # a try costs nothing until something raises
+                    _raise_forward_error(self.model, x, where, exc)
                 shape = x.shape
                 return compute_loss(self.loss, y_pred, y, None), y_pred, y, shape[0] if shape else 1
         x, y, sample_weight = unpack(batch, where)
@@ -165,12 +268,18 @@ class Stepper:
             sample_weight = to_device(sample_weight, self.device)
         assert self.loss is not None
         if self.amp_dtype is None:
-            y_pred = call_model(self.model, x)
-            loss = compute_loss(self.loss, y_pred, y, sample_weight)
+            try:
+                y_pred = call_model(self.model, x)
+            except RuntimeError as exc:
+                _raise_forward_error(self.model, x, where, exc)
+            loss = compute_loss(self.loss, y_pred, y, sample_weight, self.weights_from)
         else:
             with self._autocast():
-                y_pred = call_model(self.model, x)
-                loss = compute_loss(self.loss, y_pred, y, sample_weight)
+                try:
+                    y_pred = call_model(self.model, x)
+                except RuntimeError as exc:
+                    _raise_forward_error(self.model, x, where, exc)
+                loss = compute_loss(self.loss, y_pred, y, sample_weight, self.weights_from)
         return loss, y_pred, y, batch_size(x)
 
     def train(self, batch: Any) -> None:
@@ -318,8 +427,11 @@ class Stepper:
             with self._autocast():
                 return self.custom_predict(batch)
         x = to_device(unpack_x(batch), self.device)
-        with self._autocast():
-            return call_model(self.model, x)
+        try:
+            with self._autocast():
+                return call_model(self.model, x)
+        except RuntimeError as exc:
+            _raise_forward_error(self.model, x, "x", exc)
 
 
 class GradientAccumulator:
