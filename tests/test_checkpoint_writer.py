@@ -4,6 +4,7 @@ raised on the training thread."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -274,6 +275,45 @@ def test_files_that_are_not_our_temp_files_are_never_touched(tmp_path: Path) -> 
     assert all(path.exists() for path in nested)
 
 
+def test_a_directory_named_like_a_stale_temp_is_removed_only_when_it_holds_only_names_of_ours(tmp_path: Path) -> None:
+    host, pid, age = writer._host_name(), _dead_pid(), 10 * writer.STALE_TEMP_SECONDS
+    names = [f".w.safetensors.{host}.{pid}.{i:08x}.tmp" for i in range(5)]
+    contents: list[dict[str, bytes | None]] = [
+        {"file": b"partial", ".tmpAb12Cd": b"x"},  # ours: removed
+        {"notes.txt": b"mine"},  # someone's directory that only looks like a temp name
+        {"file": b"partial", "keep": None},  # a subdirectory: not ours
+        {"file": b"partial", ".tmpAb12Cd.bak": b"x"},
+        {},  # an empty one of ours (killed before the file was created)
+    ]
+    for name, inside in zip(names, contents, strict=True):
+        (tmp_path / name).mkdir()
+        for entry, data in inside.items():
+            (tmp_path / name / entry).mkdir() if data is None else (tmp_path / name / entry).write_bytes(data)
+    link = tmp_path / f".w.safetensors.{host}.{pid}.0000000f.tmp"
+    link.symlink_to(tmp_path / names[1])
+    old = time.time() - age
+    for path in [*(tmp_path / n for n in names), link]:
+        os.utime(path, (old, old), follow_symlinks=False)
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:4], link.name, "w.safetensors"])
+    assert (tmp_path / names[1] / "notes.txt").read_bytes() == b"mine" and (tmp_path / names[2] / "keep").is_dir()
+
+
+def test_a_sweep_that_fails_does_not_fail_the_save_before_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory is removed by someone else right after the file is in place: the save succeeded."""
+    real_listdir = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        if os.fspath(path) == str(tmp_path):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(writer.os, "listdir", listdir)
+    atomic_save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    monkeypatch.undo()
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.ones(2))
+
+
 @pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="this torch build has no float8_e8m0fnu")
 @pytest.mark.parametrize("async_save", [False, True])
 def test_float8_e8m0fnu_round_trips(tmp_path: Path, async_save: bool) -> None:
@@ -368,3 +408,32 @@ def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(
     assert ("fsync", temp) in events[: renames[0] - 1], events  # the data before the name
     assert ("fsync", str(target.parent)) in events[renames[0] + 1 :], events  # the name after the rename
     assert load_file(target).keys() == tc.checkpoint.read_file(target)[0].keys()
+
+
+_FILE_TOO_LARGE = """
+import errno, json, os, resource, signal, sys
+import torch
+import torchcallbacks as tc
+from safetensors.torch import load_file
+
+path = sys.argv[1]
+tc.save_weights({"w": torch.ones(4)}, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit is then EFBIG, not a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    tc.save_weights({"w": torch.ones(1 << 20)}, path)
+except tc.CheckpointWriteError as error:
+    print(json.dumps({"errno": error.errno, "filename": error.filename, "message": str(error),
+                      "kept": load_file(path)["w"].tolist(), "names": os.listdir(os.path.dirname(path))}))
+"""
+
+
+@pytest.mark.slow  # a subprocess: the file size limit applies to the whole process
+def test_a_write_beyond_the_file_size_limit_is_an_os_error_naming_the_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.safetensors")
+    out = subprocess.run([sys.executable, "-c", _FILE_TOO_LARGE, path], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["errno"] == errno.EFBIG and result["filename"] == path
+    assert result["message"] == f"[Errno {errno.EFBIG}] File too large (writing a checkpoint file): {path!r}"
+    assert result["kept"] == [1.0] * 4 and result["names"] == ["w.safetensors"]  # the old file, no temp left

@@ -31,7 +31,7 @@ from torchcallbacks.callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
-from torchcallbacks.checkpoint import CheckpointError, load_weights, save_weights
+from torchcallbacks.checkpoint import CheckpointError, CheckpointWriteError, load_weights, save_weights
 from torchcallbacks.training import EpochIterator, evaluate, fit, predict
 from torchcallbacks.version import __version__
 
@@ -54,6 +54,7 @@ __all__ = [
     "Callback",
     "CallbackList",
     "CheckpointError",
+    "CheckpointWriteError",
     "EarlyStopping",
     "EpochIterator",
     "History",

@@ -2,7 +2,7 @@
 writer. Loading never unpickles. See docs/checkpoint-format.md. The functional `save_checkpoint` /
 `load_checkpoint` are built on `LoopState`, above this package (`torchcallbacks.callbacks`)."""
 
-from torchcallbacks.checkpoint.errors import CheckpointError
+from torchcallbacks.checkpoint.errors import CheckpointError, CheckpointWriteError
 from torchcallbacks.checkpoint.files import load_weights, read_file, save_weights
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
@@ -10,6 +10,7 @@ from torchcallbacks.checkpoint.writer import CheckpointWriter, atomic_save_file
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "CheckpointWriter",
     "TrainingState",
     "atomic_save_file",

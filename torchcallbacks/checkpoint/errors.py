@@ -1,4 +1,5 @@
-"""`CheckpointError`: the one error of the checkpoint package."""
+"""The errors of the checkpoint package: `CheckpointError` (a file that cannot be used) and
+`CheckpointWriteError` (a file that could not be written)."""
 
 from __future__ import annotations
 
@@ -15,5 +16,21 @@ class CheckpointError(ValueError):
         torchcallbacks.load_weights(model, "model.safetensors")
     except CheckpointError as error:
         print(f"cannot use the checkpoint: {error}")
+    ```
+    """
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written (disk full, file too large for the process's limit...):
+    an `OSError` with the system's `errno` and the target file's name, where safetensors' own error
+    names neither. The previous file at that name is left as it was.
+
+    Example:
+
+    ```python
+    try:
+        torchcallbacks.save_weights(model, "model.safetensors")
+    except CheckpointWriteError as error:
+        print(error.errno == errno.ENOSPC, error.filename)
     ```
     """

@@ -43,7 +43,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from torchcallbacks.checkpoint.errors import CheckpointWriteError
 
 #: A temp file of this writer whose modification time is older than this (in seconds: 24 hours) is
 #: removed by the next save in its directory even if it was named by another host (whose process
@@ -175,7 +178,10 @@ def atomic_write(
     tmp = os.path.join(tmp_dir, "file")
     try:
         os.mkdir(tmp_dir)
-        write(tmp)
+        try:
+            write(tmp)
+        except SafetensorError as exc:
+            raise _write_error(exc, path) from exc
         fsync_file(tmp)
         if keep_previous_as is not None and os.path.isfile(path):
             _keep_copy(path, os.fspath(keep_previous_as), os.path.join(tmp_dir, "previous"))
@@ -183,7 +189,18 @@ def atomic_write(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
     _fsync_dir(directory)
-    _remove_stale_temp_files(directory)
+    with contextlib.suppress(OSError):  # the file is in place: a failed sweep (a vanished directory) is no failed save
+        _remove_stale_temp_files(directory)
+
+
+def _write_error(error: Exception, path: str) -> Exception:
+    """safetensors' error of a failed write (`... I/O error: No space left on device (os error 28)`)
+    as a `CheckpointWriteError` with that errno and the target's name; `error` itself otherwise."""
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    if match is None:
+        return error
+    code = int(match[1])
+    return CheckpointWriteError(code, f"{os.strerror(code)} (writing a checkpoint file)", path)
 
 
 def _keep_copy(path: str, previous: str, held: str) -> None:
@@ -238,9 +255,10 @@ def _process_is_dead(pid: int) -> bool:
 def _remove_stale_temp_files(directory: str) -> None:
     """Remove temp directories of this writer (with whatever `save_file` left in them; or temp files,
     as earlier versions wrote) left in `directory` by processes that died mid-write (a SIGKILL, a
-    power cut): one is removed only if its name has the writer's temp form and it was named by a
-    process of this host that is not running, or it was last modified more than `STALE_TEMP_SECONDS`
-    ago. Anything else is left alone: it may be a live write of another host."""
+    power cut): one is removed only if its name has the writer's temp form, it was named by a
+    process of this host that is not running or was last modified more than `STALE_TEMP_SECONDS`
+    ago, and (a directory) it holds nothing but files named as ours (`_remove_temp`). Anything else is
+    left alone: it may be a live write of another host, or not ours at all."""
     host, now = _host_name(), time.time()
     for name in os.listdir(directory):
         match = _TEMP_NAME.match(name)
@@ -255,11 +273,32 @@ def _remove_stale_temp_files(directory: str) -> None:
             except OSError:  # gone already
                 continue
         if stale:
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)  # a temp directory (and save_file's file in it)
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(full)
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                _remove_temp(full)
+
+
+#: What a temp directory of ours holds: the file being written, the previous copy on its way
+#: (`keep_previous_as`), and safetensors' own temp file (`.tmp` and 6 letters or digits).
+_TEMP_CONTENT = re.compile(r"^(file|previous|\.tmp[A-Za-z0-9]{6})$")
+
+
+def _remove_temp(path: str) -> None:
+    """Remove a stale temp file, or a temp directory holding only files named as ours are (each
+    removed, then the empty directory): a directory with anything else in it, or a link, is not
+    one of ours and is left alone."""
+    if os.path.islink(path):
+        return
+    if not os.path.isdir(path):
+        os.remove(path)
+        return
+    names = os.listdir(path)
+    inside = [os.path.join(path, name) for name in names]
+    if all(_TEMP_CONTENT.match(name) for name in names) and all(
+        os.path.isfile(p) and not os.path.islink(p) for p in inside
+    ):
+        for file in inside:
+            os.remove(file)
+        os.rmdir(path)
 
 
 def _remove_files(paths: Iterable[str]) -> None:
