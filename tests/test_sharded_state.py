@@ -299,6 +299,28 @@ def test_load_checkpoint_refuses_a_sharded_state_that_does_not_fit_before_readin
     assert not (tmp_path / "f.safetensors").exists()
 
 
+def test_a_sharded_load_refused_after_its_shards_were_read_leaves_model_and_optimizer_as_they_were(
+    group: None, tmp_path: Path
+) -> None:
+    """A damaged part found only once the shards are read (here History's state, checked when it is
+    applied) must not leave the refused checkpoint's weights and moments in the model and optimizer."""
+    import json
+
+    model = _shard(_plain_model())
+    _fit(model, [tc.ModelCheckpoint(tmp_path / "s.safetensors", monitor="loss"), tc.History()], epochs=2)
+    state_file = tmp_path / "s" / "state.json"
+    document = json.loads(state_file.read_text())
+    document["state"]["callbacks"]["History"] = {"epoch": 3}
+    state_file.write_text(json.dumps(document))
+    fresh = _shard(_plain_model(seed=1))
+    optimizer, _ = _fit(fresh, [], epochs=1)  # weights and moments of its own, to keep
+    before, moments = _full(fresh.state_dict()), _full(_plain_state(fresh, optimizer))
+    with pytest.raises(tc.CheckpointError, match=r"field 'callbacks/History' does not fit"):
+        tc.load_checkpoint(fresh, tmp_path / "s", optimizer, callbacks=tc.CallbackList([tc.History()]))
+    _assert_equal(_full(fresh.state_dict()), before)
+    _assert_equal(_full(_plain_state(fresh, optimizer)), moments)
+
+
 class Gather(tc.Callback):
     """At every epoch end, after ModelCheckpoint's save: the model's and Adam's state, gathered in full
     and keyed by parameter names (`get_state_dict`), what a plain process must read back."""

@@ -245,10 +245,11 @@ class LoopState:
         return state
 
     def sharded_template(self, saved: Mapping[str, Any] | None = None, source: str = "the state") -> dict[str, Any]:
-        """What `checkpoint.sharded.load_sharded` loads a sharded state into (collective): the model's
-        and optimizers' state dicts as `get_model_state_dict` / `get_optimizer_state_dict` give them
+        """What `checkpoint.sharded.load_sharded` loads a sharded state into (collective): copies of the
+        model's and optimizers' state dicts as `get_model_state_dict` / `get_optimizer_state_dict` give them
         (DTensors for an FSDP2 model, full tensors for a plain one; the optimizer state is initialised
-        if it is empty) and, given the saved tree, the templates of the saved callback states
+        if it is empty; copies, so that a state refused after its shards were read leaves the model and
+        optimizers as they were) and, given the saved tree, the templates of the saved callback states
         (`Callback.state_template`: e.g. EarlyStopping's snapshot of the best weights, SwapEMAWeights'
         average).
 
@@ -270,7 +271,9 @@ class LoopState:
         """
         if saved is not None:
             self._check(saved, repr(source), source, tensors_read=False)
-        template = self._sharded_parts()
+        # Copies, not the live state dicts: what is read must be checked (and may be refused) before
+        # anything reaches the model and optimizers (`load_state_dict` applies it afterwards).
+        template = _snapshot(self._sharded_parts())
         states = saved.get("callbacks") if saved is not None else None
         if self.callbacks is not None and isinstance(states, dict):
             template["callbacks"] = self.callbacks.state_template(states)
