@@ -14,7 +14,7 @@ last level: the caches a core has to itself, read from /sys) and counts their mi
 the same run after run. Start-up is not counted (instrumentation is switched on after the imports and
 a warm-up run).
 
-Usage: python benchmarks/instructions.py [--epochs 3] [--cache-sim]
+Usage: python benchmarks/instructions.py [--epochs 3] [--cache-sim] [--only NAME ...]
 (about four minutes, eight with --cache-sim; needs valgrind)
 """
 
@@ -38,7 +38,7 @@ _CHILD = "TORCHCALLBACKS_CALLGRIND_GO"  # set in the process under callgrind: th
 _PLAIN = "plain PyTorch loop"
 
 
-def child(epochs: int) -> None:
+def child(epochs: int, only: list[str]) -> None:
     """Runs under callgrind: warm up, wait for instrumentation, then run each contender, reading the
     clock through `os.sched_yield` (each call dumps the counters: callgrind's --dump-before)."""
     import torch
@@ -47,7 +47,7 @@ def child(epochs: int) -> None:
 
     torch.set_num_threads(1)
     batches = ob.make_batches()
-    runs = {_PLAIN: ob.plain_loop, **ob.fit_contenders()}
+    runs = {_PLAIN: ob.plain_loop, **{n: r for n, r in ob.fit_contenders().items() if not only or n in only}}
     for run in runs.values():
         run(batches, 1)  # warm-up, not instrumented
     print("READY", flush=True)
@@ -127,9 +127,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs per contender")
     parser.add_argument("--cache-sim", action="store_true",
                         help="also count L1 and L2 misses (callgrind's simulation of this CPU's caches)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this contender (repeatable; the plain loop always runs)")
     args = parser.parse_args()
     if os.environ.get(_CHILD):
-        child(args.epochs)
+        child(args.epochs, args.only)
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind (with callgrind_control) is needed: e.g. apt-get install valgrind")
@@ -139,6 +141,7 @@ def main() -> None:
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-before=sched_yield",
             *(_cache_options() if args.cache_sim else []), f"--callgrind-out-file={out}",
             sys.executable, os.path.abspath(__file__), "--epochs", str(args.epochs),
+            *(f"--only={name}" for name in args.only),
         ]
         env = {**os.environ, _CHILD: go, "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -119,7 +119,15 @@ def kit(directory: str, async_save: bool) -> list[tc.Callback]:
     ]
 
 
-def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = False) -> Callable[..., list[float]]:
+def mlflow_logger(directory: str) -> list[tc.Callback]:
+    """MLflowLogger at its default update_freq="epoch", to a sqlite store in `directory`."""
+    uri = f"sqlite:///{os.path.join(directory, 'mlflow.db')}"
+    return [tc.MLflowLogger(tracking_uri=uri, experiment_name="overhead", strict=True)]
+
+
+def torchcallbacks_fit(
+    verbose: int, with_kit: bool = False, async_save: bool = False, tracker: Callable[[str], list[tc.Callback]] | None = None
+) -> Callable[..., list[float]]:
     def run(batches, epochs: int, paired: list[float] | None = None) -> list[float]:
         """The epoch times; with `paired`, plain epochs run between them and `paired` gets the ratios."""
         model, optimizer = make_model()
@@ -127,6 +135,7 @@ def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = 
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryDirectory() as directory:
             callbacks: list[tc.Callback] = [timer] + ([tc.ProgbarLogger(file=out)] if verbose else [])
             callbacks += kit(directory, async_save) if with_kit else []
+            callbacks += tracker(directory) if tracker is not None else []
             tc.fit(model, batches, optimizer=optimizer, loss=F.mse_loss, epochs=epochs + 1, verbose=verbose,
                    callbacks=callbacks)
         if paired is not None:
@@ -137,14 +146,18 @@ def torchcallbacks_fit(verbose: int, with_kit: bool = False, async_save: bool = 
 
 
 def fit_contenders() -> dict[str, Callable[..., list[float]]]:
-    """The rows of `fit`, by name: verbose 0 and 1, and the usual kit with a synchronous and an
-    asynchronous checkpoint (also run by instructions.py)."""
-    return {
+    """The rows of `fit`, by name: verbose 0 and 1, the usual kit with a synchronous and an
+    asynchronous checkpoint, and MLflowLogger logging each epoch to a sqlite store when mlflow is
+    installed (also run by instructions.py)."""
+    contenders = {
         "torchcallbacks.fit verbose=0": torchcallbacks_fit(0),
         "torchcallbacks.fit verbose=1": torchcallbacks_fit(1),
         "fit verbose=0 + usual kit": torchcallbacks_fit(0, with_kit=True),
         "fit verbose=0 + kit, async": torchcallbacks_fit(0, with_kit=True, async_save=True),
     }
+    if importlib.util.find_spec("mlflow"):
+        contenders["fit verbose=0 + MLflowLogger"] = torchcallbacks_fit(0, tracker=mlflow_logger)
+    return contenders
 
 
 def ignite_loop(batches, epochs: int) -> list[float]:

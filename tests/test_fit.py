@@ -75,7 +75,7 @@ def test_params_passed_to_callbacks() -> None:
     trace = Trace()
     tc.fit(model, make_regression(n=64, batch_size=16), optimizer=_sgd(model), loss=F.mse_loss, epochs=3,
            callbacks=[trace], verbose=2, metrics={"mae": F.l1_loss})
-    assert trace.params_seen == [{"verbose": 2, "epochs": 3, "steps": 4, "metric_directions": {"mae": None}}]
+    assert trace.params_seen == [{"verbose": 2, "epochs": 3, "steps": 4, "metric_directions": {"mae": None}, "loss": "mse_loss"}]
 
     trace = Trace()
     tc.fit(model, make_regression(n=64, batch_size=16), optimizer=_sgd(model), loss=F.mse_loss, epochs=2,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ def test_epoch_logs_params_tags_and_status(uri: str) -> None:
     params = run.data.params
     assert params["epochs"] == "3" and params["steps"] == "4" and params["batch_size"] == "16"
     assert params["optimizer"] == "SGD" and params["optimizer/lr"] == "0.01" and params["optimizer/momentum"] == "0.5"
+    assert params["loss"] == "mse_loss"
     assert "MLflowLogger[experiment_name=exp]" in params["callbacks"]
     assert run.data.tags["team"] == "a"
     assert not any(key.startswith("batch_") for key in run.data.metrics)  # update_freq="epoch"
@@ -157,6 +160,88 @@ def test_resume_continues_the_run_and_logs_each_step_once(uri: str, tmp_path: Pa
     assert _history(client, first, "val_loss") == list(enumerate(history.history["val_loss"]))
     assert [s for s, _ in _history(client, first, "loss")] == [0, 1, 2]
     assert len(client.get_metric_history(first, "loss")) == 3
+
+
+@pytest.mark.slow  # two training processes
+def test_sigkilled_mid_epoch_then_rerun_makes_one_run_with_each_step_once(tmp_path: Path) -> None:
+    """The process is killed at step 7 (backup at step 6, mid-epoch 2) while it waits there, so the kill
+    lands at that step however loaded the machine is; the rerun continues the run MLflow holds."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = Path(__file__).resolve().parent / "tracker_script.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PAUSE_AT_STEP": "7"}
+    killed = subprocess.Popen([sys.executable, str(script), str(tmp_path), uri], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        assert killed.stdout is not None
+        for line in killed.stdout:
+            if line.strip() == "step 7":
+                killed.kill()
+                break
+        assert killed.wait(timeout=120) == -9, killed.stderr.read() if killed.stderr else ""
+    finally:
+        killed.kill()
+    client = MlflowClient(uri)
+    (run,) = _runs(client, "killed")
+    assert run.info.status == "RUNNING"  # killed: nobody ended it
+    del env["PAUSE_AT_STEP"]
+    rerun = subprocess.run([sys.executable, str(script), str(tmp_path), uri], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (again,) = _runs(client, "killed")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [s for s, _ in _history(client, run.info.run_id, "batch_loss")] == list(range(1, 13))
+    assert [s for s, _ in _history(client, run.info.run_id, "loss")] == [0, 1, 2]
+    assert [s for s, _ in _history(client, run.info.run_id, "val_loss")] == [0, 1, 2]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, artifacts served through it): its URL."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(tmp_path / "served")]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to 60 s: it answers /health once it serves
+            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("mlflow server did not answer /health in 60 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow  # starts an mlflow server process
+def test_against_a_real_mlflow_server(server: str, tmp_path: Path) -> None:
+    best = ModelCheckpoint(str(tmp_path / "best.safetensors"), monitor="val_loss", save_best_only=True,
+                           save_weights_only=True)
+    logger = MLflowLogger(tracking_uri=server, experiment_name="served", update_freq=2, log_models="best",
+                          tags={"team": "vision"})
+    history = _fit([logger, best], epochs=2)
+    client = MlflowClient(server)
+    (run,) = _runs(client, "served")
+    assert run.info.run_id == logger.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["team"] == "vision" and run.data.params["epochs"] == "2"
+    assert _history(client, logger.run_id, "loss") == list(enumerate(history.history["loss"]))
+    assert [s for s, _ in _history(client, logger.run_id, "batch_loss")] == [2, 4, 6, 8]
+    local = client.download_artifacts(logger.run_id, "checkpoints/best.safetensors", str(tmp_path / "down"))
+    assert Path(local).read_bytes() == (tmp_path / "best.safetensors").read_bytes()  # uploaded through the server
 
 
 def test_user_run_id_wins_over_the_saved_one(uri: str, tmp_path: Path) -> None:

@@ -303,3 +303,26 @@ def test_an_epoch_end_backup_resumes_on_another_number_of_processes_with_a_warni
     for rank in resumed:
         assert rank["outcome"] == "finished" and rank["resumed_at"] == [1, 0], rank
         assert any(f"written by {before} processes and this run has {after}" in w for w in rank["warnings"]), rank
+
+
+def test_mlflow_logger_makes_one_run_written_by_the_main_process_and_continued_after_a_crash(tmp_path: Path) -> None:
+    """Two processes, crashed at step 6 (backup at step 4) and rerun: one MLflow run, created and
+    written by process 0 only, each batch step and each epoch once, FINISHED."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    crashed = _torchrun_n(2, "tracker_worker.py", tmp_path, uri, "6")
+    assert [r["outcome"] for r in crashed] == ["crashed: crash"] * 2
+    assert crashed[0]["run_id"] is not None and crashed[1]["run_id"] is None  # process 1 opens no run
+    resumed = _torchrun_n(2, "tracker_worker.py", tmp_path, uri, "0")
+    assert [r["outcome"] for r in resumed] == ["finished"] * 2
+    assert resumed[0]["run_id"] == crashed[0]["run_id"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ddp")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == crashed[0]["run_id"] and run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "batch_loss"))
+    assert steps == list(range(1, 19))  # 3 epochs of 6 batches per process: each step once
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2]

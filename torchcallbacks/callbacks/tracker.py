@@ -212,13 +212,13 @@ class TrackerCallback(Callback):
 
     # -- run parameters -------------------------------------------------------------------------
     def run_params(self) -> dict[str, Any]:
-        """The parameters logged when a run starts: fit's `epochs` and `steps` (per epoch), the
-        training loader's `batch_size`, `gradient_accumulation_steps` when set, each optimizer's class
+        """The parameters logged when a run starts: fit's `epochs`, `steps` (per epoch) and `loss`
+        (its name: `params["loss"]`), the training loader's `batch_size`, `gradient_accumulation_steps` when set, each optimizer's class
         and hyperparameters (`optimizer/lr`, ... of its first parameter group; `optimizer/group_<j>/...`
         of the others; `optimizer_<i>` for the i-th optimizer) and `callbacks`, the `state_key` of
         every callback in the list (its class and identifying arguments)."""
         params: dict[str, Any] = {}
-        for key in ("epochs", "steps", "gradient_accumulation_steps"):
+        for key in ("epochs", "steps", "gradient_accumulation_steps", "loss"):
             if self.params.get(key) is not None:
                 params[key] = self.params[key]
         data = getattr(self.loop.parts.get("data"), "data", None)

@@ -246,6 +246,8 @@ def fit(
     }
     if accumulation > 1:
         params["gradient_accumulation_steps"] = accumulation
+    if loss is not None:
+        params["loss"] = _loss_name(loss)
     callback_list = make_callback_list(callbacks, model, optimizers, True, verbose != 0, params)
     loop = callback_list.loop
     loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
@@ -426,3 +428,13 @@ def _train_epoch(
             return False
         raise ValueError("x: the data yielded no batches; fit needs at least one batch per epoch")
     return True
+
+
+def _loss_name(loss: Any) -> str:
+    """How `params["loss"]` names the loss: a Keras name as given, a function by its name, a loss
+    module by its repr (`MSELoss()`, `CrossEntropyLoss()`)."""
+    if isinstance(loss, str):
+        return loss
+    if isinstance(loss, torch.nn.Module):
+        return repr(loss)
+    return str(getattr(loss, "__qualname__", None) or type(loss).__name__)
