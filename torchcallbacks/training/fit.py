@@ -238,7 +238,7 @@ def fit(
         gradient_accumulation_steps=accumulation, weights_from=_weights_from(class_weight, sample_weight),
     )
     train_data = EpochIterator(x, steps_per_epoch, "x")
-    params = {
+    params: dict[str, Any] = {
         "verbose": verbose,
         "epochs": epochs,
         "steps": steps_per_epoch if steps_per_epoch is not None else known_length(x),
