@@ -330,6 +330,12 @@ def test_float8_e8m0fnu_round_trips(tmp_path: Path, async_save: bool) -> None:
     assert float(load_file(tmp_path / "s.safetensors")["scales"].float()[-1]) == 1024.0
 
 
+def test_save_weights_takes_writer_and_delete_after_by_keyword_only(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="positional"):
+        tc.save_weights({"w": torch.ones(2)}, tmp_path / "w.safetensors", None, CheckpointWriter())  # type: ignore[misc]
+    assert not (tmp_path / "w.safetensors").exists()
+
+
 def test_a_dtype_safetensors_cannot_store_is_named(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"tensor 'z': dtype torch.complex128 cannot be stored in safetensors"):
         tc.save_weights({"ok": torch.ones(2), "z": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "z.safetensors")

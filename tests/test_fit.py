@@ -339,6 +339,22 @@ def test_float16_autocast_creates_a_grad_scaler() -> None:
     assert probe.loop.scaler.get_scale() > 0 and len(history.history["loss"]) == 1
 
 
+def test_scaler_is_the_name_and_grad_scaler_still_works_with_a_future_warning() -> None:
+    model = make_model()
+    probe = tc.Callback()
+    scaler = torch.amp.GradScaler("cpu")
+    tc.fit(model, make_regression(n=16, batch_size=8), optimizer=_sgd(model), loss=F.mse_loss, verbose=0,
+           scaler=scaler, callbacks=[probe])
+    assert probe.loop.scaler is scaler
+    with pytest.warns(FutureWarning, match="fit: grad_scaler= is deprecated, pass scaler="):
+        tc.fit(model, make_regression(n=16, batch_size=8), optimizer=_sgd(model), loss=F.mse_loss, verbose=0,
+               grad_scaler=scaler, callbacks=[probe])
+    assert probe.loop.scaler is scaler
+    with pytest.raises(TypeError, match="fit: grad_scaler is the old name of scaler"):
+        tc.fit(model, make_regression(n=16, batch_size=8), optimizer=_sgd(model), loss=F.mse_loss, verbose=0,
+               grad_scaler=scaler, scaler=scaler)
+
+
 def test_custom_train_and_test_steps() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -154,12 +154,12 @@ def test_grad_scaler_and_clipping_act_on_stepping_batches_only() -> None:
     calls: list[str] = []
     model, big = seeded_model(), seeded_model()
     tc.fit(model, _loader(x, y, 4), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=F.mse_loss,
-           verbose=0, gradient_accumulation_steps=2, grad_scaler=CountingScaler(calls), clip_grad_norm=0.05)
+           verbose=0, gradient_accumulation_steps=2, scaler=CountingScaler(calls), clip_grad_norm=0.05)
     group = ["scale", "scale", "unscale", "step", "update"]
     assert calls == group * 2
     # the clip acts on the unscaled, accumulated gradient: the same as one big batch with the clip
     tc.fit(big, _loader(x, y, 8), optimizer=torch.optim.SGD(big.parameters(), lr=0.1), loss=F.mse_loss,
-           verbose=0, grad_scaler=torch.amp.GradScaler("cpu"), clip_grad_norm=0.05)
+           verbose=0, scaler=torch.amp.GradScaler("cpu"), clip_grad_norm=0.05)
     assert _close(model, big)
 
 
@@ -179,7 +179,7 @@ def test_bfloat16_autocast_with_a_scaler_trains() -> None:
     model = seeded_model()
     history = tc.fit(model, _loader(x, y, 4), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                      loss=F.mse_loss, verbose=0, epochs=2, gradient_accumulation_steps=2, amp_dtype=torch.bfloat16,
-                     grad_scaler=CountingScaler(calls))
+                     scaler=CountingScaler(calls))
     assert calls.count("step") == 4 and calls.count("scale") == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert history.history["loss"][1] < history.history["loss"][0]

@@ -76,3 +76,53 @@ def test_the_check_sees_an_upward_import_even_inside_a_function(tmp_path: Path) 
                                                ("torchcallbacks.version", 0), ("torchcallbacks.checkpoint", 1)])
 def test_layers_of_module_names(module: str, layer: int) -> None:
     assert _layer(module) == layer
+
+
+# -- torch.distributed: one module talks to process groups -------------------------------------------
+#: What each module may import of torch.distributed (docs/architecture.md, "Distributed"): process
+#: groups and collectives (`torch.distributed` itself) in distributed.py only; DCP, DTensor and FSDP2's
+#: types where FSDP2 states are handled.
+DISTRIBUTED = {
+    "torchcallbacks.distributed": {"torch.distributed", "torch.distributed.tensor"},
+    "torchcallbacks.checkpoint.sharded": {"torch.distributed.checkpoint", "torch.distributed.tensor"},
+    "torchcallbacks.checkpoint.full_weights": {"torch.distributed.tensor"},
+    "torchcallbacks.callbacks.loop_state": {"torch.distributed.checkpoint"},
+    "torchcallbacks.callbacks.early_stopping": {"torch.distributed.tensor"},
+    "torchcallbacks.callbacks.swap_ema_weights": {"torch.distributed.tensor", "torch.distributed.fsdp"},
+}
+
+
+def distributed_imports(package: Path = PACKAGE) -> list[str]:
+    """Every import of torch.distributed (or of one of its packages) not in `DISTRIBUTED`: the
+    package imported, up to its third part (`torch.distributed.checkpoint.state_dict` counts as
+    `torch.distributed.checkpoint`)."""
+    problems = []
+    for path in sorted(package.rglob("*.py")):
+        name = _module_name(path, package)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for imported in names:
+                parts = imported.split(".")
+                if parts[:2] != ["torch", "distributed"]:
+                    continue
+                if ".".join(parts[:3]) not in DISTRIBUTED.get(name, set()):
+                    problems.append(f"{path.relative_to(package.parent)}:{node.lineno} ({name}) imports {imported}")
+    return problems
+
+
+def test_only_distributed_py_talks_to_process_groups() -> None:
+    assert distributed_imports() == []
+
+
+def test_the_distributed_check_sees_a_collective_imported_elsewhere(tmp_path: Path) -> None:
+    package = tmp_path / "torchcallbacks"
+    (package / "callbacks").mkdir(parents=True)
+    (package / "callbacks" / "model_checkpoint.py").write_text("def f():\n    import torch.distributed as dist\n")
+    (package / "callbacks" / "early_stopping.py").write_text("from torch.distributed.checkpoint import save\n")
+    (package / "distributed.py").write_text("import torch.distributed as dist\n")
+    assert distributed_imports(package) == [
+        "torchcallbacks/callbacks/early_stopping.py:1 (torchcallbacks.callbacks.early_stopping) imports "
+        "torch.distributed.checkpoint",
+        "torchcallbacks/callbacks/model_checkpoint.py:2 (torchcallbacks.callbacks.model_checkpoint) imports torch.distributed",
+    ]

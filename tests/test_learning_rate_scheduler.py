@@ -351,7 +351,7 @@ def test_no_step_order_warning_when_a_grad_scaler_skips_steps() -> None:
             warnings.simplefilter("error")
             torchcallbacks.fit(
                 model, make_regression(), optimizer=optimizer, loss=F.mse_loss, epochs=1, verbose=0,
-                amp_dtype=torch.float16, grad_scaler=scaler, callbacks=[callback],
+                amp_dtype=torch.float16, scaler=scaler, callbacks=[callback],
             )
         assert scaler.get_scale() < 2.0**40  # steps were skipped
         assert lrs_of(optimizer) == pytest.approx([0.1 * 0.5 ** (4 if per_batch else 1)])

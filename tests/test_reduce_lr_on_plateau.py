@@ -225,7 +225,7 @@ def test_every_param_group_of_every_optimizer_is_logged_in_history_and_csv(tmp_p
         callbacks=[
             LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(watched=next(never_better))),
             # acts on the second optimizer only; logs every optimizer's groups, named by their place in the loop
-            ReduceLROnPlateau(monitor="watched", mode="min", patience=1, factor=0.5, optimizers=second),
+            ReduceLROnPlateau(monitor="watched", mode="min", patience=1, factor=0.5, optimizer=second),
             torchcallbacks.CSVLogger(path),
         ],
     )

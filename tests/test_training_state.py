@@ -537,7 +537,7 @@ def test_callbacks_see_every_optimizer_and_lr_callbacks_act_on_all_of_them() -> 
     spy = tc.LambdaCallback(on_train_begin=lambda logs: seen.append((spy.optimizer, list(spy.optimizers))))
     reduce = tc.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, mode="max")  # "max": reduces every epoch
     schedule = tc.LearningRateScheduler(lambda epoch, lr: lr * 0.1 if epoch == 1 else lr)
-    only_first = tc.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, mode="max", optimizers=first)
+    only_first = tc.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, mode="max", optimizer=first)
     only_first.state_key = "only-first"
     tc.fit(model, make_regression(), optimizer=[first, second], loss=torch.nn.functional.mse_loss, epochs=2,
            verbose=0, callbacks=[spy, reduce, schedule, only_first])
@@ -545,8 +545,19 @@ def test_callbacks_see_every_optimizer_and_lr_callbacks_act_on_all_of_them() -> 
     # epoch 1: x0.1 (schedule, both), x0.5 (reduce: the loss fell, "max" sees no improvement), x0.5 (first only)
     assert first.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1 * 0.5 * 0.5)
     assert second.param_groups[0]["lr"] == pytest.approx(0.01 * 0.1 * 0.5)
-    with pytest.raises(TypeError, match="optimizers must be None"):
-        tc.ReduceLROnPlateau(optimizers="first")
+    with pytest.raises(TypeError, match="optimizer must be None"):
+        tc.ReduceLROnPlateau(optimizer="first")
+
+
+@pytest.mark.parametrize("cls", [tc.ReduceLROnPlateau, tc.LearningRateScheduler])
+def test_the_old_name_optimizers_still_works_with_a_future_warning(cls: Any) -> None:
+    first = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    args = () if cls is tc.ReduceLROnPlateau else (lambda epoch, lr: lr,)
+    with pytest.warns(FutureWarning, match=rf"{cls.__name__}: optimizers= is deprecated, pass optimizer="):
+        callback = cls(*args, optimizers=first)
+    assert callback.chosen_optimizers == [first]
+    with pytest.raises(TypeError, match="optimizers is the old name of optimizer; pass optimizer only"):
+        cls(*args, optimizer=first, optimizers=first)
 
 
 def test_a_scheduler_of_another_optimizer_is_named() -> None:

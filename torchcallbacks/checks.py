@@ -6,6 +6,8 @@ import numbers
 import os
 import re
 import tempfile
+import warnings
+from typing import Any
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -194,3 +196,32 @@ def check_writable_dir_everywhere(path: str | os.PathLike[str], name: str) -> No
         if error is not None:
             raise error
         raise RuntimeError(f"{name}: the main process cannot write to {os.fspath(path)!r}")
+
+
+#: Stands for "not given" where None is a meaningful value of an argument.
+UNSET: Any = object()
+
+
+def renamed_argument(new: Any, old: Any, new_name: str, old_name: str, owner: str) -> Any:
+    """The value of an argument that was renamed: `new` (`UNSET` when not given, then None), or the
+    deprecated `old` with a FutureWarning saying the new name; both given is a TypeError.
+
+    Args:
+        new: the value given under the new name, or `UNSET`.
+        old: the value given under the old name, or `UNSET`.
+        new_name: the new name, e.g. `"optimizer"`.
+        old_name: the old name, e.g. `"optimizers"`.
+        owner: the function or class, for the messages.
+
+    Example:
+
+    ```python
+    optimizer = renamed_argument(optimizer, optimizers, "optimizer", "optimizers", "ReduceLROnPlateau")
+    ```
+    """
+    if old is UNSET:
+        return None if new is UNSET else new
+    if new is not UNSET:
+        raise TypeError(f"{owner}: {old_name} is the old name of {new_name}; pass {new_name} only")
+    warnings.warn(f"{owner}: {old_name}= is deprecated, pass {new_name}= (same meaning)", FutureWarning, stacklevel=3)
+    return old

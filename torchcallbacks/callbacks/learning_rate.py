@@ -42,7 +42,7 @@ def target_optimizers(callback: Callback, chosen: Sequence[torch.optim.Optimizer
 
 
 def check_optimizers_argument(value: Any, owner: str) -> list[torch.optim.Optimizer] | None:
-    """A callback's `optimizers` argument: None (act on all), an optimizer, or a list of them.
+    """A callback's `optimizer` argument: None (act on all), an optimizer, or a list of them.
 
     Args:
         value: the argument as given.
@@ -51,7 +51,7 @@ def check_optimizers_argument(value: Any, owner: str) -> list[torch.optim.Optimi
     Example:
 
     ```python
-    self.chosen_optimizers = check_optimizers_argument(optimizers, "ReduceLROnPlateau")
+    self.chosen_optimizers = check_optimizers_argument(optimizer, "ReduceLROnPlateau")
     ```
     """
     if value is None:
@@ -59,7 +59,7 @@ def check_optimizers_argument(value: Any, owner: str) -> list[torch.optim.Optimi
     chosen = list(value) if isinstance(value, (list, tuple)) else [value]
     if not chosen or not all(isinstance(o, torch.optim.Optimizer) for o in chosen):
         raise TypeError(
-            f"{owner}: optimizers must be None (every optimizer), a torch.optim.Optimizer or a list of them, "
+            f"{owner}: optimizer must be None (every optimizer), a torch.optim.Optimizer or a list of them, "
             f"received {value!r}"
         )
     return chosen

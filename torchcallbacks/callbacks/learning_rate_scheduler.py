@@ -23,7 +23,7 @@ from torchcallbacks.callbacks.learning_rate import (
     target_optimizers,
 )
 from torchcallbacks.callbacks.monitor import monitored_value
-from torchcallbacks.checks import check_count, check_verbose
+from torchcallbacks.checks import UNSET, check_count, check_verbose, renamed_argument
 from torchcallbacks.distributed import mean_over_processes, print_main
 from torchcallbacks.logs import to_float
 
@@ -91,8 +91,10 @@ class LearningRateScheduler(Callback):
         verbose: 1 prints the new learning rate whenever the schedule sets it (per epoch only).
         per_batch: apply the schedule per batch (global step) instead of per epoch.
         monitor: the logged value passed to torch's `ReduceLROnPlateau.step()`; unused otherwise.
-        optimizers: the optimizer(s) a function schedule sets; None (the default) for every optimizer
-            of the loop. A torch scheduler acts on its own optimizer, which must be one of the loop's.
+        optimizer: the optimizer(s) a function schedule sets (one or a list, as fit's `optimizer`);
+            None (the default) for every optimizer of the loop. A torch scheduler acts on its own
+            optimizer, which must be one of the loop's.
+        optimizers: the deprecated name of `optimizer`.
 
     Example:
 
@@ -121,14 +123,16 @@ class LearningRateScheduler(Callback):
         *,
         per_batch: bool = False,
         monitor: str = "val_loss",
-        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = UNSET,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = UNSET,
     ) -> None:
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
             raise TypeError(f"monitor: expected the name of a logged value, received {monitor!r}")
         self.monitor = monitor
         self._warned_missing = False
-        self.chosen_optimizers = check_optimizers_argument(optimizers, "LearningRateScheduler")
+        optimizer = renamed_argument(optimizer, optimizers, "optimizer", "optimizers", "LearningRateScheduler")
+        self.chosen_optimizers = check_optimizers_argument(optimizer, "LearningRateScheduler")
         self.scheduler: LRScheduler | None = None
         self.schedule: Callable[..., Any] | None = None
         if isinstance(schedule, LRScheduler):

@@ -17,7 +17,7 @@ from torchcallbacks.callbacks.learning_rate import (
     target_optimizers,
 )
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checks import check_count, check_number, check_verbose
+from torchcallbacks.checks import UNSET, check_count, check_number, check_verbose, renamed_argument
 from torchcallbacks.distributed import print_main
 
 
@@ -47,7 +47,9 @@ class ReduceLROnPlateau(MonitorCallback):
         cooldown: number of epochs to wait after a reduction before counting again.
         min_lr: lower bound on the learning rate; a number, or one per parameter group (of each
             optimizer it acts on).
-        optimizers: the optimizer(s) to act on; None (the default) for every optimizer of the loop.
+        optimizer: the optimizer(s) to act on (one or a list, as fit's `optimizer`); None (the default)
+            for every optimizer of the loop.
+        optimizers: the deprecated name of `optimizer`.
 
     Attributes:
         best: the best monitored value so far.
@@ -74,7 +76,8 @@ class ReduceLROnPlateau(MonitorCallback):
         cooldown: int = 0,
         min_lr: float | Sequence[float] = 0.0,
         *,
-        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = UNSET,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = UNSET,
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta)
         factor = check_number(factor, "factor")
@@ -92,7 +95,8 @@ class ReduceLROnPlateau(MonitorCallback):
             bad = [self.min_lr] if self.min_lr < 0 else []
         if bad:
             raise ValueError(f"min_lr: expected values >= 0, received {min_lr!r}")
-        self.chosen_optimizers = check_optimizers_argument(optimizers, "ReduceLROnPlateau")
+        optimizer = renamed_argument(optimizer, optimizers, "optimizer", "optimizers", "ReduceLROnPlateau")
+        self.chosen_optimizers = check_optimizers_argument(optimizer, "ReduceLROnPlateau")
         self.wait = 0
         self.cooldown_counter = 0
         self.best = None

@@ -223,9 +223,9 @@ def save_weights(
     model: torch.nn.Module | Mapping[str, torch.Tensor],
     filepath: PathLike,
     metadata: Mapping[str, str] | None = None,
+    *,
     writer: CheckpointWriter | None = None,
     delete_after: Sequence[str] = (),
-    *,
     max_shard_size: int | None = None,
 ) -> None:
     """Save a model's weights (its `state_dict()`) as a plain safetensors file, atomically.

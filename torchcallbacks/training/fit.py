@@ -11,7 +11,7 @@ import torch
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.history import History
-from torchcallbacks.checks import check_count
+from torchcallbacks.checks import UNSET, check_count, renamed_argument
 from torchcallbacks.distributed import set_sampler_epoch
 from torchcallbacks.logs import to_floats
 from torchcallbacks.training.arguments import (
@@ -92,12 +92,13 @@ def fit(
     validation_freq: int | Sequence[int] = 1,
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
-    grad_scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler | None = UNSET,
     clip_grad_norm: float | None = None,
     gradient_accumulation_steps: int | None = None,
     train_step: StepFunction | None = None,
     test_step: StepFunction | None = None,
     warn_unoptimized: bool = True,
+    grad_scaler: torch.amp.GradScaler | None = UNSET,
 ) -> History:
     """Trains `model` on the batches of `x` for a number of epochs, calling the callbacks' hooks.
 
@@ -169,8 +170,9 @@ def fit(
         device: where to train (the model and each batch are moved there); default: where the model's
             weights are.
         amp_dtype: mixed precision: forward and loss under `torch.autocast(dtype=amp_dtype)`. With
-            `torch.float16` a `GradScaler` is created unless `grad_scaler` is given.
-        grad_scaler: a `torch.amp.GradScaler` to scale the loss.
+            `torch.float16` a `GradScaler` is created unless `scaler` is given.
+        scaler: a `torch.amp.GradScaler` to scale the loss (`save_checkpoint`'s and
+            `CallbackList`'s name too).
         clip_grad_norm: clip the gradients' total norm to this value before each optimizer step.
         gradient_accumulation_steps: Keras 3's name: step the optimizers once every this many batches,
             with each batch's loss scaled by 1/k, so that k batches make one step equal to a step on
@@ -192,6 +194,7 @@ def fit(
             none of them is a `ValueError` (it would train nothing), and when the optimizers together
             leave some out a `UserWarning` says how many; False silences that warning (parameters
             left out on purpose). Not checked with a custom `train_step`, which steps what it likes.
+        grad_scaler: the deprecated name of `scaler`.
 
     Returns:
         The `History` of the run.
@@ -207,6 +210,7 @@ def fit(
     history.history["val_accuracy"]
     ```
     """
+    grad_scaler = renamed_argument(scaler, grad_scaler, "scaler", "grad_scaler", "fit")
     _check_arguments(model, loss, train_step, test_step, validation_data, epochs, initial_epoch, clip_grad_norm)
     accumulation = _check_accumulation(gradient_accumulation_steps, train_step)
     x, validation_data = _training_data(
