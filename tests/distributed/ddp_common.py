@@ -9,7 +9,10 @@ averages. So the reference reproduces the DDP run up to float rounding.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import gc
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -88,9 +91,40 @@ def mae(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y_pred - y).abs().mean()
 
 
+@contextlib.contextmanager
+def recorded_writes(workdir: str) -> Iterator[list[str]]:
+    """The files under `workdir` this process writes meanwhile (relative paths, in order): each file
+    opened for writing or appending (`open`, which is `io.open`, as TensorBoard's writer calls it), and
+    each target of an `os.replace` (how every checkpoint is committed)."""
+    written: list[str] = []
+    real_open, real_replace = builtins.open, os.replace
+    root = os.path.realpath(workdir)
+
+    def note(path: Any) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)):  # TensorBoard's writer opens bytes paths
+            full = os.path.realpath(os.fsdecode(path))
+            if full.startswith(root + os.sep):
+                written.append(os.path.relpath(full, root))
+
+    def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wax+"):
+            note(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def replaced(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, *args, **kwargs)
+        note(dst)
+
+    builtins.open, io.open, os.replace = opened, opened, replaced
+    try:
+        yield written
+    finally:
+        builtins.open, io.open, os.replace = real_open, real_open, real_replace
+
+
 def fit_and_report(model: torch.nn.Module, train: DataLoader, val: DataLoader, workdir: str, verbose: int) -> dict[str, Any]:
     """The run of test_ddp_training: fit with the file-writing and deciding callbacks, then evaluate
-    and predict(gather=True). Returns what the test compares."""
+    and predict(gather=True). Returns what the test compares, with the files this process wrote."""
     callbacks = [
         tc.CSVLogger(os.path.join(workdir, "log.csv")),
         tc.TensorBoard(os.path.join(workdir, "tb")),
@@ -99,10 +133,11 @@ def fit_and_report(model: torch.nn.Module, train: DataLoader, val: DataLoader, w
         tc.EarlyStopping(monitor="val_loss", patience=1, min_delta=0.1),
     ]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    history = tc.fit(
-        model, train, optimizer=optimizer, loss=torch.nn.functional.mse_loss, metrics={"mae": mae},
-        epochs=EPOCHS, verbose=verbose, validation_data=val, callbacks=callbacks,
-    )
+    with recorded_writes(workdir) as written:
+        history = tc.fit(
+            model, train, optimizer=optimizer, loss=torch.nn.functional.mse_loss, metrics={"mae": mae},
+            epochs=EPOCHS, verbose=verbose, validation_data=val, callbacks=callbacks,
+        )
     results = tc.evaluate(model, val, loss=torch.nn.functional.mse_loss, metrics={"mae": mae}, return_dict=True, verbose=0)
     predictions = tc.predict(model, val, verbose=0, gather=True)
     checkpoint = callbacks[2]
@@ -114,6 +149,7 @@ def fit_and_report(model: torch.nn.Module, train: DataLoader, val: DataLoader, w
         "weights": {k: v.flatten().tolist() for k, v in tc.distributed.unwrap_model(model).state_dict().items()},
         "lr": optimizer.param_groups[0]["lr"],
         "best_path": os.path.basename(checkpoint.best_path or ""),
+        "written": sorted(set(written)),
     }
 
 

@@ -134,6 +134,11 @@ def test_files_are_written_once_by_rank_0_with_reduced_values(fit_run: Any) -> N
     assert _close(last["2.bias"].tolist(), _ranks(workdir)[0]["weights"]["2.bias"], rel=0, abs_=0)
     # ProgbarLogger (verbose=2): one line per epoch from rank 0 only
     assert result.stdout.count("Epoch 1/") == 1
+    # and each of those files was written by process 0 alone (recorded in each process)
+    zero, one = (rank["written"] for rank in _ranks(workdir))
+    assert one == []
+    assert {f"ckpt/{n}" for n in names} | {"log.csv"} <= set(zero)
+    assert sum(p.startswith(("tb/train/", "tb/validation/")) for p in zero) == 2
 
 
 # -- stopping decisions that differ between processes -------------------------------------------------
