@@ -142,7 +142,8 @@ def test_each_metric_is_kerass_and_logged_under_kerass_name(case: tuple, expecte
 @pytest.mark.parametrize(
     ("case", "expected"),
     [(c, e) for c, e in zip(reference.METRIC_CASES, KERAS_METRICS, strict=True) if c[0].lower() in ("accuracy", "acc")],
-    ids=lambda c: f"{c[0]}-{torch.tensor(c[1]).ndim}d-targets" if isinstance(c[1], list) else c[1],
+    ids=lambda c: f"{c[0]}-{torch.tensor(c[1]).ndim}d-targets-{torch.tensor(c[2]).shape[-1]}-columns"
+    if isinstance(c[1], list) else c[1],
 )
 def test_accuracy_is_resolved_from_the_shapes_as_keras_does(case: tuple, expected: tuple) -> None:
     name, y_true, y_pred = case
@@ -206,7 +207,7 @@ OPTIMIZER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "cls", "keys"), OPTIMIZER_CASES, ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("name", "cls", "keys"), OPTIMIZER_CASES, ids=[case[0] for case in OPTIMIZER_CASES])
 def test_an_optimizer_name_builds_torchs_optimizer_with_kerass_defaults_and_trains(name: str, cls: type, keys: dict) -> None:
     model, x, y = _classifier()
     frozen = torch.nn.Linear(3, 3).requires_grad_(False)

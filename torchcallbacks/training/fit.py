@@ -135,7 +135,7 @@ def fit(
             `sqrt(v)` before the bias correction (an epsilon `1e-7 / sqrt(1 - beta_2**t)` next to
             torch's `sqrt(v_hat)`, about 32 times larger at the first step), and Keras' RMSprop adds
             it under the square root (`g / sqrt(v + eps)`, torch: `g / (sqrt(v) + eps)`); the two
-            differ only where gradients are about as small as that epsilon's scale. Callbacks
+            differ only for very small gradients (see docs/porting-from-keras.md). Callbacks
             see the optimizer built as `self.optimizer` (and `history.optimizer` after `fit`).
         loss: `loss(y_pred, y) -> scalar tensor`, any callable (e.g. `torch.nn.functional.mse_loss`).
             With sample weights in the batch (or `sample_weight` / `class_weight` given) it must
