@@ -280,3 +280,23 @@ def test_a_string_loss_is_resolved_once_before_training(monkeypatch: pytest.Monk
     model, x, y = _classifier()
     torchcallbacks.fit(model, x, y, optimizer="adam", loss="bce", epochs=2, batch_size=8, verbose=0)
     assert calls == ["bce"]
+
+
+def _conversions_for(batches: int, metrics: list[str]) -> int:
+    from test_logs import CountConversions  # every tensor -> host conversion (a device sync on a GPU)
+
+    x = torch.randn(8 * batches, 3)
+    y = (x.sum(dim=1, keepdim=True) > 0).float()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Sigmoid())
+    with CountConversions() as counter:
+        torchcallbacks.fit(
+            # "sgd": torch's Adam reads its CPU step counter with .item() at every step, on any device
+            model, x, y, optimizer="sgd", loss="binary_crossentropy", metrics=metrics, batch_size=8, epochs=2,
+            verbose=0,
+        )
+    return counter.count
+
+
+def test_keras_names_add_no_conversion_per_batch() -> None:
+    metrics = ["accuracy", "mae", "hinge"]
+    assert _conversions_for(4, metrics) == _conversions_for(40, metrics)
