@@ -300,3 +300,15 @@ def _conversions_for(batches: int, metrics: list[str]) -> int:
 def test_keras_names_add_no_conversion_per_batch() -> None:
     metrics = ["accuracy", "mae", "hinge"]
     assert _conversions_for(4, metrics) == _conversions_for(40, metrics)
+
+
+def test_every_listed_name_resolves() -> None:
+    from torchcallbacks.training.keras_losses import KerasLoss, KerasMetric
+    from torchcallbacks.training.shortcuts import OPTIMIZERS, loss_names, metric_names, resolve_optimizer
+
+    assert {"mse", "mae", "huber", "binary_crossentropy", "categorical_crossentropy"} <= set(loss_names())
+    assert all(isinstance(resolve_loss(name), KerasLoss) for name in loss_names())
+    assert {"accuracy", "acc", "mae", "mse", "auc"} <= set(metric_names())
+    assert all(isinstance(resolve_metric(name), KerasMetric) for name in metric_names() if name.lower() != "auc")
+    model = torch.nn.Linear(2, 1)
+    assert all(isinstance(resolve_optimizer(name.upper(), model), OPTIMIZERS[name][0]) for name in OPTIMIZERS)
