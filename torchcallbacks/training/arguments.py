@@ -63,7 +63,8 @@ def check_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     for item in optimizers:
         if not isinstance(item, torch.optim.Optimizer):
             raise TypeError(
-                f"fit: optimizer must be a torch.optim.Optimizer (or a list of them), received {type(item).__name__}"
+                f"fit: optimizer must be a torch.optim.Optimizer (or a list of them, or one of Keras' names 'sgd', "
+                f"'adam', 'adamw', 'rmsprop'), received {type(item).__name__}"
             )
     return optimizers
 

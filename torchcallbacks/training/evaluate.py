@@ -21,6 +21,7 @@ from torchcallbacks.training.arrays import array_batches, float_dtype_of
 from torchcallbacks.training.data import EpochIterator, check_steps, known_length
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, normalize_metrics
 from torchcallbacks.training.run import run_hooks
+from torchcallbacks.training.shortcuts import resolve_loss
 from torchcallbacks.training.steps import StepFunction, Stepper
 
 
@@ -80,7 +81,7 @@ def evaluate(
     x: Any,
     y: Any = None,
     *,
-    loss: Callable[..., Any] | None = None,
+    loss: Callable[..., Any] | str | None = None,
     metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None = None,
     batch_size: int | None = None,
     sample_weight: Any = None,
@@ -102,9 +103,11 @@ def evaluate(
             Or, as in Keras, the inputs themselves (a tensor, a numpy array, or a tuple or dict of
             them) with the targets in `y`; a loader is built for them, in order.
         y: the targets when `x` holds arrays; not with a loader (a `TypeError`).
-        loss: `loss(y_pred, y) -> scalar tensor`.
+        loss: `loss(y_pred, y) -> scalar tensor`, or one of Keras' names (`"mse"`,
+            `"binary_crossentropy"`, ...: see `fit`).
         metrics: a dict name -> metric, or a list of metrics; a metric is a callable
-            `(y_pred, y) -> tensor` or an object with `update/compute/reset`.
+            `(y_pred, y) -> tensor`, an object with `update/compute/reset`, or one of Keras' names
+            (`"accuracy"`, `"mae"`, `"auc"`, ...: see `fit`).
         batch_size: samples per batch with array `x` (default 32); not with a loader.
         sample_weight: with array `x`, one weight per sample (`loss` must then return per-sample
             values).
@@ -130,8 +133,9 @@ def evaluate(
     ```
     """
     check_model(model, "evaluate")
+    loss_fn = resolve_loss(loss)  # Keras' names, resolved once
     check_callable(test_step, "test_step")
-    if check_callable(loss, "loss") is None and test_step is None:
+    if check_callable(loss_fn, "loss") is None and test_step is None:
         raise TypeError("evaluate: loss is required (loss(y_pred, y) -> scalar tensor), or pass a test_step")
     verbose = check_verbose(verbose)
     steps = check_steps(steps, "steps")
@@ -139,7 +143,7 @@ def evaluate(
     device = resolve_device(model, device)
     named_metrics = normalize_metrics(metrics)
     stepper = Stepper(
-        model, device, MetricTracker(named_metrics, device), loss=loss, amp_dtype=amp_dtype, test_step=test_step,
+        model, device, MetricTracker(named_metrics, device), loss=loss_fn, amp_dtype=amp_dtype, test_step=test_step,
         weights_from="sample_weight was given" if sample_weight is not None else "the batch has sample_weight",
     )
     callback_list = make_callback_list(

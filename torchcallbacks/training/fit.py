@@ -38,6 +38,7 @@ from torchcallbacks.training.data import EpochIterator, check_same_length, check
 from torchcallbacks.training.evaluate import run_evaluation
 from torchcallbacks.training.metrics import MetricLike, MetricTracker, metric_directions, normalize_metrics
 from torchcallbacks.training.run import run_hooks
+from torchcallbacks.training.shortcuts import resolve_loss, resolve_optimizer
 from torchcallbacks.training.steps import StepFunction, Stepper
 
 
@@ -73,8 +74,8 @@ def fit(
     x: Any,
     y: Any = None,
     *,
-    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-    loss: Callable[..., Any] | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | str,
+    loss: Callable[..., Any] | str | None = None,
     metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None = None,
     batch_size: int | None = None,
     epochs: int = 1,
@@ -127,15 +128,40 @@ def fit(
             naming `x` and both dtypes, at the first batch, before any optimizer step.
         y: the targets when `x` holds arrays: a tensor, a numpy array, or a tuple or dict of them.
             Not with a loader (its batches hold the targets): that is a `TypeError`.
-        optimizer: a `torch.optim.Optimizer`, or a list of them (all are stepped).
+        optimizer: a `torch.optim.Optimizer`, or a list of them (all are stepped). Or, as in Keras, a
+            name (any case): `"sgd"`, `"adam"`, `"adamw"`, `"rmsprop"`, built once over the model's
+            trainable parameters as torch's optimizer with Keras 3's defaults (SGD lr 0.01; Adam lr
+            0.001, eps 1e-7; AdamW the same with weight_decay 0.004; RMSprop lr 0.001, alpha (Keras'
+            rho) 0.9, eps 1e-7). Torch applies epsilon differently: Keras' Adam / AdamW add it to
+            `sqrt(v)` before the bias correction (an epsilon `1e-7 / sqrt(1 - beta_2**t)` next to
+            torch's `sqrt(v_hat)`, about 32 times larger at the first step), and Keras' RMSprop adds
+            it under the square root (`g / sqrt(v + eps)`, torch: `g / (sqrt(v) + eps)`); the two
+            differ only for very small gradients (see docs/porting-from-keras.md). Callbacks
+            see the optimizer built as `self.optimizer` (and `history.optimizer` after `fit`).
         loss: `loss(y_pred, y) -> scalar tensor`, any callable (e.g. `torch.nn.functional.mse_loss`).
             With sample weights in the batch (or `sample_weight` / `class_weight` given) it must
             return per-sample values (`reduction="none"`); they are weighted and averaged over the
-            batch's elements as Keras does (`compute_loss` in steps.py).
+            batch's elements as Keras does (`compute_loss` in steps.py). Or one of Keras' names,
+            computed as Keras computes it (also per sample, with weights): `"mse"` /
+            `"mean_squared_error"`, `"mae"`, `"mape"`, `"msle"`, `"huber"` (delta 1), `"log_cosh"`,
+            `"binary_crossentropy"`, `"categorical_crossentropy"` (one-hot targets),
+            `"sparse_categorical_crossentropy"` (class indices), `"crossentropy"` (one of the three,
+            chosen from the shapes), `"kl_divergence"`, `"poisson"`, `"hinge"`, `"squared_hinge"`,
+            `"categorical_hinge"`, `"cosine_similarity"`, or their Keras class names. The
+            crossentropies take probabilities, as Keras' do without `from_logits`: end the model in
+            a sigmoid / softmax, or pass torch's logit losses (`F.binary_cross_entropy_with_logits`,
+            `F.cross_entropy`) instead.
         metrics: a dict name -> metric, or a list of metrics (named after the function or class). A
             metric is a callable `(y_pred, y) -> tensor`, averaged over the epoch weighted by batch
             size, or an object with `update/compute/reset` (torchmetrics style). Give a metric the
             attribute `mode = "max"` (or torchmetrics' `higher_is_better`) to tell monitors its direction.
+            Or one of Keras' names, logged under the name given (`val_` + it in validation):
+            `"accuracy"` / `"acc"` (binary, threshold 0.5, when the output's last dimension is 1;
+            sparse categorical when the targets have one dimension less; else categorical),
+            `"binary_accuracy"`, `"categorical_accuracy"`, `"sparse_categorical_accuracy"`, `"mae"`,
+            `"mse"`, `"mape"`, `"msle"`, the crossentropies, `"kl_divergence"`, `"hinge"`, ...
+            (`shortcuts.metric_names()`), and `"auc"` (torchmetrics' `BinaryAUROC` with Keras' 200
+            thresholds; needs `pip install torchcallbacks[torchmetrics]`).
         batch_size: samples per batch with array `x` (default 32, as Keras); not with a loader.
         epochs: the epoch to stop at (training runs epochs `initial_epoch` .. `epochs - 1`).
         verbose: "auto" or 1 for a progress bar, 2 for one line per epoch, 0 for silence.
@@ -208,21 +234,27 @@ def fit(
         validation_data=val_loader, epochs=10,
         callbacks=[torchcallbacks.EarlyStopping(patience=2)])
     history.history["val_accuracy"]
+
+    # Keras' names: a model ending in a softmax, integer class targets
+    history = torchcallbacks.fit(model, x, y, optimizer="adam", loss="sparse_categorical_crossentropy",
+                                 metrics=["accuracy"], epochs=10)
+    history.history["accuracy"]
     ```
     """
     grad_scaler = renamed_argument(scaler, grad_scaler, "scaler", "grad_scaler", "fit")
-    _check_arguments(model, loss, train_step, test_step, validation_data, epochs, initial_epoch, clip_grad_norm)
+    loss_fn = resolve_loss(loss)  # Keras' names, resolved once
+    _check_arguments(model, loss_fn, train_step, test_step, validation_data, epochs, initial_epoch, clip_grad_norm)
     accumulation = _check_accumulation(gradient_accumulation_steps, train_step)
     x, validation_data = _training_data(
         x, y, batch_size, validation_split, validation_data, shuffle, class_weight, sample_weight,
         validation_batch_size, float_dtype_of(model),
     )
-    if validation_data is not None and loss is None and test_step is None:
+    if validation_data is not None and loss_fn is None and test_step is None:
         raise TypeError("fit: validation_data needs a loss or a test_step to evaluate with")
-    optimizers = check_optimizers(optimizer)
+    optimizers = check_optimizers(resolve_optimizer(optimizer, model))
     if train_step is None:
         several = isinstance(optimizer, (list, tuple)) and len(optimizers) > 1
-        check_optimized(model, optimizers, several, bool(warn_unoptimized), loss)
+        check_optimized(model, optimizers, several, bool(warn_unoptimized), loss_fn)
     verbose = check_verbose(verbose)
     steps_per_epoch = check_steps(steps_per_epoch, "steps_per_epoch")
     validation_steps = check_steps(validation_steps, "validation_steps")
@@ -237,7 +269,7 @@ def fit(
     # -- wiring: the step, the data, the callbacks and the loop's own state -------------------------
     tracker = MetricTracker(named_metrics, device)
     stepper = Stepper(
-        model, device, tracker, loss=loss, optimizers=optimizers, amp_dtype=amp_dtype,
+        model, device, tracker, loss=loss_fn, optimizers=optimizers, amp_dtype=amp_dtype,
         scaler=grad_scaler, clip_grad_norm=clip_grad_norm, train_step=train_step, test_step=test_step,
         gradient_accumulation_steps=accumulation, weights_from=_weights_from(class_weight, sample_weight),
     )

@@ -11,6 +11,7 @@ import torch
 
 from torchcallbacks.distributed import is_distributed, reduce_weighted_means
 from torchcallbacks.logs import LazyLogs, float_dtype
+from torchcallbacks.training.shortcuts import resolve_metric
 
 MetricLike = Any  # a callable (y_pred, y) -> tensor, or an object with update/compute/reset
 
@@ -55,6 +56,10 @@ def metric_name(metric: Any) -> str:
 def normalize_metrics(metrics: Mapping[str, MetricLike] | Sequence[MetricLike] | None) -> dict[str, MetricLike]:
     """Metrics as a name -> metric dict; a list is named after each function (or class).
 
+    A string is one of Keras' metric names (`"accuracy"`, `"mae"`, `"auc"`, ... see
+    `shortcuts.resolve_metric`), logged under that string in a list (as Keras logs it) and under its
+    key in a dict.
+
     Two metrics of one name, the reserved name `"loss"`, a name that is not a string or a metric
     that is neither callable nor stateful are errors that name the metric.
 
@@ -65,22 +70,24 @@ def normalize_metrics(metrics: Mapping[str, MetricLike] | Sequence[MetricLike] |
 
     ```python
     normalize_metrics([torch.nn.functional.l1_loss])  # {"l1_loss": torch.nn.functional.l1_loss}
+    normalize_metrics(["accuracy", "mae"])  # {"accuracy": KerasMetric('accuracy'), "mae": KerasMetric('mae')}
     ```
     """
     if metrics is None:
         return {}
     if isinstance(metrics, Mapping):
-        named = dict(metrics)
+        named = {name: resolve_metric(m) if isinstance(m, str) else m for name, m in metrics.items()}
     elif isinstance(metrics, (list, tuple)):
         named = {}
         for metric in metrics:
-            name = metric_name(metric)
+            name = metric if isinstance(metric, str) else metric_name(metric)
             if name in named:
                 raise ValueError(f"metrics: two metrics are named {name!r}; pass a dict to name them")
-            named[name] = metric
+            named[name] = resolve_metric(metric) if isinstance(metric, str) else metric
     else:
+        hint = f" (a name goes in a list: metrics=[{metrics!r}])" if isinstance(metrics, str) else ""
         raise TypeError(
-            f"metrics: expected a dict or a list of metrics, received {type(metrics).__name__}"
+            f"metrics: expected a dict or a list of metrics, received {type(metrics).__name__}{hint}"
         )
     for name, metric in named.items():
         if not isinstance(name, str):

@@ -28,6 +28,8 @@ def compute_loss(
     A loss that cannot take two positional arguments (e.g. `lambda y_pred: ...`) is a `TypeError`
     naming `loss`; one that raises for another reason raises as it is (unless it works with the
     arguments swapped: a `TypeError` says so). These are looked at only once the loss has raised.
+    With sample weights, a loss that has a `per_sample(y_pred, y)` method (Keras' losses by name,
+    `KerasLoss`) is called through it.
 
     Args:
         loss_fn: `(y_pred, y) -> tensor`: a scalar, or per-sample losses when there are sample weights.
@@ -44,6 +46,8 @@ def compute_loss(
     loss = compute_loss(per_sample, y_pred, y, sample_weight=torch.tensor([1.0, 0.0]))
     ```
     """
+    if sample_weight is not None:
+        loss_fn = getattr(loss_fn, "per_sample", loss_fn)
     try:
         value = loss_fn(y_pred, y)
     except Exception as exc:
