@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import Crash
+from conftest import Crash, retype_tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -430,3 +430,22 @@ def test_load_sharded_takes_a_template_made_from_the_saved_tree_and_may_read_par
     assert torch.equal(state["model"]["w"], torch.arange(4.0)) and state["step"] == 3
     state, _ = load_sharded(tmp_path / "c", {}, partial=True)  # replicated tensors are read anyway
     assert torch.equal(state["model"]["w"], torch.arange(4.0))
+
+
+# -- dtypes --------------------------------------------------------------------------------------------
+def test_full_weights_of_another_dtype_are_refused_for_a_sharded_model_unless_cast(group: None, tmp_path: Path) -> None:
+    """load_weights into an FSDP2 model read each tensor and cast it to the shard's dtype, silently
+    (its header check took every file tensor for float32)."""
+    saved = _plain_model(seed=3)
+    tc.save_weights(saved, tmp_path / "w.safetensors")
+    retype_tensor(tmp_path / "w.safetensors", "0.weight", "I32")  # float32 bytes said to be int32
+    model = _shard(_plain_model())
+    before = _full(model.state_dict())
+    with pytest.raises(tc.CheckpointError, match=r"w\.safetensors.*dtypes differ for 0\.weight: file torch\.int32 vs model torch\.float32"):
+        tc.load_weights(model, tmp_path / "w.safetensors")
+    _assert_equal(_full(model.state_dict()), before)
+    tc.save_weights(saved.half(), tmp_path / "half.safetensors")
+    with pytest.raises(tc.CheckpointError, match=r"file torch\.float16 vs model torch\.float32"):
+        tc.load_weights(model, tmp_path / "half.safetensors")
+    tc.load_weights(model, tmp_path / "half.safetensors", cast_dtypes=True)
+    _assert_equal(_full(model.state_dict()), {k: v.float() for k, v in saved.state_dict().items()})

@@ -320,11 +320,12 @@ class LoopState:
 
     def _check(
         self, state: Mapping[str, Any], where: str, source: str, *, tensors_read: bool = True,
-        restore_rng: bool = True, required: Sequence[str] = (),
+        restore_rng: bool = True, required: Sequence[str] = (), cast_dtypes: bool = False,
     ) -> dict[str, Any]:
         """Every check of `state` that needs no callback (those are checked by applying), before
         anything is applied; returns what `load_state_dict` applies. With `tensors_read=False` (a
-        sharded state whose tensors are None yet) only what the JSON tells: key names, counts, types."""
+        sharded state whose tensors are None yet) only what the JSON tells: key names, counts, types,
+        the optimizers' groups and hyper-parameters."""
         check_state_fields(state, where)
         counters = [check_counter(state.get(name), where, name) for name in ("epoch", "batch", "global_step")]
         self._check_reachable(counters[0], counters[1], where)
@@ -333,13 +334,14 @@ class LoopState:
         tensors = dict(state.get("model") or {})
         if model is not None:
             if tensors_read:
-                _check_keys(source, model, tensors, {}, strict=True)  # DTensors have the global shapes
+                _check_keys(source, model, tensors, {}, strict=True, cast_dtypes=cast_dtypes)  # DTensors: global shapes
             else:  # key names only (every tensor of the right shape): the reader checks the shapes
                 expected = model.state_dict()
                 _check_keys(source, model, {k: expected.get(k, torch.empty(0)) for k in tensors}, {}, strict=True)
         sharded = is_sharded(model)
         # A sharded one's tensors were checked when they were read
-        saved = check_optimizer_states(self.optimizers, state, where, types_only=sharded or not tensors_read)
+        saved = check_optimizer_states(self.optimizers, state, where, tensors=tensors_read and not sharded,
+                                       cast_dtypes=cast_dtypes)
         scaler_state = state.get("scaler")
         if scaler_state is not None and not isinstance(scaler_state, Mapping):
             raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")
@@ -363,15 +365,16 @@ class LoopState:
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "the state", *, restore_rng: bool = True,
-        required: Sequence[str] = (),
+        required: Sequence[str] = (), cast_dtypes: bool = False,
     ) -> TrainingState:
         """Check every part of `state`, then apply all of them: callbacks, the loop's parts, model,
         optimizers, scaler, counters and random states.
 
-        A part that does not fit (keys or shapes of the model, another optimizer type or other
-        parameter groups, counters that are not integers >= 0, random states of the wrong type or size,
-        a callback or loop part that rejects its state) raises a `CheckpointError` naming `source` and
-        the field, and nothing is changed. Saved callback states that no callback takes, and stateful
+        A part that does not fit (keys, shapes or dtypes of the model, another optimizer type or other
+        parameter groups, hyper-parameters or optimizer state of the wrong kind, shape or dtype, a
+        stored tensor named twice, counters that are not integers >= 0, random states of the wrong type
+        or size, a callback or loop part that rejects its state) raises a `CheckpointError` naming
+        `source` and the field, and nothing is changed. Saved callback states that no callback takes, and stateful
         callbacks that get no state, are named in one warning. A sharded directory's states (keyed by
         parameter names, `get_optimizer_state_dict`) are applied to a plain model's optimizers as well,
         which map the names to their parameters in order.
@@ -381,6 +384,8 @@ class LoopState:
             source: where it comes from (a file name), for messages.
             restore_rng: set the random generators to the state saved as "current".
             required: names of loop parts (see `track`) that must be in `state` (e.g. `"scheduler/0"`).
+            cast_dtypes: accept model and optimizer tensors of another dtype than the model's (cast as
+                they are loaded); refused by default, naming the key and both dtypes.
 
         Returns:
             What was read besides what was applied in place: a `TrainingState` (counters, random and
@@ -393,7 +398,7 @@ class LoopState:
         ```
         """
         where = repr(source)
-        checked = self._check(state, where, source, restore_rng=restore_rng, required=required)
+        checked = self._check(state, where, source, restore_rng=restore_rng, required=required, cast_dtypes=cast_dtypes)
         model, tensors, saved, rng = checked["model"], checked["tensors"], checked["optimizers"], checked["rng"]
         items: list[tuple[str, Any, Any]] = []
         if self.callbacks is not None:

@@ -305,6 +305,7 @@ class SafetensorsShardReader(StorageReader):
 
     Args:
         path: the directory.
+        cast_dtypes: cast a chunk of another dtype than the template's instead of refusing it.
 
     Example:
 
@@ -313,9 +314,10 @@ class SafetensorsShardReader(StorageReader):
     ```
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, cast_dtypes: bool = False) -> None:
         super().__init__()
         self.path = os.fspath(path)
+        self.cast_dtypes = cast_dtypes
         self.storage_data: dict[MetadataIndex, _ChunkLocation] = {}
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
@@ -353,7 +355,7 @@ class SafetensorsShardReader(StorageReader):
                         else:
                             tensor = source[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True))]
                         target = planner.resolve_tensor(item).detach()
-                        if target.size() != tensor.size() or target.dtype != tensor.dtype:
+                        if target.size() != tensor.size() or (target.dtype != tensor.dtype and not self.cast_dtypes):
                             raise CheckpointError(
                                 f"{path!r}: tensor {key!r} read as {tuple(tensor.shape)} {tensor.dtype}, expected "
                                 f"{tuple(target.shape)} {target.dtype}"
@@ -763,6 +765,7 @@ def load_sharded(
     state_template: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]],
     *,
     partial: bool = False,
+    cast_dtypes: bool = False,
 ) -> tuple[dict[str, Any], list[Any] | None]:
     """Read a directory of `save_sharded` into the tensors of `state_template`, in place.
 
@@ -784,6 +787,8 @@ def load_sharded(
             and for checks that must refuse a checkpoint before anything is read into the template.
         partial: sharded tensors the template lacks are not read (they are None in the returned
             state) instead of an error: for a caller that loads some parts only (`load_checkpoint`).
+        cast_dtypes: a stored tensor of another dtype than the template's is cast into it (by
+            default refused, naming the file and the key).
 
     Returns:
         `(state, processes)`: the saved tree, its tensors being the template's (now loaded), and the
@@ -839,11 +844,12 @@ def load_sharded(
                 f"tensors the checkpoint lacks: {unexpected[:10]}" if unexpected else "",
             ) if part)
         )
-    tensors = _read_replicated(path, sorted(replicated_names), template)
+    tensors = _read_replicated(path, sorted(replicated_names), template, cast_dtypes)
     try:
         with _one_process_is_intended():
             shards = {name: template[name] for name in sharded_names}
-            dcp.load(shards, storage_reader=SafetensorsShardReader(path), planner=DefaultLoadPlanner())
+            dcp.load(shards, storage_reader=SafetensorsShardReader(path, cast_dtypes=cast_dtypes),
+                     planner=DefaultLoadPlanner())
     except (Exception, CheckpointException) as exc:  # DCP raises every process's error everywhere (a BaseException)
         raise CheckpointError(f"loading {path!r} failed: {exc}") from exc
     tensors.update(shards)
@@ -857,9 +863,12 @@ def load_sharded(
 
 
 # -- full weights for the world ----------------------------------------------------------------------
-def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The replicated tensors, copied into the template's tensors where it has them (same shape and
-    dtype required), else new ones. Every process reads the file itself (safetensors: no pickle)."""
+def _read_replicated(
+    path: str, names: list[str], template: Mapping[str, torch.Tensor], cast_dtypes: bool = False
+) -> dict[str, torch.Tensor]:
+    """The replicated tensors, copied into the template's tensors where it has them (same shape and,
+    unless `cast_dtypes`, dtype required), else new ones. Every process reads the file itself
+    (safetensors: no pickle)."""
     if not names:
         return {}
     from safetensors.torch import load_file
@@ -880,7 +889,7 @@ def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.T
         if target is None:
             out[name] = value
             continue
-        if isinstance(target, DTensor) or target.shape != value.shape or target.dtype != value.dtype:
+        if isinstance(target, DTensor) or target.shape != value.shape or (target.dtype != value.dtype and not cast_dtypes):
             raise CheckpointError(
                 f"{file!r}: tensor {name!r} is {tuple(value.shape)} {value.dtype} (not sharded); the template has "
                 f"{tuple(target.shape)} {target.dtype}{' as a DTensor' if isinstance(target, DTensor) else ''}"
