@@ -223,9 +223,11 @@ def load_checkpoint(
 
         if model is None:
             raise CheckpointError(f"{path!r} is a sharded training state: pass the model it is read into")
-        state, _ = load_sharded(path, lambda saved: loop.sharded_template(_asked(saved, given), path), partial=True,
-                                cast_dtypes=cast_dtypes)
-    else:
-        state = read_training_state(path)
+        with loop.keeping_fresh_optimizers():
+            state, _ = load_sharded(path, lambda saved: loop.sharded_template(_asked(saved, given), path), partial=True,
+                                    cast_dtypes=cast_dtypes)
+            return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
+                                        cast_dtypes=cast_dtypes)
+    state = read_training_state(path)
     return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
                                 cast_dtypes=cast_dtypes)

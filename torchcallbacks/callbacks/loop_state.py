@@ -13,8 +13,9 @@ the functional `save_checkpoint` / `load_checkpoint` (checkpoint_functions.py), 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -275,6 +276,29 @@ class LoopState:
         if self.callbacks is not None and isinstance(states, dict):
             template["callbacks"] = self.callbacks.state_template(states)
         return template
+
+    @contextlib.contextmanager
+    def keeping_fresh_optimizers(self) -> Iterator[None]:
+        """Optimizers that have no state yet have none again if what runs inside raises: the
+        template of a sharded load initialises their state (DCP's `get_optimizer_state_dict` takes
+        a step with zero gradients and learning rate, so Adam's `step` becomes 1), which a refused
+        load must not leave behind.
+
+        Example:
+
+        ```python
+        with callbacks.loop.keeping_fresh_optimizers():
+            state, _ = load_sharded("backup/latest", callbacks.loop.sharded_template)
+            callbacks.loop.load_state_dict(state, "backup/latest")
+        ```
+        """
+        fresh = [optimizer for optimizer in self.optimizers if not optimizer.state]
+        try:
+            yield
+        except BaseException:
+            for optimizer in fresh:
+                optimizer.state.clear()
+            raise
 
     def _own_part(self, state: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         ranks = state.get("ranks")
