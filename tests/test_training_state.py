@@ -247,6 +247,10 @@ OPTIMIZER_HOSTILE = {
     "amsgrad a string": (_set("optimizers/0/param_groups/0/amsgrad", "yes"),
                          r"'optimizers/0/param_groups/0/amsgrad' must be true or false"),
     "a parameter listed twice": (_listed_twice, r"'optimizers/0/param_groups/0/params' holds 0, listed twice"),
+    "step negative": (_state_tensor("@optimizers/0/state/0/step", lambda t: -t), r"'optimizers/0/state/0/step' must be a number >= 0"),
+    # refused before as well (kept: the same table, the same fallback)
+    "state of a parameter index no group lists": (_set("optimizers/0/state/__dict__/0/0", 99),
+                                                  r"has state for parameter 99, which no parameter group lists"),
     "weight as int32 bytes": (_state_tensor("0.0.weight", lambda t: t.view(torch.int32)),
                               r"dtypes differ for 0.0.weight: file torch.int32 vs model torch.float32"),
 }

@@ -245,7 +245,7 @@ def check_hyperparameters(
 
 def _check_step(value: Any, where: str, field: str) -> None:
     """An optimizer's `step` count: a number, or a one-element real tensor."""
-    if not _is_number(value) or (isinstance(value, (int, float)) and value < 0):
+    if not _is_number(value) or float(value) < 0:
         raise _fail(where, field, "a number >= 0 (or a one-element real tensor)", value)
 
 
