@@ -177,7 +177,7 @@ def check_optimizer_type(optimizer: torch.optim.Optimizer, saved_type: Any, wher
 
 
 def _is_number(value: Any) -> bool:
-    """A finite real number (not a bool), or a one-element real tensor of one (e.g. a tensor `lr`)."""
+    """A finite real number (not a bool), or a one-element real tensor holding one (e.g. a tensor `lr`)."""
     if isinstance(value, torch.Tensor):
         return (
             value.numel() == 1 and value.dtype != torch.bool and not value.is_complex() and value.device.type != "meta"
@@ -191,7 +191,7 @@ def _hyperparameter_kind(value: Any) -> str | None:
     (e.g. Adam's `betas`); None for anything else (None, strings, mixed tuples), which is not checked."""
     if isinstance(value, bool):
         return "bool"
-    if _is_number(value) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+    if isinstance(value, (int, float)) or _is_number(value):
         return "number"
     if isinstance(value, (tuple, list)) and value and all(_hyperparameter_kind(v) == "number" for v in value):
         return f"{len(value)} numbers"
