@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, retype_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -384,6 +384,41 @@ def test_key_and_shape_mismatch_name_the_keys(tmp_path: Path) -> None:
     with pytest.raises(tc.CheckpointError, match=r"not in the model: 2\.bias, 2\.weight"):
         tc.load_weights(smaller, tmp_path / "w.safetensors")
     tc.load_weights(smaller, tmp_path / "w.safetensors", strict=False)
+
+
+def test_a_weight_stored_in_another_dtype_is_refused_naming_it_unless_a_cast_is_asked_for(tmp_path: Path) -> None:
+    """A float32 weight whose header says int32 (the same bytes) loaded into the float parameter
+    without a word, as integers cast to floats (torch's load_state_dict casts by copy_)."""
+    model = make_model()
+    tc.save_weights(model, tmp_path / "w.safetensors")
+    retype_tensor(tmp_path / "w.safetensors", "0.weight", "I32")
+    fresh = make_model()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    message = r"w\.safetensors.*dtypes differ for 0\.weight: file torch\.int32 vs model torch\.float32"
+    with pytest.raises(tc.CheckpointError, match=message):
+        tc.load_weights(fresh, tmp_path / "w.safetensors")
+    tc.save_weights(model, tmp_path / "split.safetensors", max_shard_size=64)  # split files and their index
+    retype_tensor(tmp_path / "split-00001-of-00003.safetensors", "0.weight", "I32")
+    with pytest.raises(tc.CheckpointError, match=r"split\.safetensors\.index\.json.*" + message.split(".*")[1]):
+        tc.load_weights(fresh, tmp_path / "split.safetensors")
+    # a training state, read by load_checkpoint (BackupAndRestore: tests/test_training_state.py)
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    tc.save_checkpoint(model, tmp_path / "c.safetensors", torch.optim.SGD(model.parameters(), lr=0.5))
+    retype_tensor(tmp_path / "c.safetensors", "2.bias", "I32")
+    with pytest.raises(tc.CheckpointError, match=r"c\.safetensors.*dtypes differ for 2\.bias: file torch\.int32 vs model torch\.float32"):
+        tc.load_checkpoint(fresh, tmp_path / "c.safetensors", optimizer)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+    # A file of another dtype on purpose (float16 weights for a float32 model): cast when asked for
+    half = make_model().half()
+    tc.save_weights(half, tmp_path / "half.safetensors")
+    with pytest.raises(tc.CheckpointError, match=r"file torch\.float16 vs model torch\.float32 \(cast_dtypes=True casts them\)"):
+        tc.load_weights(fresh, tmp_path / "half.safetensors")
+    tc.load_weights(fresh, tmp_path / "half.safetensors", cast_dtypes=True)
+    assert all(torch.equal(v, half.state_dict()[k].float()) for k, v in fresh.state_dict().items())
+    tc.save_checkpoint(half, tmp_path / "half-state.safetensors")
+    tc.load_checkpoint(make_model(), tmp_path / "half-state.safetensors", cast_dtypes=True)
 
 
 def test_optimizer_count_mismatch(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import Crash
+from conftest import Crash, retype_tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchcallbacks as tc
@@ -452,3 +452,140 @@ def test_load_sharded_takes_a_template_made_from_the_saved_tree_and_may_read_par
     assert torch.equal(state["model"]["w"], torch.arange(4.0)) and state["step"] == 3
     state, _ = load_sharded(tmp_path / "c", {}, partial=True)  # replicated tensors are read anyway
     assert torch.equal(state["model"]["w"], torch.arange(4.0))
+
+
+# -- dtypes --------------------------------------------------------------------------------------------
+def test_full_weights_of_another_dtype_are_refused_for_a_sharded_model_unless_cast(group: None, tmp_path: Path) -> None:
+    """load_weights into an FSDP2 model read each tensor and cast it to the shard's dtype, silently
+    (its header check took every file tensor for float32)."""
+    saved = _plain_model(seed=3)
+    tc.save_weights(saved, tmp_path / "w.safetensors")
+    retype_tensor(tmp_path / "w.safetensors", "0.weight", "I32")  # float32 bytes said to be int32
+    model = _shard(_plain_model())
+    before = _full(model.state_dict())
+    with pytest.raises(tc.CheckpointError, match=r"w\.safetensors.*dtypes differ for 0\.weight: file torch\.int32 vs model torch\.float32"):
+        tc.load_weights(model, tmp_path / "w.safetensors")
+    _assert_equal(_full(model.state_dict()), before)
+    tc.save_weights(saved.half(), tmp_path / "half.safetensors")
+    with pytest.raises(tc.CheckpointError, match=r"file torch\.float16 vs model torch\.float32"):
+        tc.load_weights(model, tmp_path / "half.safetensors")
+    tc.load_weights(model, tmp_path / "half.safetensors", cast_dtypes=True)
+    _assert_equal(_full(model.state_dict()), {k: v.float() for k, v in saved.state_dict().items()})
+
+
+# -- damaged and edited directories ----------------------------------------------------------------------
+def _edit_json(name: str, edit: Any) -> Any:
+    def damage(directory: Path) -> None:
+        document = json.loads((directory / name).read_text())
+        edit(document)
+        (directory / name).write_text(json.dumps(document))
+    return damage
+
+
+def _chunk(directory: Path, tensor: str) -> dict[str, Any]:
+    from torchcallbacks.checkpoint.sharded import METADATA_FILE
+
+    return json.loads((directory / METADATA_FILE).read_text())["tensors"][tensor]["chunks"][0]
+
+
+def _overlapping_chunks(directory: Path) -> None:
+    """model/0.weight (8 x 4) as rows 0-3 and rows 2-5: as many elements as the tensor, rows 6 and 7
+    in no chunk (they kept the values of the model loaded into)."""
+    from safetensors.torch import load_file, save_file
+
+    from torchcallbacks.checkpoint.sharded import METADATA_FILE
+
+    metadata = json.loads((directory / METADATA_FILE).read_text())
+    entry = metadata["tensors"]["model/0.weight"]
+    whole = entry["chunks"][0]
+    shard = directory / whole["file"]
+    tensors = load_file(shard)
+    tensors["model/0.weight@2,0"] = tensors[whole["key"]][2:6].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    entry["chunks"] = [{**whole, "sizes": [4, 4]},
+                       {**whole, "offsets": [2, 0], "sizes": [4, 4], "key": "model/0.weight@2,0"}]
+    (directory / METADATA_FILE).write_text(json.dumps(metadata))
+
+
+def _linked(name: Any) -> Any:
+    """The file `name(directory)` moved out of the directory, a symbolic link to it in its place."""
+    def damage(directory: Path) -> None:
+        inside = directory / name(directory)
+        outside = directory.parent / f"outside-{inside.name}"
+        inside.rename(outside)
+        inside.symlink_to(outside)
+    return damage
+
+
+def _retyped_shard(directory: Path) -> None:
+    chunk = _chunk(directory, "model/2.weight")
+    retype_tensor(directory / chunk["file"], chunk["key"], "I32")  # the metadata still says float32
+
+
+def _set_in(path: str, value: Any) -> Any:
+    def edit(document: dict[str, Any]) -> None:
+        *parents, last = path.split("/")
+        for key in parents:
+            document = document[int(key)] if isinstance(document, list) else document[key]
+        document[last] = value
+    return edit
+
+
+DAMAGED_DIRECTORIES = {  # (damage, what the CheckpointError says)
+    "overlapping chunks": (_overlapping_chunks, r"dcp_metadata.json': chunks 0 and 1 of tensor 'model/0.weight' overlap"),
+    "a shard whose header dtype differs from the metadata": (
+        _retyped_shard, r"shard-00000-of-00001.safetensors': tensor 'model/2.weight@0,0' is \(1, 8\) torch.int32 in the "
+        r"shard's header, but dcp_metadata.json says \(1, 8\) torch.float32"),
+    "metadata of another dtype than the model's": (
+        _edit_json("dcp_metadata.json", lambda document: document["tensors"]["model/2.weight"].update(dtype="int32")),
+        r"tensor 'model/2.weight' is stored as \(1, 8\) torch.int32, the tensor it is loaded into is \(1, 8\) torch.float32"),
+    "a shard that is a symbolic link": (_linked(lambda d: _chunk(d, "model/0.weight")["file"]),
+                                        r"shard-00000-of-00001.safetensors' is a symbolic link"),
+    "the replicated file a symbolic link": (_linked(lambda d: "replicated.safetensors"),
+                                            r"replicated.safetensors' is a symbolic link"),
+    "metadata format_version true": (_edit_json("dcp_metadata.json", _set_in("format_version", True)),
+                                     r"not a torchcallbacks.dcp_metadata document of version 1 .*'format_version' True"),
+    "metadata of another format": (_edit_json("dcp_metadata.json", _set_in("format", "dcp")),
+                                   r"not a torchcallbacks.dcp_metadata document of version 1 \(field 'format' is 'dcp'"),
+    "state of another format": (_edit_json("state.json", _set_in("format", "other")), r"not a torchcallbacks.sharded_state document"),
+    "state of a newer format_version": (_edit_json("state.json", _set_in("format_version", 3)),
+                                        r"format version 3; this torchcallbacks reads 1 to 2"),
+    "lr a string": (_edit_json("state.json", _set_in("state/optimizers/0/param_groups/0/lr", "x")),
+                    r"field 'optimizers/0/param_groups/0/lr' must be a finite number \(Adam reads it\), found 'x'"),
+    "betas one number": (_edit_json("state.json", _set_in("state/optimizers/0/param_groups/0/betas", {"__tuple__": [0.9]})),
+                         r"field 'optimizers/0/param_groups/0/betas' must be 2 finite numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_DIRECTORIES))
+def test_a_damaged_sharded_directory_is_refused_naming_the_file_and_changes_nothing(
+    group: None, tmp_path: Path, case: str
+) -> None:
+    _fit(_shard(_plain_model()), [tc.ModelCheckpoint(tmp_path / "s.safetensors", monitor="loss")], epochs=1)
+    directory = tmp_path / "s"
+    damage, message = DAMAGED_DIRECTORIES[case]
+    damage(directory)
+    model = _shard(_plain_model(seed=1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    before = _full(model.state_dict())
+    with pytest.raises(tc.CheckpointError, match=message) as error:
+        tc.load_checkpoint(model, directory, optimizer)  # into an FSDP2 model: its parameters are the template
+    assert str(directory) in str(error.value)
+    _assert_equal(_full(model.state_dict()), before)
+    assert optimizer.state_dict()["state"] == {} and optimizer.param_groups[0]["lr"] == 0.5
+    if "lr" not in case and "betas" not in case:  # the model part alone, into a plain model
+        plain = _plain_model(seed=1)
+        with pytest.raises(tc.CheckpointError, match=message):
+            tc.load_weights(plain, directory)
+        _assert_equal(plain.state_dict(), _plain_model(seed=1).state_dict())
+
+
+def test_a_sharded_directory_of_another_dtype_is_refused_naming_the_tensor_unless_cast(group: None, tmp_path: Path) -> None:
+    saved = _shard(_plain_model())
+    _fit(saved, [tc.ModelCheckpoint(tmp_path / "s.safetensors", monitor="loss")], epochs=1)
+    plain = _plain_model(seed=1).double()
+    with pytest.raises(tc.CheckpointError, match=r"tensor 'model/0.weight' is stored as \(8, 4\) torch.float32, the tensor "
+                                                 r"it is loaded into is \(8, 4\) torch.float64;.*\(cast_dtypes=True casts dtypes\)"):
+        tc.load_weights(plain, tmp_path / "s")
+    tc.load_weights(plain, tmp_path / "s", cast_dtypes=True)
+    _assert_equal(plain.state_dict(), {k: v.double() for k, v in _full(saved.state_dict()).items()})

@@ -203,7 +203,60 @@ def _exp_avg_shape(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -
     tensors[name] = torch.zeros(3, 3)
 
 
+def _state_tensor(name: str, make: Any) -> Any:
+    """The stored tensor `name` replaced by `make(tensor)` (the same name in the document)."""
+    def edit(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = make(tensors[name])
+    return edit
+
+
+def _listed_twice(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Parameter 0 listed twice in its group (and the last one's state left out): torch would give
+    parameter 1 parameter 0's state."""
+    optimizer = document["optimizers"][0]
+    optimizer["param_groups"][0]["params"] = [0, 0, 1, 2]
+    optimizer["state"]["__dict__"] = optimizer["state"]["__dict__"][:3]
+
+
+#: Parameter 0's Adam state in the document (optimizer state is a `__dict__` list of [index, entries]).
+_ADAM_0 = "optimizers/0/state/__dict__/0/1"
+
+#: Damaged or edited optimizer states and model tensors that loaded without a word before (and crashed
+#: at the first optimizer step, or trained from wrong values): each refused naming the field.
+OPTIMIZER_HOSTILE = {
+    "exp_avg of another dtype": (_state_tensor("@optimizers/0/state/0/exp_avg", lambda t: t.double()),
+                                 r"'optimizers/0/state/0/exp_avg' has dtype torch.float64, its parameter torch.float32"),
+    "exp_avg as int32 bytes": (_state_tensor("@optimizers/0/state/0/exp_avg", lambda t: t.view(torch.int32)),
+                               r"'optimizers/0/state/0/exp_avg' has dtype torch.int32, its parameter torch.float32"),
+    "step not a number": (_set(f"{_ADAM_0}/step", "x"), r"'optimizers/0/state/0/step' must be a number >= 0"),
+    "step a vector": (_state_tensor("@optimizers/0/state/0/step", lambda t: torch.zeros(3)),
+                      r"'optimizers/0/state/0/step' must be a number >= 0 .*shape \(3,\)"),
+    "state entries a list": (_set(f"{_ADAM_0}", [1, 2]), r"'optimizers/0/state/0' must be a dict of the parameter's state"),
+    "exp_avg names parameter 1's": (_set(f"{_ADAM_0}/exp_avg", {"__tensor__": "@optimizers/0/state/1/exp_avg"}),
+                                    r"'optimizers/0/state/1/exp_avg' is the same tensor as 'optimizers/0/state/0/exp_avg'"),
+    "exp_avg names a weight": (_set(f"{_ADAM_0}/exp_avg", {"__tensor__": "0.0.weight"}),
+                               r"'optimizers/0/state/0/exp_avg' is the same tensor as 'model/0.0.weight'"),
+    "lr a string": (_set("optimizers/0/param_groups/0/lr", "x"),
+                    r"'optimizers/0/param_groups/0/lr' must be a finite number \(Adam reads it\), found 'x'"),
+    "lr a bool": (_set("optimizers/0/param_groups/0/lr", True), r"'optimizers/0/param_groups/0/lr' must be a finite number"),
+    "eps null": (_set("optimizers/0/param_groups/0/eps", None), r"'optimizers/0/param_groups/0/eps' must be a finite number"),
+    "betas one number": (_set("optimizers/0/param_groups/0/betas", {"__tuple__": [0.9]}),
+                         r"'optimizers/0/param_groups/0/betas' must be 2 finite numbers"),
+    "betas strings": (_set("optimizers/0/param_groups/0/betas", {"__tuple__": ["a", "b"]}),
+                      r"'optimizers/0/param_groups/0/betas' must be 2 finite numbers"),
+    "amsgrad a string": (_set("optimizers/0/param_groups/0/amsgrad", "yes"),
+                         r"'optimizers/0/param_groups/0/amsgrad' must be true or false"),
+    "a parameter listed twice": (_listed_twice, r"'optimizers/0/param_groups/0/params' holds 0, listed twice"),
+    "step negative": (_state_tensor("@optimizers/0/state/0/step", lambda t: -t), r"'optimizers/0/state/0/step' must be a number >= 0"),
+    # refused before as well (kept: the same table, the same fallback)
+    "state of a parameter index no group lists": (_set("optimizers/0/state/__dict__/0/0", 99),
+                                                  r"has state for parameter 99, which no parameter group lists"),
+    "weight as int32 bytes": (_state_tensor("0.0.weight", lambda t: t.view(torch.int32)),
+                              r"dtypes differ for 0.0.weight: file torch.int32 vs model torch.float32"),
+}
+
 HOSTILE = {
+    **OPTIMIZER_HOSTILE,
     "negative epoch": (_set("epoch", -1), r"'epoch' must be an integer >= 0"),
     "bool batch": (_set("batch", True), r"'batch' must be an integer >= 0"),
     "string global step": (_set("global_step", "7"), r"'global_step' must be an integer >= 0"),
@@ -382,6 +435,20 @@ def test_every_refusal_falls_back_to_the_previous_backup(tmp_path: Path) -> None
     with pytest.warns(UserWarning, match="falling back to .*previous.safetensors"):
         _fit([backup, tc.ModelCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.safetensors"), monitor="loss", max_to_keep=1)])
     assert backup.restored is not None and backup.restored.path.endswith("previous.safetensors")
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZER_HOSTILE))
+def test_a_hostile_optimizer_state_or_weight_dtype_falls_back_to_the_previous_backup(tmp_path: Path, case: str) -> None:
+    """Before, these loaded and the resume crashed at the first optimizer step (or trained on): the
+    previous backup was never tried."""
+    path, tensors, metadata = _backup(tmp_path, double=True)
+    edit, message = OPTIMIZER_HOSTILE[case]
+    _rewrite(path, tensors, metadata, edit)
+    backup = tc.BackupAndRestore(tmp_path / "b", save_freq=3, double_checkpoint=True)
+    with pytest.warns(UserWarning, match=re.escape(repr(str(path))) + ".*" + message + ".*falling back to .*previous"):
+        _fit([backup, tc.ModelCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.safetensors"), monitor="loss", max_to_keep=1)])
+    assert backup.restored is not None and backup.restored.path.endswith("previous.safetensors")
+    assert backup.restored.global_step == 6  # the backup before latest's (9), trained on from there
 
 
 def test_switching_adam_to_sgd_names_the_optimizer(tmp_path: Path) -> None:

@@ -206,8 +206,9 @@ class BackupAndRestore(Callback):
         if not os.path.isfile(os.path.join(path, STATE_FILE)) and not interrupted:
             return None
         # the templates of the callback states from what was saved, after the checks of what was saved
-        state, _ = load_sharded(path, lambda saved: self.loop.sharded_template(saved, path))
-        return self.loop.load_state_dict(state, path)
+        with self.loop.keeping_fresh_optimizers():
+            state, _ = load_sharded(path, lambda saved: self.loop.sharded_template(saved, path))
+            return self.loop.load_state_dict(state, path)
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:

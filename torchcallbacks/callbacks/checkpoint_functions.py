@@ -166,6 +166,7 @@ def load_checkpoint(
     scheduler: Any = None,
     callbacks: Any = None,
     restore_rng: bool = True,
+    cast_dtypes: bool = False,
 ) -> TrainingState:
     """Load a training state into the given objects (those given as None are left alone) and return
     the rest (epoch, counters, random states).
@@ -193,6 +194,9 @@ def load_checkpoint(
         scheduler: the scheduler(s) to restore (the file must hold as many).
         callbacks: a `CallbackList` (or any object with `load_state_dict`) to restore.
         restore_rng: set the random generators to the state saved as "current".
+        cast_dtypes: cast model tensors (and optimizer state tensors) stored in another dtype than the
+            model's, as torch's `load_state_dict` does; by default they are refused, naming the key
+            and both dtypes (a dtype that changed in a file is a sign of damage).
 
     Returns:
         A `TrainingState` with epoch, batch, global_step, the random states and the callback states.
@@ -219,7 +223,11 @@ def load_checkpoint(
 
         if model is None:
             raise CheckpointError(f"{path!r} is a sharded training state: pass the model it is read into")
-        state, _ = load_sharded(path, lambda saved: loop.sharded_template(_asked(saved, given), path), partial=True)
-    else:
-        state = read_training_state(path)
-    return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers)
+        with loop.keeping_fresh_optimizers():
+            state, _ = load_sharded(path, lambda saved: loop.sharded_template(_asked(saved, given), path), partial=True,
+                                    cast_dtypes=cast_dtypes)
+            return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
+                                        cast_dtypes=cast_dtypes)
+    state = read_training_state(path)
+    return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
+                                cast_dtypes=cast_dtypes)

@@ -13,8 +13,9 @@ the functional `save_checkpoint` / `load_checkpoint` (checkpoint_functions.py), 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -279,6 +280,29 @@ class LoopState:
             template["callbacks"] = self.callbacks.state_template(states)
         return template
 
+    @contextlib.contextmanager
+    def keeping_fresh_optimizers(self) -> Iterator[None]:
+        """Optimizers that have no state yet have none again if what runs inside raises: the
+        template of a sharded load initialises their state (DCP's `get_optimizer_state_dict` takes
+        a step with zero gradients and learning rate, so Adam's `step` becomes 1), which a refused
+        load must not leave behind.
+
+        Example:
+
+        ```python
+        with callbacks.loop.keeping_fresh_optimizers():
+            state, _ = load_sharded("backup/latest", callbacks.loop.sharded_template)
+            callbacks.loop.load_state_dict(state, "backup/latest")
+        ```
+        """
+        fresh = [optimizer for optimizer in self.optimizers if not optimizer.state]
+        try:
+            yield
+        except BaseException:
+            for optimizer in fresh:
+                optimizer.state.clear()
+            raise
+
     def _own_part(self, state: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         ranks = state.get("ranks")
         if ranks is not None:
@@ -323,11 +347,12 @@ class LoopState:
 
     def _check(
         self, state: Mapping[str, Any], where: str, source: str, *, tensors_read: bool = True,
-        restore_rng: bool = True, required: Sequence[str] = (),
+        restore_rng: bool = True, required: Sequence[str] = (), cast_dtypes: bool = False,
     ) -> dict[str, Any]:
         """Every check of `state` that needs no callback (those are checked by applying), before
         anything is applied; returns what `load_state_dict` applies. With `tensors_read=False` (a
-        sharded state whose tensors are None yet) only what the JSON tells: key names, counts, types."""
+        sharded state whose tensors are None yet) only what the JSON tells: key names, counts, types,
+        the optimizers' groups and hyper-parameters."""
         check_state_fields(state, where)
         counters = [check_counter(state.get(name), where, name) for name in ("epoch", "batch", "global_step")]
         self._check_reachable(counters[0], counters[1], where)
@@ -336,13 +361,14 @@ class LoopState:
         tensors = dict(state.get("model") or {})
         if model is not None:
             if tensors_read:
-                _check_keys(source, model, tensors, {}, strict=True)  # DTensors have the global shapes
+                _check_keys(source, model, tensors, {}, strict=True, cast_dtypes=cast_dtypes)  # DTensors: global shapes
             else:  # key names only (every tensor of the right shape): the reader checks the shapes
                 expected = model.state_dict()
                 _check_keys(source, model, {k: expected.get(k, torch.empty(0)) for k in tensors}, {}, strict=True)
         sharded = is_sharded(model)
         # A sharded one's tensors were checked when they were read
-        saved = check_optimizer_states(self.optimizers, state, where, types_only=sharded or not tensors_read)
+        saved = check_optimizer_states(self.optimizers, state, where, tensors=tensors_read and not sharded,
+                                       cast_dtypes=cast_dtypes)
         scaler_state = state.get("scaler")
         if scaler_state is not None and not isinstance(scaler_state, Mapping):
             raise CheckpointError(f"{where}: field 'scaler' must be a GradScaler state (a dict), found {scaler_state!r}")
@@ -366,15 +392,16 @@ class LoopState:
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "the state", *, restore_rng: bool = True,
-        required: Sequence[str] = (),
+        required: Sequence[str] = (), cast_dtypes: bool = False,
     ) -> TrainingState:
         """Check every part of `state`, then apply all of them: callbacks, the loop's parts, model,
         optimizers, scaler, counters and random states.
 
-        A part that does not fit (keys or shapes of the model, another optimizer type or other
-        parameter groups, counters that are not integers >= 0, random states of the wrong type or size,
-        a callback or loop part that rejects its state) raises a `CheckpointError` naming `source` and
-        the field, and nothing is changed. Saved callback states that no callback takes, and stateful
+        A part that does not fit (keys, shapes or dtypes of the model, another optimizer type or other
+        parameter groups, hyper-parameters or optimizer state of the wrong kind, shape or dtype, a
+        stored tensor named twice, counters that are not integers >= 0, random states of the wrong type
+        or size, a callback or loop part that rejects its state) raises a `CheckpointError` naming
+        `source` and the field, and nothing is changed. Saved callback states that no callback takes, and stateful
         callbacks that get no state, are named in one warning. A sharded directory's states (keyed by
         parameter names, `get_optimizer_state_dict`) are applied to a plain model's optimizers as well,
         which map the names to their parameters in order.
@@ -384,6 +411,8 @@ class LoopState:
             source: where it comes from (a file name), for messages.
             restore_rng: set the random generators to the state saved as "current".
             required: names of loop parts (see `track`) that must be in `state` (e.g. `"scheduler/0"`).
+            cast_dtypes: accept model and optimizer tensors of another dtype than the model's (cast as
+                they are loaded); refused by default, naming the key and both dtypes.
 
         Returns:
             What was read besides what was applied in place: a `TrainingState` (counters, random and
@@ -396,7 +425,7 @@ class LoopState:
         ```
         """
         where = repr(source)
-        checked = self._check(state, where, source, restore_rng=restore_rng, required=required)
+        checked = self._check(state, where, source, restore_rng=restore_rng, required=required, cast_dtypes=cast_dtypes)
         model, tensors, saved, rng = checked["model"], checked["tensors"], checked["optimizers"], checked["rng"]
         items: list[tuple[str, Any, Any]] = []
         if self.callbacks is not None:

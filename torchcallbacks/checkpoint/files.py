@@ -171,9 +171,16 @@ def _tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     return {name: [other for other in names if other != name] for names in groups.values() if len(names) > 1 for name in names}
 
 
-def _check_keys(path: str, model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], strict: bool) -> None:
-    """Fill in tied names, then compare keys and shapes with the model, raising a CheckpointError that
-    names the keys that differ.
+def _check_keys(
+    path: str, model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], strict: bool,
+    *, cast_dtypes: bool = False,
+) -> None:
+    """Fill in tied names, then compare keys, shapes and (unless `cast_dtypes`) dtypes with the model,
+    raising a CheckpointError that names the keys that differ.
+
+    A dtype that differs from the model's (a float32 weight stored as int32 with the same bytes, a
+    float16 file for a float32 model) is refused by default: torch's `load_state_dict` would cast it
+    silently, and a changed dtype in a file is a sign of damage; `cast_dtypes=True` lets it be cast.
 
     Tied names are filled from the way `safetensors.torch.save_model` records them (metadata
     `alias -> kept`), and from the model itself: a key missing from the file whose tensor is tied in
@@ -201,9 +208,16 @@ def _check_keys(path: str, model: torch.nn.Module, tensors: dict[str, torch.Tens
         for k, v in expected.items()
         if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
     )
+    dtypes = [] if cast_dtypes else sorted(
+        f"{k}: file {tensors[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) == tuple(v.shape) and tensors[k].dtype != v.dtype
+    )
     problems = []
     if shapes:
         problems.append("shapes differ for " + "; ".join(shapes))
+    if dtypes:
+        problems.append("dtypes differ for " + "; ".join(dtypes) + " (cast_dtypes=True casts them)")
     if strict and missing:
         problems.append("missing in the file: " + ", ".join(missing))
     if strict and unexpected:
@@ -212,8 +226,11 @@ def _check_keys(path: str, model: torch.nn.Module, tensors: dict[str, torch.Tens
         raise CheckpointError(f"{path!r} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
-def _load_model(path: str, model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], strict: bool) -> None:
-    _check_keys(path, model, tensors, metadata, strict)
+def _load_model(
+    path: str, model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], strict: bool,
+    cast_dtypes: bool = False,
+) -> None:
+    _check_keys(path, model, tensors, metadata, strict, cast_dtypes=cast_dtypes)
     expected = model.state_dict()
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
 
@@ -282,7 +299,7 @@ def save_weights(
     _write(filepath, state, header, writer, delete_after=delete_after)
 
 
-def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True) -> None:
+def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True, *, cast_dtypes: bool = False) -> None:
     """Load weights into `model` from a weights file or from the model part of a training-state file
     (any safetensors file whose tensor names are the model's `state_dict()` keys works).
 
@@ -301,11 +318,15 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
         model: the module to load into (DDP-wrapped or FSDP2-sharded is fine).
         filepath: the file, index or directory.
         strict: require exactly the model's keys. Shapes must match either way.
+        cast_dtypes: copy tensors stored in another dtype than the model's into it, cast (what torch's
+            `load_state_dict` does silently). By default such a tensor is refused, naming the key and
+            both dtypes: a dtype that changed in a file (a float32 weight whose header says int32) is
+            a sign of damage. Pass True to load, e.g., a float16 file into a float32 model.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: the file is not a complete safetensors file, or its keys or shapes differ
-            from the model's (the message names them).
+        CheckpointError: the file is not a complete safetensors file, or its keys, shapes or dtypes
+            differ from the model's (the message names them).
 
     Example:
 
@@ -314,6 +335,7 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
     torchcallbacks.fit(model, loader, optimizer=opt, loss=loss_fn, validation_data=val_loader,
                        epochs=10, callbacks=[checkpoint])
     torchcallbacks.load_weights(model, checkpoint.best_path)
+    torchcallbacks.load_weights(model.float(), "half.safetensors", cast_dtypes=True)  # a float16 file
     ```
     """
     from torchcallbacks.distributed import has_dtensors, unwrap_model
@@ -324,18 +346,18 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
         from torchcallbacks.checkpoint.sharded_model import is_sharded_state, load_state_weights
 
         if is_sharded_state(path):  # a sharded training state: its model part
-            load_state_weights(module, path, strict)
+            load_state_weights(module, path, strict, cast_dtypes=cast_dtypes)
             return
     if has_dtensors(module.parameters()):
         from torchcallbacks.checkpoint.full_weights import load_sharded_weights
 
-        load_sharded_weights(module, path, strict)
+        load_sharded_weights(module, path, strict, cast_dtypes=cast_dtypes)
         return
     if not os.path.isfile(path) or path.endswith(".index.json"):
         from torchcallbacks.checkpoint.full_weights import read_weights
 
         where, tensors, metadata = read_weights(path)
-        _load_model(where, module, _model_tensors(tensors), metadata, strict)
+        _load_model(where, module, _model_tensors(tensors), metadata, strict, cast_dtypes)
         return
     tensors, metadata = read_file(path)
-    _load_model(path, module, _model_tensors(tensors), metadata, strict)
+    _load_model(path, module, _model_tensors(tensors), metadata, strict, cast_dtypes)

@@ -372,7 +372,9 @@ def _read_all(
     return where, tensors, metadata
 
 
-def load_sharded_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True) -> None:
+def load_sharded_weights(
+    model: torch.nn.Module, filepath: PathLike, strict: bool = True, *, cast_dtypes: bool = False
+) -> None:
     """Load full weights into an FSDP2-sharded model: every process reads each tensor from the file
     itself, one at a time, and copies its own chunk into its shard.
 
@@ -385,10 +387,11 @@ def load_sharded_weights(model: torch.nn.Module, filepath: PathLike, strict: boo
         model: the sharded model (its plain module).
         filepath: see `weight_files`.
         strict: require exactly the model's keys.
+        cast_dtypes: cast tensors of another dtype than the model's (else refused, named).
 
     Raises:
         FileNotFoundError: nothing there.
-        CheckpointError: a damaged file or index, or keys or shapes that differ (named).
+        CheckpointError: a damaged file or index, or keys, shapes or dtypes that differ (named).
 
     Example:
 
@@ -404,12 +407,19 @@ def load_sharded_weights(model: torch.nn.Module, filepath: PathLike, strict: boo
     sources: dict[int, tuple[str, str]] = {}  # id(meta tensor) -> (file, key)
 
     def read_header(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Meta tensors (the shape is what is checked) standing for the file's tensors."""
+        """Meta tensors (the shape and dtype are what is checked) standing for the file's tensors."""
         check_header_size(file)
+
+        def meta_tensor(f: Any, key: str) -> torch.Tensor:
+            piece = f.get_slice(key)
+            shape = piece.get_shape()
+            dtype = (piece[0:0] if shape else f.get_tensor(key)).dtype  # the dtype without reading the data
+            return torch.empty(shape, dtype=dtype, device="meta")
+
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
-                part = {key: torch.empty(f.get_slice(key).get_shape(), device="meta")
+                part = {key: meta_tensor(f, key)
                         for key in f.keys() if not key.startswith(PREFIX)}  # noqa: SIM118 (a training state's own tensors left out)
         except Exception as exc:
             raise CheckpointError(f"{file!r} is not a readable safetensors file (truncated, damaged or another format): {exc}") from exc
@@ -418,7 +428,7 @@ def load_sharded_weights(model: torch.nn.Module, filepath: PathLike, strict: boo
         return part, meta
 
     where, headers, metadata = _read_all(filepath, read_header)
-    _check_keys(where, model, headers, metadata, strict)
+    _check_keys(where, model, headers, metadata, strict, cast_dtypes=cast_dtypes)
     targets = model.state_dict()
     per_file: dict[str, list[tuple[str, str]]] = {}
     for name in targets:

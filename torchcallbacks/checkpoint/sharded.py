@@ -108,9 +108,19 @@ _before_publish: Callable[[], None] | None = None
 
 
 # -- small file helpers ------------------------------------------------------------------------------
+def _check_own_file(path: str) -> None:
+    """A file of a checkpoint directory must be the directory's own: a symbolic link (to a file
+    outside it, or anywhere: an edited or planted directory) is refused without being opened."""
+    if os.path.islink(path):
+        raise CheckpointError(
+            f"{path!r} is a symbolic link: the files of a sharded checkpoint directory must be its own regular files"
+        )
+
+
 def _read_json_file(path: str, what: str) -> Any:
     from torchcallbacks.checkpoint.reader import loads_strict
 
+    _check_own_file(path)
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -253,12 +263,36 @@ class SafetensorsShardWriter(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
+def _overlapping(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int] | None:
+    """The indices of two chunks `(offsets, sizes)` of one tensor that share an element, or None.
+
+    A sweep along the first dimension: each chunk is compared with those whose rows it meets (FSDP2
+    shards along rows, so that is a handful), not with all of them."""
+    live = [i for i, (_, sizes) in enumerate(boxes) if all(n > 0 for n in sizes)]  # empty chunks hold nothing
+    if live and not boxes[live[0]][0]:  # a 0-d tensor: every chunk that is not empty is its one element
+        return (live[0], live[1]) if len(live) > 1 else None
+    open_chunks: list[int] = []
+    for i in sorted(live, key=lambda k: boxes[k][0][0]):
+        offsets, sizes = boxes[i]
+        open_chunks = [j for j in open_chunks if boxes[j][0][0] + boxes[j][1][0] > offsets[0]]
+        for j in open_chunks:
+            other, other_sizes = boxes[j]
+            if all(a < b + m and b < a + n for a, n, b, m in zip(offsets, sizes, other, other_sizes, strict=True)):
+                return (min(i, j), max(i, j))
+        open_chunks.append(i)
+    return None
+
+
 def _parse_metadata(path: str) -> Metadata:
     """`dcp_metadata.json` as DCP's `Metadata`, every field checked (a damaged file names itself)."""
     where = os.path.join(path, METADATA_FILE)
     document = _read_json_file(where, METADATA_FILE)
-    if document.get("format") != METADATA_FORMAT or document.get("format_version") != METADATA_VERSION:
-        raise CheckpointError(f"{where!r}: not a {METADATA_FORMAT} document of version {METADATA_VERSION}")
+    version = document.get("format_version")
+    if document.get("format") != METADATA_FORMAT or type(version) is not int or version != METADATA_VERSION:
+        raise CheckpointError(
+            f"{where!r}: not a {METADATA_FORMAT} document of version {METADATA_VERSION} (field 'format' is "
+            f"{document.get('format')!r}, 'format_version' {version!r})"
+        )
     entries = document.get("tensors")
     if not isinstance(entries, dict):
         raise CheckpointError(f"{where!r}: field 'tensors' must be a JSON object")
@@ -268,6 +302,15 @@ def _parse_metadata(path: str) -> Metadata:
             raise CheckpointError(f"{where!r}: field {field!r} must be a list of integers >= 0, found {value!r}")
         return value
 
+    present: dict[str, bool] = {}
+
+    def own_file(name: str) -> bool:
+        if name not in present:
+            file = os.path.join(path, name)
+            _check_own_file(file)
+            present[name] = os.path.basename(name) == name and name not in ("", ".", "..") and os.path.isfile(file)
+        return present[name]
+
     state_dict_metadata: dict[str, Any] = {}
     storage_data: dict[MetadataIndex, _ChunkLocation] = {}
     for fqn, entry in entries.items():
@@ -275,7 +318,7 @@ def _parse_metadata(path: str) -> Metadata:
         if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_NAMES or not isinstance(entry.get("chunks"), list):
             raise CheckpointError(f"{where!r}: field {field!r} must have a known 'dtype', a 'size' and 'chunks'")
         size = ints(entry.get("size"), f"{field}/size")
-        chunks, volume = [], 0
+        chunks, boxes, volume = [], [], 0
         for i, chunk in enumerate(entry["chunks"]):
             if not isinstance(chunk, dict) or not isinstance(chunk.get("file"), str) or not isinstance(chunk.get("key"), str):
                 raise CheckpointError(f"{where!r}: field {field}/chunks/{i} must name a 'file' and a 'key'")
@@ -285,13 +328,27 @@ def _parse_metadata(path: str) -> Metadata:
                 o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)
             ):
                 raise CheckpointError(f"{where!r}: field {field}/chunks/{i} lies outside the tensor of size {size}")
-            if os.path.basename(chunk["file"]) != chunk["file"] or not os.path.isfile(os.path.join(path, chunk["file"])):
+            if not own_file(chunk["file"]):
                 raise CheckpointError(f"{where!r}: field {field}/chunks/{i} names file {chunk['file']!r}, which the directory lacks")
             volume += math.prod(sizes)
+            boxes.append((offsets, sizes))
             chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
             storage_data[MetadataIndex(fqn, offsets)] = _ChunkLocation(chunk["file"], chunk["key"])
-        if volume != math.prod(size):  # chunks never overlap (DCP's planner checks that), so this is coverage
-            raise CheckpointError(f"{where!r}: the chunks of {field!r} cover {volume} of its {math.prod(size)} elements")
+        # The chunks must tile the tensor exactly once: none overlapping another (a load would take one
+        # of them, or the part of a weight that only an overlap leaves out would keep its initial values)
+        # and, then, none missing (their elements add up to the tensor's).
+        overlap = _overlapping(boxes)
+        if overlap is not None:
+            i, j = overlap
+            raise CheckpointError(
+                f"{where!r}: chunks {i} and {j} of tensor {fqn!r} overlap (offsets {boxes[i][0]} sizes {boxes[i][1]}, "
+                f"offsets {boxes[j][0]} sizes {boxes[j][1]}): each element must be in exactly one chunk"
+            )
+        if volume != math.prod(size):
+            raise CheckpointError(
+                f"{where!r}: the chunks of {field!r} cover {volume} of its {math.prod(size)} elements: each "
+                "element must be in exactly one chunk"
+            )
         state_dict_metadata[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=_DTYPE_NAMES[entry["dtype"]]), size=torch.Size(size), chunks=chunks,
         )
@@ -303,8 +360,17 @@ class SafetensorsShardReader(StorageReader):
     JSON (checked: known dtypes, chunks inside their tensor and covering it, files present) and each
     chunk with `safetensors.safe_open`, sliced to what the reading process needs. Nothing is unpickled.
 
+    Before any chunk is copied into the template, every chunk this process reads is checked in its
+    shard file's header: present, of the shape and dtype `dcp_metadata.json` gives it (a shard
+    rewritten with another dtype under the same metadata is refused naming the file and the key), so
+    a refusal leaves the template as it was.
+
     Args:
         path: the directory.
+        cast_dtypes: cast a chunk of another dtype than the template's (the metadata's dtype, which
+            `load_sharded` compares with the template's first) into it.
+        metadata: the directory's metadata, already read and checked (`load_sharded` reads it before
+            anything else); None: read it when DCP asks.
 
     Example:
 
@@ -313,10 +379,13 @@ class SafetensorsShardReader(StorageReader):
     ```
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, cast_dtypes: bool = False, metadata: Metadata | None = None) -> None:
         super().__init__()
         self.path = os.fspath(path)
+        self.cast_dtypes = cast_dtypes
+        self.metadata = metadata
         self.storage_data: dict[MetadataIndex, _ChunkLocation] = {}
+        self.chunk_specs: dict[MetadataIndex, tuple[list[int], torch.dtype]] = {}
 
     def reset(self, checkpoint_id: PathLike | None = None) -> None:
         if checkpoint_id:
@@ -324,10 +393,15 @@ class SafetensorsShardReader(StorageReader):
         self.storage_data = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return _parse_metadata(self.path)
+        return self.metadata if self.metadata is not None else _parse_metadata(self.path)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data
+        self.chunk_specs = {
+            MetadataIndex(fqn, chunk.offsets): (list(chunk.sizes), md.properties.dtype)
+            for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
+            for chunk in md.chunks
+        }
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -341,38 +415,85 @@ class SafetensorsShardReader(StorageReader):
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].file, []).append(item)
-        for file_name, items in per_file.items():
-            path = os.path.join(self.path, file_name)
-            try:
-                with safe_open(path, framework="pt") as file:
-                    for item in items:
-                        key = self.storage_data[item.storage_index].key
-                        source = file.get_slice(key)
-                        if not item.lengths:
-                            tensor = file.get_tensor(key)
-                        else:
-                            tensor = source[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True))]
-                        target = planner.resolve_tensor(item).detach()
-                        if target.size() != tensor.size() or target.dtype != tensor.dtype:
-                            raise CheckpointError(
-                                f"{path!r}: tensor {key!r} read as {tuple(tensor.shape)} {tensor.dtype}, expected "
-                                f"{tuple(target.shape)} {target.dtype}"
-                            )
-                        target.copy_(tensor)
-                        planner.commit_tensor(item, target)
-            except (OSError, KeyError) as exc:
-                raise CheckpointError(f"{path!r}: cannot read a chunk: {exc}") from exc
-            except Exception as exc:  # safetensors' own errors (a truncated or damaged file)
-                if isinstance(exc, CheckpointError):
-                    raise
-                raise CheckpointError(f"{path!r}: cannot read a chunk: {exc}") from exc
+        for copy in (False, True):  # every chunk's header first, then the data: a refusal copies nothing
+            for file_name, items in per_file.items():
+                path = os.path.join(self.path, file_name)
+                try:
+                    _check_own_file(path)
+                    with safe_open(path, framework="pt") as file:
+                        for item in items:
+                            if copy:
+                                self._copy(file, item, planner)
+                            else:
+                                self._check_chunk(path, file, item)
+                except (OSError, KeyError) as exc:
+                    raise CheckpointError(f"{path!r}: cannot read a chunk: {exc}") from exc
+                except Exception as exc:  # safetensors' own errors (a truncated or damaged file)
+                    if isinstance(exc, CheckpointError):
+                        raise
+                    raise CheckpointError(f"{path!r}: cannot read a chunk: {exc}") from exc
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
+    def _check_chunk(self, path: str, file: Any, item: Any) -> None:
+        """The chunk's tensor in the shard's header: present, of the metadata's shape and dtype."""
+        key = self.storage_data[item.storage_index].key
+        sizes, dtype = self.chunk_specs[item.storage_index]
+        if key not in file.keys():  # noqa: SIM118 (safe_open has no __contains__)
+            raise CheckpointError(f"{path!r} lacks tensor {key!r}, which {METADATA_FILE} puts there")
+        piece = file.get_slice(key)
+        shape = list(piece.get_shape())
+        stored = (piece[0:0] if shape else file.get_tensor(key)).dtype  # the header's dtype, no data read
+        if shape != sizes or stored != dtype:
+            raise CheckpointError(
+                f"{path!r}: tensor {key!r} is {tuple(shape)} {stored} in the shard's header, but {METADATA_FILE} "
+                f"says {tuple(sizes)} {dtype} (a damaged or rewritten shard)"
+            )
+
+    def _copy(self, file: Any, item: Any, planner: LoadPlanner) -> None:
+        key = self.storage_data[item.storage_index].key
+        if not item.lengths:
+            tensor = file.get_tensor(key)
+        else:
+            source = file.get_slice(key)
+            tensor = source[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True))]
+        target = planner.resolve_tensor(item).detach()
+        target.copy_(tensor)  # of the same size (the planner's), and dtype unless cast_dtypes (load_sharded)
+        planner.commit_tensor(item, target)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+def _check_template(path: str, metadata: Metadata, shards: Mapping[str, torch.Tensor], cast_dtypes: bool) -> None:
+    """Each sharded tensor of the template has the global size and (unless `cast_dtypes`) the dtype
+    the metadata records for it, before anything is read."""
+    differ: list[str] = []
+    shapes = False
+    for name in sorted(shards):
+        target, md = shards[name], metadata.state_dict_metadata.get(name)
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(f"{os.path.join(path, METADATA_FILE)!r} has no entry for tensor {name!r}")
+        shape = tuple(target.shape) != tuple(md.size)
+        if shape or (target.dtype != md.properties.dtype and not cast_dtypes):
+            shapes = shapes or shape
+            differ.append(f"tensor {name!r} is stored as {tuple(md.size)} {md.properties.dtype}, the tensor it is loaded "
+                          f"into is {tuple(target.shape)} {target.dtype}")
+    if differ:
+        raise CheckpointError(f"{path!r}: " + "; ".join(differ[:10]) + ("" if shapes else " (cast_dtypes=True casts dtypes)"))
+
+
+def _checkpoint_error(path: str, exc: BaseException) -> CheckpointError:
+    """DCP's error (a `CheckpointException` wrapping every process's) as a CheckpointError: a
+    process's own CheckpointError's message when there is one."""
+    failures = exc.failures if isinstance(exc, CheckpointException) else {}
+    for failure in failures.values():  # (exception, traceback) per process
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, CheckpointError):
+            return CheckpointError(str(inner))
+    return CheckpointError(f"loading {path!r} failed: {exc}")
 
 
 # -- publishing a directory atomically ---------------------------------------------------------------
@@ -763,6 +884,7 @@ def load_sharded(
     state_template: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]],
     *,
     partial: bool = False,
+    cast_dtypes: bool = False,
 ) -> tuple[dict[str, Any], list[Any] | None]:
     """Read a directory of `save_sharded` into the tensors of `state_template`, in place.
 
@@ -784,6 +906,8 @@ def load_sharded(
             and for checks that must refuse a checkpoint before anything is read into the template.
         partial: sharded tensors the template lacks are not read (they are None in the returned
             state) instead of an error: for a caller that loads some parts only (`load_checkpoint`).
+        cast_dtypes: a stored tensor of another dtype than the template's is cast into it (by
+            default refused, naming the file and the key).
 
     Returns:
         `(state, processes)`: the saved tree, its tensors being the template's (now loaded), and the
@@ -839,13 +963,22 @@ def load_sharded(
                 f"tensors the checkpoint lacks: {unexpected[:10]}" if unexpected else "",
             ) if part)
         )
-    tensors = _read_replicated(path, sorted(replicated_names), template)
+    # Everything that can be checked before a tensor is read into the template (which may be the
+    # model's own parameters) is checked first: the metadata (chunks tiling each tensor, files the
+    # directory's own), the template's sizes and dtypes against it, the replicated file's tensors.
+    metadata = _parse_metadata(path)
+    shards = {name: template[name] for name in sharded_names}
+    _check_template(path, metadata, shards, cast_dtypes)
+    tensors, copies = _read_replicated(path, sorted(replicated_names), template, cast_dtypes)
     try:
         with _one_process_is_intended():
-            shards = {name: template[name] for name in sharded_names}
-            dcp.load(shards, storage_reader=SafetensorsShardReader(path), planner=DefaultLoadPlanner())
+            dcp.load(shards, storage_reader=SafetensorsShardReader(path, cast_dtypes=cast_dtypes, metadata=metadata),
+                     planner=DefaultLoadPlanner())
     except (Exception, CheckpointException) as exc:  # DCP raises every process's error everywhere (a BaseException)
-        raise CheckpointError(f"loading {path!r} failed: {exc}") from exc
+        raise _checkpoint_error(path, exc) from exc
+    with torch.no_grad():
+        for target, value in copies:
+            target.copy_(value)
     tensors.update(shards)
     try:
         state = {key: decode(value, _Unread(tensors) if partial else tensors) for key, value in saved.items()}
@@ -857,14 +990,19 @@ def load_sharded(
 
 
 # -- full weights for the world ----------------------------------------------------------------------
-def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The replicated tensors, copied into the template's tensors where it has them (same shape and
-    dtype required), else new ones. Every process reads the file itself (safetensors: no pickle)."""
+def _read_replicated(
+    path: str, names: list[str], template: Mapping[str, torch.Tensor], cast_dtypes: bool = False
+) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The replicated tensors, by name: the template's tensors where it has them (same shape and,
+    unless `cast_dtypes`, dtype required), else the tensors read; and the `(template tensor, value)`
+    copies to make once everything is read (nothing is copied here). Every process reads the file
+    itself (safetensors: no pickle)."""
     if not names:
-        return {}
+        return {}, []
     from safetensors.torch import load_file
 
     file = os.path.join(path, REPLICATED_FILE)
+    _check_own_file(file)
     try:
         stored = load_file(file)
     except FileNotFoundError as exc:
@@ -875,20 +1013,20 @@ def _read_replicated(path: str, names: list[str], template: Mapping[str, torch.T
     if absent:
         raise CheckpointError(f"{file!r} lacks the tensors {absent[:10]}")
     out: dict[str, torch.Tensor] = {}
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name in names:
         value, target = stored[name], template.get(name)
         if target is None:
             out[name] = value
             continue
-        if isinstance(target, DTensor) or target.shape != value.shape or target.dtype != value.dtype:
+        if isinstance(target, DTensor) or target.shape != value.shape or (target.dtype != value.dtype and not cast_dtypes):
             raise CheckpointError(
                 f"{file!r}: tensor {name!r} is {tuple(value.shape)} {value.dtype} (not sharded); the template has "
                 f"{tuple(target.shape)} {target.dtype}{' as a DTensor' if isinstance(target, DTensor) else ''}"
             )
-        with torch.no_grad():
-            target.copy_(value)
+        copies.append((target, value))
         out[name] = target
-    return out
+    return out, copies
 
 
 def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shard_size: int = 5_000_000_000) -> list[str]:

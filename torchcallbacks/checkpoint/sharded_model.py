@@ -35,17 +35,19 @@ def is_sharded_state(path: PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), STATE_FILE))
 
 
-def load_state_weights(model: torch.nn.Module, directory: PathLike, strict: bool = True) -> None:
+def load_state_weights(model: torch.nn.Module, directory: PathLike, strict: bool = True, *, cast_dtypes: bool = False) -> None:
     """Load the model part of a sharded training-state directory into `model` (see the module docstring).
 
     Args:
         model: the module (plain, or FSDP2-sharded on every process).
         directory: the checkpoint directory.
         strict: require exactly the model's keys. Shapes must match either way.
+        cast_dtypes: cast stored tensors of another dtype than the model's (else refused, named).
 
     Raises:
         FileNotFoundError: no checkpoint there.
-        CheckpointError: a damaged directory, or keys or shapes that differ from the model's (named).
+        CheckpointError: a damaged directory, or keys, shapes or dtypes that differ from the model's
+            (named).
 
     Example:
 
@@ -65,7 +67,7 @@ def load_state_weights(model: torch.nn.Module, directory: PathLike, strict: bool
         _check_keys(path, model, {k: targets.get(k, torch.empty(0)) for k in names}, {}, strict)
         return {"model": {k: torch.empty_like(targets[k]) for k in names if k in targets}}
 
-    state, _ = load_sharded(path, template, partial=True)
+    state, _ = load_sharded(path, template, partial=True, cast_dtypes=cast_dtypes)
     tensors = {k: v for k, v in state["model"].items() if k in targets}
-    _check_keys(path, model, tensors, {}, strict)
+    _check_keys(path, model, tensors, {}, strict, cast_dtypes=cast_dtypes)
     model.load_state_dict(tensors, strict=strict)

@@ -176,12 +176,88 @@ def check_optimizer_type(optimizer: torch.optim.Optimizer, saved_type: Any, wher
         )
 
 
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool), or a one-element real tensor holding one (e.g. a tensor `lr`)."""
+    if isinstance(value, torch.Tensor):
+        return (
+            value.numel() == 1 and value.dtype != torch.bool and not value.is_complex() and value.device.type != "meta"
+            and bool(torch.isfinite(value).all())
+        )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _hyperparameter_kind(value: Any) -> str | None:
+    """What a hyper-parameter holds, as far as it can be checked: "bool", "number", "<n> numbers"
+    (e.g. Adam's `betas`); None for anything else (None, strings, mixed tuples), which is not checked."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)) or _is_number(value):
+        return "number"
+    if isinstance(value, (tuple, list)) and value and all(_hyperparameter_kind(v) == "number" for v in value):
+        return f"{len(value)} numbers"
+    return None
+
+
+_KIND_TEXT = {"bool": "true or false", "number": "a finite number"}
+
+
+def check_hyperparameters(
+    optimizer: torch.optim.Optimizer, group: Mapping[str, Any], saved_group: Mapping[str, Any], where: str, field: str
+) -> None:
+    """Each hyper-parameter of a saved parameter group has the kind of value the optimizer reads there:
+    a finite number (not a bool) where the optimizer's default (or the running group's value) is a
+    number, true or false where it is a bool, as many finite numbers where it is a tuple of numbers
+    (Adam's `betas`). Values whose default is something else (None, a string) are not checked.
+
+    Args:
+        optimizer: the optimizer to load into (its `defaults`).
+        group: the running parameter group the saved one replaces.
+        saved_group: the saved group, as read from the file.
+        where: the file, for the message.
+        field: the group's path, e.g. `"optimizers/0/param_groups/0"`.
+
+    Example:
+
+    ```python
+    check_hyperparameters(optimizer, optimizer.param_groups[0], {"lr": "x", "params": [0]}, "file",
+                          "optimizers/0/param_groups/0")  # CheckpointError: ... 'optimizers/0/param_groups/0/lr' ...
+    ```
+    """
+    for key, current in group.items():
+        if key in ("params", "param_names") or key not in saved_group:
+            continue
+        default = optimizer.defaults.get(key)
+        kind = _hyperparameter_kind(default) or _hyperparameter_kind(current)
+        if kind is None:
+            continue
+        value = saved_group[key]
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "number":
+            ok = _is_number(value)
+        else:
+            count = int(kind.split()[0])
+            ok = isinstance(value, (tuple, list)) and len(value) == count and all(_is_number(v) for v in value)
+        if not ok:
+            expected = _KIND_TEXT.get(kind) or f"{kind.split()[0]} finite numbers (like {default!r})"
+            raise _fail(where, f"{field}/{key}", f"{expected} ({type(optimizer).__name__} reads it)", value)
+
+
+def _check_step(value: Any, where: str, field: str) -> None:
+    """An optimizer's `step` count: a number, or a one-element real tensor."""
+    if not _is_number(value) or float(value) < 0:
+        raise _fail(where, field, "a number >= 0 (or a one-element real tensor)", value)
+
+
 def check_optimizer_state(
-    optimizer: torch.optim.Optimizer, saved: Any, saved_type: str | None, where: str, field: str
+    optimizer: torch.optim.Optimizer, saved: Any, saved_type: str | None, where: str, field: str, *,
+    tensors: bool = True, cast_dtypes: bool = False,
 ) -> None:
     """The saved state fits `optimizer`: the same type (when the file records it), the same parameter
-    groups with the same number of parameters, the hyper-parameters this optimizer reads, and state
-    tensors shaped like their parameters.
+    groups with the same number of parameters (each listed once), the hyper-parameters this optimizer
+    reads, each of its kind (`check_hyperparameters`), a dict of state per listed parameter, `step`
+    a number, and state tensors shaped like their parameters, those of a floating parameter's own shape
+    (Adam's `exp_avg`, SGD's `momentum_buffer`) of its dtype too.
 
     Args:
         optimizer: the optimizer to load into.
@@ -189,6 +265,9 @@ def check_optimizer_state(
         saved_type: the class recorded with it (`optimizer_type`), or None (format 1 files).
         where: the file, for the message.
         field: the field's path, e.g. `"optimizers/1"`.
+        tensors: check the state tensors as well (False: a sharded state whose tensors are not read
+            yet, or are read into templates of the right shapes; its tensors may be None).
+        cast_dtypes: accept state tensors of another dtype than their parameter's (they are cast).
 
     Example:
 
@@ -205,7 +284,7 @@ def check_optimizer_state(
         raise CheckpointError(
             f"{where}: {name} has {len(groups)} parameter group(s), the file holds {len(saved_groups)}"
         )
-    params: dict[int, torch.Tensor] = {}
+    params: dict[Any, torch.Tensor] = {}
     for g, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
         ids = saved_group.get("params") if isinstance(saved_group, Mapping) else None
         if not isinstance(ids, list) or len(ids) != len(group["params"]):
@@ -213,38 +292,110 @@ def check_optimizer_state(
             raise CheckpointError(
                 f"{where}: {name} group {g} has {len(group['params'])} parameters, the file holds {found}"
             )
+        for pid, param in zip(ids, group["params"], strict=True):  # indices (state_dict) or names (FSDP2's)
+            if isinstance(pid, bool) or not isinstance(pid, (int, str)) or pid in params:
+                what = "not an index or a name" if isinstance(pid, bool) or not isinstance(pid, (int, str)) else "listed twice"
+                raise CheckpointError(f"{where}: field '{field}/param_groups/{g}/params' holds {pid!r}, {what}")
+            params[pid] = param
         missing = sorted(k for k in group if k != "params" and k not in saved_group)
         if missing:
             raise CheckpointError(
                 f"{where}: {name} group {g} lacks {', '.join(missing)} in the file (the state of another optimizer type?)"
             )
-        params.update(zip(ids, group["params"], strict=True))
+        check_hyperparameters(optimizer, group, saved_group, where, f"{field}/param_groups/{g}")
     for pid, entries in saved["state"].items():
-        if pid not in params:
+        if isinstance(pid, bool) or not isinstance(pid, (int, str)) or pid not in params:
             raise CheckpointError(f"{where}: {name} has state for parameter {pid!r}, which no parameter group lists")
         param = params[pid]
-        for key, value in (entries.items() if isinstance(entries, Mapping) else ()):
-            if isinstance(value, torch.Tensor) and value.ndim == param.ndim and value.ndim > 0 and any(
+        if not isinstance(entries, Mapping) or not all(isinstance(k, str) for k in entries):
+            raise _fail(where, f"{field}/state/{pid}", "a dict of the parameter's state (string keys)", entries)
+        for key, value in entries.items():
+            if value is None and not tensors:
+                continue  # a tensor not read yet
+            if key == "step":
+                _check_step(value, where, f"{field}/state/{pid}/step")
+            if not (tensors and isinstance(value, torch.Tensor)):
+                continue
+            if value.ndim == param.ndim and value.ndim > 0 and any(
                 d != p and d != 1 for d, p in zip(value.shape, param.shape, strict=True)
             ):
                 raise CheckpointError(
                     f"{where}: {name} state {key!r} of parameter {pid} has shape {tuple(value.shape)}, "
                     f"the parameter {tuple(param.shape)}"
                 )
+            if (
+                not cast_dtypes and key != "step" and value.ndim > 0 and value.shape == param.shape
+                and param.is_floating_point() and value.dtype != param.dtype
+            ):
+                raise CheckpointError(
+                    f"{where}: field '{field}/state/{pid}/{key}' has dtype {value.dtype}, its parameter "
+                    f"{param.dtype} (a damaged file; load_checkpoint(..., cast_dtypes=True) casts it)"
+                )
+
+
+def check_distinct_tensors(state: Mapping[str, Any], where: str) -> None:
+    """No tensor of an optimizer's state is also another value of the tree: a file (or an edited
+    `{"__tensor__": ...}` reference) that names one stored tensor twice would give two state entries,
+    or a state entry and a weight, the same memory (or the shape of another). Tensors shared within
+    the model (tied weights) are fine.
+
+    Args:
+        state: the tree, its tensors read.
+        where: the file, for the message.
+
+    Example:
+
+    ```python
+    check_distinct_tensors(read_training_state("backup/latest.safetensors"), "'backup/latest.safetensors'")
+    ```
+    """
+    owners: dict[int, str] = {}
+
+    def walk(value: Any, path: str, distinct: bool) -> None:
+        if isinstance(value, torch.Tensor):
+            other = owners.get(id(value))
+            if distinct and other is not None:
+                raise CheckpointError(
+                    f"{where}: field {path!r} is the same tensor as {other!r} (one stored tensor named twice: "
+                    "a damaged or edited file)"
+                )
+            owners.setdefault(id(value), path)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{path}/{key}", distinct)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}/{i}", distinct)
+
+    for key, value in state.items():
+        if key != "optimizers":
+            walk(value, key, False)
+    for i, saved in enumerate(state.get("optimizers") or []):
+        entries = saved.get("state") if isinstance(saved, Mapping) else None
+        if isinstance(entries, Mapping):
+            for pid, entry in entries.items():
+                walk(entry, f"optimizers/{i}/state/{pid}", True)
+        if isinstance(saved, Mapping):
+            walk(saved.get("param_groups"), f"optimizers/{i}/param_groups", True)
 
 
 def check_optimizer_states(
-    optimizers: Sequence[torch.optim.Optimizer], state: Mapping[str, Any], where: str, *, types_only: bool = False
+    optimizers: Sequence[torch.optim.Optimizer], state: Mapping[str, Any], where: str, *, tensors: bool = True,
+    cast_dtypes: bool = False,
 ) -> Sequence[Any]:
-    """Every optimizer's saved state in `state` (a training-state tree) fits it: as many states as
-    optimizers, each of the same type (when recorded) and, unless `types_only` (a sharded state, whose
-    tensors are checked as they are read), with the same groups and state shapes. Returns the states.
+    """Every optimizer's saved state in `state` (a training-state tree) fits it (`check_optimizer_state`):
+    as many states as optimizers, each of the same type (when recorded), with the same groups, their
+    hyper-parameters of their kinds, and, with `tensors`, state tensors of their parameters' shapes and
+    dtypes, none of them the same tensor as another value of the tree (`check_distinct_tensors`).
+    Returns the states.
 
     Args:
         optimizers: the optimizers the states go into, in order.
         state: the tree (its `optimizers` and `optimizer_types` fields).
         where: the file or directory, for messages.
-        types_only: check the types only.
+        tensors: check the state tensors too (False for a sharded state: its tensors are not read yet,
+            or were read into templates of their shapes and dtypes).
+        cast_dtypes: accept state tensors of another dtype than their parameter's.
 
     Example:
 
@@ -255,10 +406,10 @@ def check_optimizer_states(
     saved = check_list(state.get("optimizers"), where, "optimizers", len(optimizers))
     types = state.get("optimizer_types") or [None] * len(saved)
     for i, (optimizer, optimizer_state) in enumerate(zip(optimizers, saved, strict=True)):
-        if types_only:
-            check_optimizer_type(optimizer, types[i], where, f"optimizers/{i}")
-        else:
-            check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}")
+        check_optimizer_state(optimizer, optimizer_state, types[i], where, f"optimizers/{i}", tensors=tensors,
+                              cast_dtypes=cast_dtypes)
+    if tensors and saved:
+        check_distinct_tensors(state, where)
     return saved
 
 
