@@ -32,7 +32,7 @@ from torchcallbacks.callbacks import (
     save_checkpoint,
 )
 from torchcallbacks.checkpoint import CheckpointError, CheckpointWriteError, load_weights, save_weights
-from torchcallbacks.training import EpochIterator, evaluate, fit, predict
+from torchcallbacks.training import EpochIterator, ResumeReport, evaluate, fit, predict, verify_resume
 from torchcallbacks.version import __version__
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ __all__ = [
     "ProgbarLogger",
     "ReduceLROnPlateau",
     "RemoteMonitor",
+    "ResumeReport",
     "SwapEMAWeights",
     "TensorBoard",
     "TerminateOnNaN",
@@ -82,4 +83,5 @@ __all__ = [
     "predict",
     "save_checkpoint",
     "save_weights",
+    "verify_resume",
 ]
