@@ -172,3 +172,66 @@ def test_loads_strict() -> None:
         reader.loads_strict("[" * 100_000, "state")  # too deep for the parser
     with pytest.raises(tc.CheckpointError, match=r"^state: not valid JSON"):
         reader.loads_strict("1" * 5000, "state")  # more digits than int() takes
+
+
+def test_json_of_more_containers_than_a_state_holds_is_refused_before_it_is_parsed(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty object or array is 2 bytes of JSON and some 60 once parsed: a header of them would
+    cost 30 times its size, so they are counted in the text (outside strings) first."""
+    limit = reader.MAX_JSON_CONTAINERS
+    assert limit == 1_000_000
+    many = "[" + ",".join(["{}"] * (limit // 2) + ["[]"] * (limit // 2 + 1)) + "]"
+
+    def no_parse(*args: object, **kwargs: object) -> object:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(reader.json, "loads", no_parse)
+    with pytest.raises(tc.CheckpointError, match=rf"^doc: JSON with {limit + 2} objects and arrays, more than the {limit}"):
+        reader.loads_strict(many, "doc")
+    monkeypatch.undo()
+    brackets = json.dumps({"text": "[{" * limit})  # brackets inside a string are not containers
+    assert reader.loads_strict(brackets, "doc") == {"text": "[{" * limit}
+    assert len(reader.loads_strict("[" + ",".join(["{}"] * (limit - 1)) + "]", "doc")) == limit - 1
+
+
+@pytest.mark.slow  # a fresh interpreter, to read its peak memory
+def test_a_training_state_of_millions_of_empty_containers_costs_no_memory(tmp_path: Path) -> None:
+    """A 14 MB state document of 3.5 million empty objects (under the header limit) took 512 MB and
+    8 s to parse: it is refused from its text, costing little more than the text itself."""
+    from torchcallbacks.checkpoint.files import KIND_KEY, STATE_KEY, TRAINING_STATE
+
+    path = tmp_path / "many.safetensors"
+    text = json.dumps({"format_version": 3, "epoch": 0, "batch": 0, "global_step": 0, "extra": [{}] * 3_500_000})
+    save_file({"model/w": torch.zeros(1)}, str(path), metadata={STATE_KEY: text, KIND_KEY: TRAINING_STATE})
+    code = (
+        "import resource, sys\n"
+        "import torchcallbacks as tc\n"
+        "from torchcallbacks.checkpoint import read_training_state\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    read_training_state(sys.argv[1])\n"
+        "except tc.CheckpointError as exc:\n"
+        "    refused = 'objects and arrays, more than' in str(exc)\n"
+        "else:\n"
+        "    refused = False\n"
+        "print(refused, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    refused, grown_kib = out.stdout.split()
+    assert refused == "True"
+    assert int(grown_kib) * 1024 < 6 * len(text), (grown_kib, len(text))  # the text and safetensors' copies of it
+
+
+def test_decode_in_place_gives_what_a_copy_gives_and_reuses_the_containers() -> None:
+    from torchcallbacks.checkpoint.encoding import decode, encode
+
+    tensors: dict[str, torch.Tensor] = {}
+    data = json.loads(json.dumps(encode({"a": [1, (2, 3), {"w": torch.ones(2)}], "f": float("inf")}, "s", tensors)))
+    copied = decode(json.loads(json.dumps(data)), tensors)
+    decoded = decode(data, tensors, in_place=True)
+    assert decoded is data and decoded["a"] is data["a"]
+    assert decoded["a"][:2] == copied["a"][:2] == [1, (2, 3)] and decoded["f"] == copied["f"] == float("inf")
+    assert decoded["a"][2]["w"] is copied["a"][2]["w"] is tensors["s/a/2/w"]

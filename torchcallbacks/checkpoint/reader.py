@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 from torchcallbacks.checkpoint.errors import CheckpointError
@@ -25,7 +26,8 @@ from torchcallbacks.checkpoint.errors import CheckpointError
 #: The largest safetensors header (in bytes: 16 MiB) a checkpoint may have. Each tensor takes about
 #: 100 bytes of header, so this holds some 150,000 tensors (a model and its Adam state: 50,000
 #: parameter tensors) plus the training-state document; a weights file of a 100M-parameter model has
-#: a header of a few kB. Parsing a header of this size takes a few seconds and some hundred MB.
+#: a header of a few kB. Parsing a header of this size takes a few seconds and at most about 12 times
+#: its size in memory (with `MAX_JSON_CONTAINERS`).
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 #: The header length field: the first 8 bytes of a safetensors file, a little-endian u64.
@@ -83,10 +85,15 @@ def check_header_size(path: str | os.PathLike[str]) -> int:
 #: callbacks' own states are in it).
 MAX_JSON_DEPTH = 100
 
+#: The most JSON objects and arrays `loads_strict` takes: a training state holds about four per
+#: optimizer state tensor (150,000 tensors: some 600,000), and parsed each costs some 60 bytes.
+MAX_JSON_CONTAINERS = 1_000_000
+
 
 def loads_strict(text: str, where: str) -> Any:
     """`json.loads` for strict JSON: refuses `NaN`, `Infinity` and `-Infinity`, numbers that
-    overflow a float (`1e999`), objects with a repeated key, and nesting deeper than `MAX_JSON_DEPTH`.
+    overflow a float (`1e999`), objects with a repeated key, nesting deeper than `MAX_JSON_DEPTH`,
+    and more than `MAX_JSON_CONTAINERS` objects and arrays (counted before parsing).
 
     Args:
         text: the JSON text.
@@ -124,6 +131,7 @@ def loads_strict(text: str, where: str) -> Any:
             result[key] = value
         return result
 
+    _check_containers(text, where)  # before anything is built: each costs some 60 bytes in Python
     try:
         value = json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=unique)
     except CheckpointError:
@@ -135,12 +143,34 @@ def loads_strict(text: str, where: str) -> Any:
 
 
 def _check_depth(value: Any, where: str) -> None:
-    """Refuse JSON nested deeper than `MAX_JSON_DEPTH` (checked without recursion): what reads it
-    afterwards recurses, and a state of ours nests about 10 deep."""
-    stack = [(value, 1)]
+    """Refuse JSON nested deeper than `MAX_JSON_DEPTH` (checked without recursion, holding one
+    iterator per level): what reads it afterwards recurses, and a state of ours nests about 10 deep."""
+    stack: list[Any] = [iter([value])]
     while stack:
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise CheckpointError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep")
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        node = next(stack[-1], _END)
+        if node is _END:
+            stack.pop()
+            continue
+        if isinstance(node, (dict, list)):
+            if len(stack) > MAX_JSON_DEPTH:
+                raise CheckpointError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep")
+            stack.append(iter(node.values() if isinstance(node, dict) else node))
+
+
+_END = object()
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _check_containers(text: str, where: str) -> None:
+    """Refuse JSON with more than `MAX_JSON_CONTAINERS` objects and arrays, counted in the text
+    (outside its strings) before it is parsed: an empty one is 2 bytes of JSON and some 60 bytes
+    once parsed, so a header of nothing else would cost 30 times its size."""
+    if text.count("{") + text.count("[") <= MAX_JSON_CONTAINERS:
+        return  # an upper bound (brackets inside strings count too): nothing more to do
+    outside = _STRING.sub("", text)
+    count = outside.count("{") + outside.count("[")
+    if count > MAX_JSON_CONTAINERS:
+        raise CheckpointError(
+            f"{where}: JSON with {count} objects and arrays, more than the {MAX_JSON_CONTAINERS} this reader "
+            "takes (a training state holds a few per tensor)"
+        )

@@ -167,7 +167,8 @@ def read_training_state(path: PathLike) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{where} has format version {version}; this torchcallbacks reads up to {FORMAT_VERSION}")
     try:
-        state: dict[str, Any] = {k: decode(v, tensors) for k, v in document.items() if k not in _FILE_FIELDS}
+        # in place: the parsed document is read once (a copy would double the peak of a large header)
+        state: dict[str, Any] = {k: decode(v, tensors, in_place=True) for k, v in document.items() if k not in _FILE_FIELDS}
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: the training-state metadata is damaged: {exc}") from exc
     state["model"] = _model_tensors(tensors)
