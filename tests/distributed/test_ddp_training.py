@@ -331,3 +331,18 @@ def test_mlflow_logger_makes_one_run_written_by_the_main_process_and_continued_a
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "batch_loss"))
     assert steps == list(range(1, 19))  # 3 epochs of 6 batches per process: each step once
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("case", ["resumable", "unsaved"])
+def test_verify_resume_of_a_ddp_pipeline(tmp_path: Path, case: str) -> None:
+    """Both processes back up into the same directory, resume and compare their own steps: a DDP
+    pipeline passes; a callback with unsaved state is named on every process."""
+    ranks = _torchrun_n(2, "verify_worker.py", tmp_path, case)
+    assert [r["runs"] for r in ranks] == [7, 7]
+    if case == "resumable":
+        assert all(r["ok"] for r in ranks), ranks[0]["text"]
+    else:
+        for rank in ranks:
+            assert not rank["ok"]
+            assert "callback Counter has state that its state_dict does not return (attribute `n`)" in rank["text"]
+    assert sorted(os.listdir(tmp_path)) == ["rank_0.json", "rank_1.json"]  # no backup directory left here

@@ -9,14 +9,17 @@ every run; the resumed one must match the uninterrupted one at every step.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torchcallbacks.callbacks.backup_and_restore import BackupAndRestore
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.checks import check_count
+from torchcallbacks.distributed import all_gather_json, barrier, is_main_process
 from torchcallbacks.training.fit import fit
 from torchcallbacks.training.resume_recorder import Interrupt, Interrupted, Step, StepRecorder
 
@@ -206,7 +209,7 @@ def verify_resume(
     report = ResumeReport(epochs=epochs, steps=total, runs=0)
     for kind, at in points:
         interruption = Interruption(_describe(kind, at, steps_per_epoch))
-        with tempfile.TemporaryDirectory(prefix="verify_resume-") as directory:
+        with _shared_directory() as directory:
             save_freq: str | int = "epoch" if kind == "epoch_end" else 1
             first = _interrupted(runner, directory, save_freq, kind, at)
             second = runner([BackupAndRestore(directory, save_freq=save_freq)])
@@ -214,6 +217,20 @@ def verify_resume(
         report.interruptions.append(interruption)
     report.runs = runner.runs
     return report
+
+
+@contextlib.contextmanager
+def _shared_directory() -> Iterator[str]:
+    """A temp directory for the backups, the same one on every process (process 0 makes it and
+    removes it once every process is done with it)."""
+    made = tempfile.mkdtemp(prefix="verify_resume-") if is_main_process() else None
+    directory = all_gather_json(made)[0]
+    try:
+        yield directory
+    finally:
+        barrier()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def _interrupted(runner: _Runner, directory: str, save_freq: str | int, kind: str, at: int) -> StepRecorder:
