@@ -59,6 +59,45 @@ def test_a_pipeline_that_resumes_exactly_passes_at_every_default_point() -> None
     assert "each step's model inputs" in text and text.count("the same at every step") == 4
 
 
+def _accuracy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (y_pred.argmax(dim=1) == y).float().mean()
+
+
+def test_the_readme_tour_with_its_file_writing_callbacks_passes(tmp_path: Path) -> None:
+    """The README's fit tour (CSVLogger, TensorBoard, ModelCheckpoint, a metric): files on disk make
+    some attributes differ between runs (CSVLogger.append_header, its writer), which are not state."""
+
+    def make_run() -> dict[str, Any]:
+        torch.manual_seed(0)
+        features = torch.randn(256, 64)
+        labels = features[:, :10].argmax(dim=1)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        return {
+            "model": model, "x": DataLoader(TensorDataset(features[:192], labels[:192]), batch_size=32, shuffle=True),
+            "optimizer": torch.optim.Adam(model.parameters(), lr=3e-3), "loss": torch.nn.functional.cross_entropy,
+            "metrics": {"accuracy": _accuracy},
+            "validation_data": DataLoader(TensorDataset(features[192:], labels[192:]), batch_size=64),
+            "callbacks": [tc.TensorBoard(str(tmp_path / "logs")), tc.CSVLogger(str(tmp_path / "training.csv")),
+                          tc.ModelCheckpoint(str(tmp_path / "best.safetensors"), monitor="val_loss", save_best_only=True)],
+        }
+
+    report = tc.verify_resume(make_run, epochs=3)
+    assert report.ok, str(report)
+
+
+def test_keras_arrays_and_names_pass() -> None:
+    def make_run() -> dict[str, Any]:
+        torch.manual_seed(0)
+        x = torch.randn(200, 8)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 2), torch.nn.Softmax(dim=1))
+        return {"model": model, "x": x, "y": (x[:, 0] > 0).long(), "batch_size": 32, "validation_split": 0.2,
+                "optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"],
+                "class_weight": {0: 1.0, 1: 2.0}}
+
+    report = tc.verify_resume(make_run, epochs=3)
+    assert report.ok, str(report)
+
+
 class Counter(tc.Callback):
     """Counts batches and does not save the count."""
 

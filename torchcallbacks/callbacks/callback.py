@@ -81,6 +81,12 @@ class Callback:
     #: `BackupAndRestore` (2) save after every other callback's update, so no list order matters.
     dispatch_order: int = 0
 
+    #: Public attributes that are not state: worked out again by every run (e.g. from the files on
+    #: disk), so they may differ between a resumed run and an uninterrupted one. `verify_resume`'s
+    #: check of callback attributes leaves them out; every other public attribute of plain data that
+    #: differs after a resume is reported as state that `state_dict` does not return.
+    transient_attributes: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
         self._model: torch.nn.Module | None = None

@@ -55,6 +55,8 @@ class CSVLogger(Callback):
     ```
     """
 
+    transient_attributes = frozenset({"append_header"})  # follows the file on disk at train begin
+
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False) -> None:
         super().__init__()
         if not isinstance(filename, (str, os.PathLike)):

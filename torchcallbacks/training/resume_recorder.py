@@ -85,12 +85,13 @@ def _plain(value: Any) -> bool:
 
 
 def callback_attributes(callback: Callback) -> dict[str, str]:
-    """Digests of a callback's public plain-data attributes, by name (handles and `_private` ones
-    left out: a warning already given, a cache)."""
+    """Digests of a callback's public plain-data attributes, by name (handles, `_private` ones — a
+    warning already given, a cache — and its `transient_attributes` left out)."""
+    skipped = _HANDLES | callback.transient_attributes
     return {
         name: digest(value)
         for name, value in vars(callback).items()
-        if not name.startswith("_") and name not in _HANDLES and _plain(value)
+        if not name.startswith("_") and name not in skipped and _plain(value)
     }
 
 

@@ -249,7 +249,10 @@ def _first(a: Mapping[str, str], b: Mapping[str, str]) -> str | None:
 
 def _callback_difference(ref: Step, got: Step, saved_keys: Mapping[str, set[str]], when: str) -> str | None:
     for name, attributes in ref.callbacks.items():
-        attribute = _first(attributes, got.callbacks.get(name, {}))
+        other = got.callbacks.get(name, {})
+        # attributes of plain data on both sides (a handle set in one run only, e.g. a file's
+        # writer opened at the first epoch end, is no state)
+        attribute = _first({k: v for k, v in attributes.items() if k in other}, {k: v for k, v in other.items() if k in attributes})
         if attribute is None:
             continue
         label = name.split(":", 1)[1]
