@@ -325,7 +325,35 @@ def test_server_down_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(history.history["loss"]) == 2
 
 
+@pytest.mark.parametrize("flush_secs", [0.0, 3600.0])
+def test_epoch_logs_wait_in_the_buffer_until_flush_secs_passed_a_backup_or_the_end(
+    uri: str, tmp_path: Path, flush_secs: float
+) -> None:
+    """A write costs milliseconds, more than a short epoch: with flush_secs epoch logs wait, and are
+    written at the end; a backup writes them too, so the state it saves never claims an unlogged step."""
+    client = MlflowClient(uri)
+    seen: list[int] = []
+    logger = MLflowLogger(tracking_uri=uri, experiment_name=f"buffer-{flush_secs}", flush_secs=flush_secs)
+    look = torchcallbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(len(client.get_metric_history(logger.run_id, "loss"))))
+    look.dispatch_order = 3  # after the logger's epoch end
+    history = _fit([logger, look], epochs=3)
+    assert seen == ([1, 2, 3] if flush_secs == 0 else [1, 1, 1])  # the first epoch's at once, then waiting
+    assert _history(client, logger.run_id, "loss") == list(enumerate(history.history["loss"]))  # all, once
+    backed_up: list[int] = []
+    logger = MLflowLogger(tracking_uri=uri, experiment_name=f"buffer-{flush_secs}", flush_secs=flush_secs)
+    look = torchcallbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: backed_up.append(len(client.get_metric_history(logger.run_id, "loss"))))
+    look.dispatch_order = 3  # after BackupAndRestore's save (2)
+    _fit([logger, BackupAndRestore(str(tmp_path / "b")), look], epochs=2)
+    assert backed_up == [1, 2]
+
+
 def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="flush_secs must be >= 0"):
+        MLflowLogger(flush_secs=-1)
+    with pytest.raises(TypeError, match="flush_secs: expected a number"):
+        MLflowLogger(flush_secs="5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="update_freq"):
         MLflowLogger(update_freq=0)
     with pytest.raises(TypeError, match="update_freq"):

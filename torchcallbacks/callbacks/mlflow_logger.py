@@ -62,6 +62,8 @@ class MLflowLogger(TrackerCallback):
         log_models: "best", "all" or False (see above).
         tags: run tags of a new run (a dict of strings).
         strict: raise MLflow's errors instead of warning once.
+        flush_secs: epoch logs are written once this many seconds passed since the last write, and
+            by every backup, at train end and after an error (0: at every epoch end).
 
     Requires the `mlflow` package: `pip install torchcallbacks[mlflow]`.
 
@@ -89,8 +91,10 @@ class MLflowLogger(TrackerCallback):
         tags: dict[str, Any] | None = None,
         *,
         strict: bool = False,
+        flush_secs: float = 5.0,
     ) -> None:
-        super().__init__(update_freq=update_freq, log_params=log_params, log_models=log_models, strict=strict)
+        super().__init__(update_freq=update_freq, log_params=log_params, log_models=log_models, strict=strict,
+                         flush_secs=flush_secs)
         import_extra("mlflow", "mlflow", "MLflowLogger")
         self.tracking_uri = _optional_str(tracking_uri, "tracking_uri")
         self.experiment_name = _optional_str(experiment_name, "experiment_name")

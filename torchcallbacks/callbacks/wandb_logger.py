@@ -64,6 +64,8 @@ class WandbLogger(TrackerCallback):
         log_models: "best", "all" or False.
         config: the run's config (a dict).
         strict: raise W&B's errors instead of warning once.
+        flush_secs: epoch logs are written once this many seconds passed since the last write, and
+            by every backup, at train end and after an error (0: at every epoch end).
         **init_kwargs: passed to `wandb.init` (`entity`, `tags`, `mode`, `dir`, `group`, ...).
 
     Requires the `wandb` package: `pip install torchcallbacks[wandb]`.
@@ -90,9 +92,11 @@ class WandbLogger(TrackerCallback):
         config: dict[str, Any] | None = None,
         *,
         strict: bool = False,
+        flush_secs: float = 5.0,
         **init_kwargs: Any,
     ) -> None:
-        super().__init__(update_freq=update_freq, log_params=log_params, log_models=log_models, strict=strict)
+        super().__init__(update_freq=update_freq, log_params=log_params, log_models=log_models, strict=strict,
+                         flush_secs=flush_secs)
         import_extra("wandb", "wandb", "WandbLogger")
         self.project = _optional_str(project, "project")
         self.name = _optional_str(name, "name")
