@@ -27,7 +27,7 @@ def _load_example(name: str):
     return module
 
 
-def test_quickstart_survives_kill_and_rerun_and_tests_the_saved_best_model(tmp_path) -> None:
+def test_quickstart_resumes_after_a_kill_starts_fresh_after_a_finish_and_tests_its_best_model(tmp_path) -> None:
     pytest.importorskip("sklearn")
     import signal
     import time
