@@ -7,6 +7,13 @@ average (EMA) of the weights used for validation, early stopping that restores t
 best model saved as safetensors, a backup to resume from if the process is killed, TensorBoard logs
 and a CSV that a resumed run continues.
 
+Rerunning it: a run that was killed resumes from its backup (the CSV and the TensorBoard logs go on
+where it stopped); after a run that finished (no backup left), the rerun is a fresh run that replaces
+the previous run's files: CSVLogger rewrites its file (append=False, as Keras), and the script removes
+the previous TensorBoard logs and best model itself, because TensorBoard would draw a second run's
+event files in the same directory on top of the first and ModelCheckpoint only replaces files of its
+own run. The paths of everything written are printed at the end.
+
 Which weights are "the best": validation scores the EMA weights, so `swap_on_epoch=True` keeps them in
 the model at each epoch end, where early stopping and the checkpoint read the model. Both therefore
 keep the EMA weights of the best epoch, the very weights that `val_accuracy` measured. The test below
@@ -18,6 +25,7 @@ loads that file (also right after a resumed run) and scores it.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,6 +76,17 @@ def main() -> None:
     checkpoint = tc.ModelCheckpoint(args.out / "best-{epoch:02d}-{val_accuracy:.4f}.safetensors",
                                     monitor="val_accuracy", save_best_only=True, save_weights_only=True,
                                     max_to_keep=1)
+    tensorboard = tc.TensorBoard(log_dir=args.out / "logs", histogram_freq=5)
+    csv_logger = tc.CSVLogger(args.out / "training.csv")  # rewritten by a fresh run, continued by a resumed one
+    backup = tc.BackupAndRestore(args.out / "backup")  # kill the script and rerun it: it resumes exactly
+    resuming = Path(backup.latest_path).exists()
+    if not resuming:
+        # A fresh run replaces the previous run's files. TensorBoard shows the event files of one
+        # directory as one run, so a second run's files beside the first's would overlap its curves.
+        shutil.rmtree(tensorboard.log_dir, ignore_errors=True)
+        for old_best in args.out.glob("best-*.safetensors"):
+            old_best.unlink()
+    print(f"Resuming the interrupted run from {backup.backup_dir}" if resuming else f"A fresh run in {args.out}")
     history = tc.fit(
         model,
         train_loader,
@@ -86,9 +105,9 @@ def main() -> None:
             tc.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True),
             tc.TerminateOnNaN(check_every=10),
             checkpoint,
-            tc.TensorBoard(log_dir=args.out / "logs", histogram_freq=5),
-            tc.CSVLogger(args.out / "training.csv", append=True),  # a resumed run continues it, row for row
-            tc.BackupAndRestore(args.out / "backup"),  # kill the script and rerun it: it resumes exactly
+            tensorboard,
+            csv_logger,
+            backup,
         ],
     )
 
@@ -97,10 +116,14 @@ def main() -> None:
     results = tc.evaluate(model, test_loader, loss=F.cross_entropy, metrics={"accuracy": accuracy},
                           return_dict=True, verbose=0)
     predictions = tc.predict(model, test_loader, verbose=0).argmax(dim=1)
-    print(f"best val_accuracy: {max(history.history['val_accuracy']):.4f} (saved to {checkpoint.best_path})")
+    print(f"best val_accuracy: {max(history.history['val_accuracy']):.4f}")
     print(f"test loss: {results['loss']:.4f}  test accuracy: {results['accuracy']:.4f}")
     print(f"first test predictions: {predictions[:10].tolist()}")
-    print(f"TensorBoard: tensorboard --logdir {args.out / 'logs'}   CSV: {args.out / 'training.csv'}")
+    print("Files written:")
+    print(f"  best model (weights):  {checkpoint.best_path}")
+    print(f"  epoch logs (CSV):      {csv_logger.filename}")
+    print(f"  TensorBoard logs:      {tensorboard.log_dir}   (view: tensorboard --logdir {tensorboard.log_dir})")
+    print(f"  backup:                {backup.backup_dir}   (removed once a run finishes; a killed run resumes from it)")
 
 
 if __name__ == "__main__":

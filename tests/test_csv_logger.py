@@ -90,6 +90,31 @@ def test_without_append_the_file_is_overwritten(tmp_path: Path) -> None:
     assert len(rows) == 1
 
 
+@pytest.mark.parametrize("append", [False, True])
+def test_a_resumed_run_continues_its_rows_whatever_append_says(tmp_path: Path, append: bool) -> None:
+    """Keras' `append=False` rewrites the file at train begin; a run resumed by BackupAndRestore is
+    not a new run: it keeps the backed-up epochs' rows and writes each later epoch once."""
+    path, backup = tmp_path / "log.csv", tmp_path / "backup"
+
+    def crash(epoch: int, logs: dict) -> None:
+        if epoch == 2:  # after the CSV row of epoch 2, before its backup (BackupAndRestore saves last)
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _fit([CSVLogger(path, append=append), LambdaCallback(on_epoch_end=crash),
+              torchcallbacks.BackupAndRestore(backup)], epochs=5)
+    before = path.read_text().splitlines()
+    assert [line.split(",")[0] for line in before] == ["epoch", "0", "1", "2"]
+    _fit([CSVLogger(path, append=append), torchcallbacks.BackupAndRestore(backup)], epochs=5)
+    lines = path.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch", "0", "1", "2", "3", "4"]
+    assert lines[:3] == before[:3]  # the backed-up epochs' rows are kept, the row of epoch 2 written again
+    # A fresh run after the finished one (its backup is gone) starts the file again with append=False.
+    _fit([CSVLogger(path, append=append), torchcallbacks.BackupAndRestore(backup)], epochs=2)
+    epochs = [line.split(",")[0] for line in path.read_text().splitlines()]
+    assert epochs == (["epoch", "0", "1", "2", "3", "4", "0", "1"] if append else ["epoch", "0", "1"])
+
+
 def test_separator(tmp_path: Path) -> None:
     path = tmp_path / "log.tsv"
     history = _fit([CSVLogger(path, separator="\t")], epochs=2)

@@ -1,12 +1,9 @@
-"""Every Python snippet in README.md and docs/*.md runs as written.
+"""Every Python snippet in README.md and docs/*.md runs as written, on its own.
 
-README.md's ```python fences each run on their own, in a fresh namespace: a reader may copy any one
-of them, so each defines (or imports) everything it uses. A docs/*.md file's fences run in order in one
-namespace (a later snippet may use what an earlier one defined), after a prelude that defines only
-small stand-in data and objects the prose assumes (`model`, `train_loader`, `val_loader`,
-`test_loader`, `loader`, `optimizer`, `opt`, `loss_fn`, `train_set`); imports are the snippets' own.
-All run in a temporary directory. A fence right after the HTML comment `<!-- no-run: reason -->` is
-skipped (it needs torchrun, say); the test lists those.
+A reader may copy any one ```python fence, so each runs alone in a fresh namespace with nothing
+defined before it: it imports what it uses and makes its own small data. All run in a temporary
+directory. A fence right after the HTML comment `<!-- no-run: reason -->` is skipped (it needs
+torchrun, say); the test lists those.
 """
 
 from __future__ import annotations
@@ -20,24 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?P<marker><!--\s*no-run:[^>]*-->\s*\n)?^```python\n(?P<code>.*?)^```", re.S | re.M)
-
-PRELUDE = '''
-import torch as _torch
-from torch.utils.data import DataLoader as _DataLoader, TensorDataset as _TensorDataset
-
-_generator = _torch.Generator().manual_seed(0)
-
-def _classification(n):
-    x = _torch.randn(n, 64, generator=_generator)
-    return _TensorDataset(x, x[:, :10].argmax(dim=1))
-
-train_set = _classification(64)
-train_loader = loader = _DataLoader(train_set, batch_size=16)
-val_loader = test_loader = _DataLoader(_classification(32), batch_size=16)
-model = _torch.nn.Sequential(_torch.nn.Linear(64, 32), _torch.nn.ReLU(), _torch.nn.Linear(32, 10))
-optimizer = opt = _torch.optim.SGD(model.parameters(), lr=0.01)
-loss_fn = _torch.nn.functional.cross_entropy
-'''
 
 
 def snippets(path: Path) -> list[tuple[int, str, bool]]:
@@ -61,15 +40,10 @@ def test_there_are_snippets_and_few_are_skipped() -> None:
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_snippets_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    standalone = path.name == "README.md"  # each of its snippets defines what it uses
-    namespace: dict = {"__name__": "__docs__"}
-    if not standalone:
-        exec(compile(PRELUDE, "<prelude>", "exec"), namespace)
     for line, code, skipped in snippets(path):
         if skipped:
             continue
-        if standalone:
-            namespace = {"__name__": "__docs__"}
+        namespace: dict = {"__name__": "__docs__"}  # each snippet alone: nothing from a prelude or an earlier one
         try:
             exec(compile("\n" * (line - 1) + code, str(path.relative_to(ROOT)), "exec"), namespace)
         except Exception as exc:

@@ -27,7 +27,7 @@ def _load_example(name: str):
     return module
 
 
-def test_quickstart_survives_kill_and_rerun_and_tests_the_saved_best_model(tmp_path) -> None:
+def test_quickstart_resumes_after_a_kill_starts_fresh_after_a_finish_and_tests_its_best_model(tmp_path) -> None:
     pytest.importorskip("sklearn")
     import signal
     import time
@@ -49,14 +49,20 @@ def test_quickstart_survives_kill_and_rerun_and_tests_the_saved_best_model(tmp_p
         time.sleep(0.05)
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, first.stderr.read() if first.stderr else ""
-    # The rerun resumes from the backup and finishes.
+    # The rerun resumes from the backup and finishes: the CSV goes on with the epochs after the backup.
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert result.stdout.startswith(f"Resuming the interrupted run from {tmp_path / 'backup'}\n"), result.stdout
     assert "━" in result.stdout  # verbose=1: the live bar (a line per epoch when not on a terminal)
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("epoch,") and sum(line.startswith("epoch,") for line in lines) == 1
-    assert {int(line.split(",")[0]) for line in lines[1:]} == set(range(8))  # both runs' epochs kept
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(8))  # both runs' epochs, each once
+    resumed_rows = lines
     assert any((tmp_path / "logs" / "train").iterdir())
     (best,) = tmp_path.glob("best-*.safetensors")  # max_to_keep=1
+    # Where the files went is printed.
+    for label, path in [("best model (weights)", best), ("epoch logs (CSV)", csv), ("TensorBoard logs", tmp_path / "logs"),
+                        ("backup", tmp_path / "backup")]:
+        assert re.search(rf"^  {re.escape(label)}: +{re.escape(str(path))}(\s|$)", result.stdout, re.M), result.stdout
     assert set(load_file(best)) == {"0.weight", "0.bias", "3.weight", "3.bias"}
     assert not any((tmp_path / "backup").glob("*.safetensors"))  # deleted after a normal finish
     # The scores printed are those of the saved best model, and its val_accuracy is the one in its name.
@@ -71,6 +77,18 @@ def test_quickstart_survives_kill_and_rerun_and_tests_the_saved_best_model(tmp_p
     assert printed > 0.9, result.stdout
     assert f"{test['accuracy']:.4f}" == f"{printed:.4f}"
     assert f"{val['accuracy']:.4f}" == re.search(r"best-\d+-(\d\.\d+)\.safetensors", best.name).group(1)
+    # Run again after it finished: a fresh run (no backup left) that replaces the previous run's files.
+    # The previous best model is renamed so that it would stay if a fresh run kept old files.
+    best.rename(tmp_path / "best-99-0.0000.safetensors")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert again.stdout.startswith(f"A fresh run in {tmp_path}\n"), again.stdout
+    lines = csv.read_text().splitlines()
+    assert sum(line.startswith("epoch,") for line in lines) == 1
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(8))  # one run's rows, not two runs'
+    assert lines == resumed_rows  # seeded: the same numbers as the killed and resumed run
+    for run in ("train", "validation"):  # one run's event file per writer, not one per run so far
+        assert len(list((tmp_path / "logs" / run).glob("events.out.tfevents.*"))) == 1, run
+    assert [path.name for path in tmp_path.glob("best-*.safetensors")] == [best.name]
 
 
 def _torchrun_example(name: str, workdir: Path, epochs: int) -> str:

@@ -44,7 +44,9 @@ class CSVLogger(Callback):
         filename: path of the CSV file (a missing parent directory is created).
         separator: the one-character string that separates cells.
         append: append to an existing file instead of overwriting it; the header is then written
-            only when the file is empty or does not exist yet.
+            only when the file is empty or does not exist yet. With False (the default, as Keras), a
+            fresh run rewrites the file at train begin, so rerunning a finished script leaves one
+            run's rows.
 
     Example:
 

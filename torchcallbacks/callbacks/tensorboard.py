@@ -133,6 +133,12 @@ class TensorBoard(Callback):
     * `embeddings_freq`: every `embeddings_freq` epochs, the weights of each `nn.Embedding` /
       `nn.EmbeddingBag` for the projector, tagged with the module's name.
 
+    Every `fit` adds event files of its own to `log_dir/train` and `log_dir/validation`, as Keras does.
+    TensorBoard shows the event files of one directory as one run, so a second run with the same
+    `log_dir` draws its curves over the first's: give each run its own `log_dir` (TensorBoard's guide
+    uses `logs/fit/<date-time>`), or remove the previous run's logs to start over. A run resumed by
+    `BackupAndRestore` is the same run: it writes into the same `log_dir` and continues its curves.
+
     Writers are flushed at every epoch end and closed when training ends, also when it ends by an
     exception. Batch logs are read only on the batches that are written, so with `update_freq=n`
     the other batches cost no device synchronisation. Under a distributed run only rank 0 writes.
