@@ -82,9 +82,16 @@ def test_callbacks_must_be_callbacks() -> None:
         _fit(callbacks=["early_stopping"])
 
 
-@pytest.mark.parametrize("epochs", [0, -1, 1.5, True, "3"])
+@pytest.mark.parametrize("epochs", [0, -1])
 def test_epochs_must_be_a_positive_integer(epochs) -> None:
     with pytest.raises(ValueError, match=f"epochs: expected an integer >= 1, received {epochs!r}"):
+        _fit(epochs=epochs)
+
+
+@pytest.mark.parametrize("epochs", [1.5, True, "3"])
+def test_epochs_of_another_type_is_a_type_error(epochs) -> None:
+    """One vocabulary: TypeError for a value of the wrong type, ValueError for one out of range."""
+    with pytest.raises(TypeError, match=rf"epochs: expected an integer >= 1, received {type(epochs).__name__} \({epochs!r}\)"):
         _fit(epochs=epochs)
 
 

@@ -312,7 +312,7 @@ def test_verbose_messages(capsys: pytest.CaptureFixture[str]) -> None:
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=-1)
-    with pytest.raises(ValueError, match="start_from_epoch"):
+    with pytest.raises(TypeError, match="start_from_epoch"):
         EarlyStopping(start_from_epoch=1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="baseline"):
         EarlyStopping(baseline="0.5")  # type: ignore[arg-type]

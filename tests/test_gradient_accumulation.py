@@ -225,8 +225,8 @@ def test_a_backup_with_another_k_is_refused(tmp_path: Path) -> None:
 def test_argument_errors() -> None:
     x, y = _data()
     model = seeded_model()
-    for bad in (0, -2, True, 2.0):
-        with pytest.raises(ValueError, match="gradient_accumulation_steps: expected None or an integer >= 1"):
+    for bad, error in ((0, ValueError), (-2, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(error, match="gradient_accumulation_steps: expected None or an integer >= 1"):
             tc.fit(model, _loader(x, y, 8), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=F.mse_loss,
                    verbose=0, gradient_accumulation_steps=bad)
     with pytest.raises(ValueError, match="not applied to a custom train_step"):

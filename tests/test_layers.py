@@ -126,3 +126,35 @@ def test_the_distributed_check_sees_a_collective_imported_elsewhere(tmp_path: Pa
         "torch.distributed.checkpoint",
         "torchcallbacks/callbacks/model_checkpoint.py:2 (torchcallbacks.callbacks.model_checkpoint) imports torch.distributed",
     ]
+
+
+# -- fit is the loop: it writes no LoopState field -----------------------------------------------------
+def loop_writes(path: Path) -> list[str]:
+    """Assignments in `path` to an attribute of something named `loop` (`loop.x = ...`,
+    `callbacks.loop.x = ...`) or to `stop_training`: the loop's state is set through LoopState's and
+    CallbackList's own methods (`start_run`, the restore phase)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for leaf in ast.walk(target):
+                if not isinstance(leaf, ast.Attribute):
+                    continue
+                owner = leaf.value
+                named_loop = (isinstance(owner, ast.Name) and owner.id == "loop") or (
+                    isinstance(owner, ast.Attribute) and owner.attr == "loop")
+                if named_loop or leaf.attr == "stop_training":
+                    found.append(f"{path.name}:{node.lineno} sets {ast.unparse(leaf)}")
+    return found
+
+
+def test_fit_writes_no_loop_state_field() -> None:
+    assert loop_writes(PACKAGE / "training" / "fit.py") == []
+
+
+def test_the_loop_write_check_sees_one(tmp_path: Path) -> None:
+    path = tmp_path / "fit.py"
+    path.write_text("loop = x.loop\nloop.scaler = s\ncallbacks.loop.initial_epoch, a = 1, 2\ncallbacks.stop_training = False\n")
+    assert loop_writes(path) == [
+        "fit.py:2 sets loop.scaler", "fit.py:3 sets callbacks.loop.initial_epoch", "fit.py:4 sets callbacks.stop_training",
+    ]

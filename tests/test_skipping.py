@@ -361,6 +361,8 @@ def test_range_iterators_are_moved_like_any_iterator(numbers: range) -> None:
 
 
 def test_skip_must_be_a_count() -> None:
-    for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="skip"):
+    with pytest.raises(ValueError, match="skip"):
+        iterate_from([1, 2], -1)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(TypeError, match="skip"):
             iterate_from([1, 2], bad)  # type: ignore[arg-type]

@@ -418,3 +418,9 @@ def test_learning_rate_set_at_epoch_begin_by_a_later_callback_is_the_one_logged(
     torchcallbacks.fit(model, make_regression(), optimizer=optimizer, loss=torch.nn.functional.mse_loss, epochs=3,
                        verbose=0, callbacks=[TensorBoard(tmp_path, write_graph=False), LambdaCallback(on_epoch_begin=set_lr)])
     assert _scalars(_run(tmp_path / "train"), "epoch_learning_rate") == list(enumerate(_f32([0.1, 0.05, 0.1 / 3])))
+
+
+@pytest.mark.parametrize(("update_freq", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("often", TypeError)])
+def test_update_freq_errors_name_the_argument(tmp_path: Path, update_freq: Any, error: type) -> None:
+    with pytest.raises(error, match=r"TensorBoard: update_freq must be 'epoch', 'batch' or an integer >= 1"):
+        TensorBoard(tmp_path, update_freq=update_freq)

@@ -119,7 +119,7 @@ def test_logs_without_a_loss_are_ignored() -> None:
 def test_check_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="check_every"):
         TerminateOnNaN(check_every=0)
-    with pytest.raises(ValueError, match="check_every"):
+    with pytest.raises(TypeError, match="check_every"):
         TerminateOnNaN(check_every=1.5)  # type: ignore[arg-type]
 
 

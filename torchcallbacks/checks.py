@@ -13,7 +13,8 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def check_count(value: object, name: str, minimum: int = 0, note: str = "") -> int:
-    """`value` when it is an integer >= `minimum` (not a bool), else a ValueError naming the argument.
+    """`value` when it is an integer >= `minimum`: a TypeError naming the argument when it is not an
+    integer (a bool, a float, a string), a ValueError when it is below `minimum`.
 
     Args:
         value: the argument as given.
@@ -28,9 +29,60 @@ def check_count(value: object, name: str, minimum: int = 0, note: str = "") -> i
     epochs = check_count(epochs, "epochs", minimum=1)
     ```
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an integer >= {minimum}{note}, received {type(value).__name__} ({value!r})")
+    if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}{note}, received {value!r}")
     return value
+
+
+def check_optional_count(value: object, name: str, minimum: int = 1) -> int | None:
+    """None, or an integer >= `minimum`: a TypeError naming the argument for another type, a
+    ValueError for a value below `minimum`.
+
+    Args:
+        value: the argument as given.
+        name: its name, for the message.
+        minimum: the smallest accepted integer.
+
+    Example:
+
+    ```python
+    batch_size = check_optional_count(batch_size, "batch_size")  # None or >= 1
+    ```
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected None or an integer >= {minimum}, received {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected None or an integer >= {minimum}, received {value!r}")
+    return value
+
+
+def check_update_freq(update_freq: Any, owner: str) -> str | int:
+    """`update_freq` (TensorBoard's, the trackers') as `"epoch"` or an integer n >= 1 (`"batch"`
+    is 1): a TypeError for another type, a ValueError for n < 1.
+
+    Args:
+        update_freq: the argument as given.
+        owner: the callback, for the message.
+
+    Example:
+
+    ```python
+    self.update_freq = check_update_freq(update_freq, "TensorBoard")
+    ```
+    """
+    if update_freq == "batch":
+        return 1
+    if update_freq == "epoch":
+        return "epoch"
+    if isinstance(update_freq, bool) or not isinstance(update_freq, int):
+        raise TypeError(f"{owner}: update_freq must be 'epoch', 'batch' or an integer >= 1, received {update_freq!r}")
+    if update_freq < 1:
+        raise ValueError(f"{owner}: update_freq must be 'epoch', 'batch' or an integer >= 1, received {update_freq!r}")
+    return update_freq
 
 
 def check_number(value: object, name: str) -> float:

@@ -155,6 +155,24 @@ class LoopState:
     callbacks: CallbackList | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def start_run(self, initial_epoch: int = 0, scaler: Any = None) -> None:
+        """Set what a new run starts from, before its `on_train_begin` (whose restore phase may move
+        it): `initial_epoch`, no batch of it trained yet, no step taken, and the `GradScaler` in use.
+
+        Args:
+            initial_epoch: the epoch the run starts at (Keras' `initial_epoch`).
+            scaler: the `torch.amp.GradScaler`, if any (part of the training state).
+
+        Example:
+
+        ```python
+        callbacks.loop.start_run(initial_epoch=0, scaler=torch.amp.GradScaler("cuda"))
+        callbacks.on_train_begin()
+        ```
+        """
+        self.initial_epoch, self.initial_batch, self.global_step = initial_epoch, 0, 0
+        self.scaler = scaler
+
     def at_every(self, frequency: int | str | bool | None) -> bool:
         """Whether the training batch just ended is a save / log step for `frequency` batches: an
         integer n (every n-th batch, counted over the run by `global_step`); "epoch", False or None

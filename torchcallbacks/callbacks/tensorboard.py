@@ -16,7 +16,7 @@ import torch
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.learning_rate import LEARNING_RATE, all_lrs
 from torchcallbacks.callbacks.loop_state import is_sharded
-from torchcallbacks.checks import check_count
+from torchcallbacks.checks import check_count, check_update_freq
 from torchcallbacks.distributed import full_tensor, is_main_process, main_process_only
 from torchcallbacks.logs import to_float, to_floats
 
@@ -194,12 +194,7 @@ class TensorBoard(Callback):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir: expected a path (str or os.PathLike), received {type(log_dir).__name__}")
-        if update_freq == "batch":
-            update_freq = 1
-        if update_freq != "epoch" and (
-            isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1
-        ):
-            raise ValueError(f"update_freq: expected 'epoch', 'batch' or an integer >= 1, received {update_freq!r}")
+        update_freq = check_update_freq(update_freq, "TensorBoard")
         if embeddings_metadata is not None and not isinstance(embeddings_metadata, (str, os.PathLike, Mapping)):
             raise TypeError(
                 "embeddings_metadata: expected a metadata file path or a dict from embedding layer name to "

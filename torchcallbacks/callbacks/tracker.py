@@ -21,7 +21,7 @@ import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.callbacks.learning_rate import LEARNING_RATE, all_lrs
-from torchcallbacks.checks import check_number
+from torchcallbacks.checks import check_number, check_update_freq
 from torchcallbacks.distributed import main_process_only
 from torchcallbacks.logs import to_float, to_floats
 
@@ -53,19 +53,6 @@ def import_extra(module: str, extra: str, owner: str) -> Any:
         raise ImportError(
             f"{owner} needs the {module!r} package, which is not installed: pip install torchcallbacks[{extra}]"
         ) from exc
-
-
-def check_update_freq(update_freq: Any, owner: str) -> str | int:
-    """`update_freq` as `"epoch"` or an integer n >= 1 (`"batch"` is 1)."""
-    if update_freq == "batch":
-        return 1
-    if update_freq == "epoch":
-        return "epoch"
-    if isinstance(update_freq, bool) or not isinstance(update_freq, int):
-        raise TypeError(f"{owner}: update_freq must be 'epoch', 'batch' or an integer >= 1, received {update_freq!r}")
-    if update_freq < 1:
-        raise ValueError(f"{owner}: update_freq must be 'epoch', 'batch' or an integer >= 1, received {update_freq!r}")
-    return update_freq
 
 
 def _check_log_models(log_models: Any, owner: str) -> str | bool:

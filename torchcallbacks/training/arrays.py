@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from torchcallbacks.checks import check_optional_count
 from torchcallbacks.distributed import get_rank, get_world_size, is_distributed
 
 
@@ -171,11 +172,7 @@ def check_batch_size(batch_size: Any, name: str = "batch_size") -> int | None:
     check_batch_size(32)  # 32
     ```
     """
-    if batch_size is None:
-        return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{name}: expected None or an integer >= 1, received {batch_size!r}")
-    return batch_size
+    return check_optional_count(batch_size, name)
 
 
 def array_loader(
@@ -340,6 +337,53 @@ def is_array_validation(value: Any) -> bool:
     return (_is_array(y) or (isinstance(y, Mapping) and is_array_data(y))) and is_array_data(value[0])
 
 
+def batch_parts(x: Any, y: Any, sample_weight: Any, where: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """The parts of a batch of arrays and their names: `(x, y)` or `(x, y, sample_weight)`.
+
+    Args:
+        x: the inputs.
+        y: the targets (required).
+        sample_weight: one weight per sample, or None.
+        where: the function or argument, for the message.
+
+    Example:
+
+    ```python
+    parts, names = batch_parts(x, y, None, "fit")  # (x, y), ("x", "y")
+    ```
+    """
+    if y is None:
+        raise TypeError(f"{where}: y (the targets) is required with array x")
+    if sample_weight is None:
+        return (x, y), ("x", "y")
+    return (x, y, sample_weight), ("x", "y", "sample_weight")
+
+
+def refuse_array_arguments(x: Any, given: list[str], where: str, hint: str = "") -> None:
+    """The TypeError for array-only arguments (`y`, `batch_size`, ...) given with a loader `x`, naming
+    them; nothing when `given` is empty.
+
+    Args:
+        x: the loader given as `x`.
+        given: the names of the array-only arguments that were given.
+        where: the function, for the message.
+        hint: what to do instead, added to the message.
+
+    Example:
+
+    ```python
+    refuse_array_arguments(loader, ["y"], "evaluate")  # TypeError: evaluate: y given, but x is DataLoader, ...
+    ```
+    """
+    if given:
+        names = ", ".join(given)
+        raise TypeError(
+            f"{where}: {names} given, but x is {type(x).__name__}, an iterable of batches (e.g. a DataLoader) "
+            f"whose batches already hold the targets and the batching; {names} only go with array x (tensors "
+            f"or numpy arrays, or tuples or dicts of them){hint}"
+        )
+
+
 def array_batches(
     x: Any, y: Any, batch_size: Any, sample_weight: Any, where: str, float_dtype: torch.dtype | None = None,
 ) -> Any:
@@ -356,18 +400,11 @@ def array_batches(
     """
     batch_size = check_batch_size(batch_size)
     if not is_array_data(x):
-        given = [n for n, v in (("y", y), ("batch_size", batch_size), ("sample_weight", sample_weight)) if v is not None]
-        if given:
-            raise TypeError(
-                f"{where}: {', '.join(given)} given, but x is {type(x).__name__}, an iterable of batches (e.g. a "
-                f"DataLoader) that already holds them; {', '.join(given)} only go with array x (tensors or numpy "
-                "arrays, or tuples or dicts of them)"
-            )
+        refuse_array_arguments(
+            x, [n for n, v in (("y", y), ("batch_size", batch_size), ("sample_weight", sample_weight)) if v is not None], where
+        )
         return x
     if where == "predict":
         return array_loader((x,), ("x",), batch_size, shuffle=False, float_dtype=float_dtype)
-    if y is None:
-        raise TypeError(f"{where}: y (the targets) is required with array x")
-    if sample_weight is None:
-        return array_loader((x, y), ("x", "y"), batch_size, shuffle=False, float_dtype=float_dtype)
-    return array_loader((x, y, sample_weight), ("x", "y", "sample_weight"), batch_size, shuffle=False, float_dtype=float_dtype)
+    parts, names = batch_parts(x, y, sample_weight, where)
+    return array_loader(parts, names, batch_size, shuffle=False, float_dtype=float_dtype)

@@ -11,7 +11,7 @@ import torch
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.history import History
-from torchcallbacks.checks import UNSET, check_count, renamed_argument
+from torchcallbacks.checks import UNSET, check_count, check_optional_count, renamed_argument
 from torchcallbacks.distributed import set_sampler_epoch
 from torchcallbacks.logs import to_floats
 from torchcallbacks.training.arguments import (
@@ -25,12 +25,14 @@ from torchcallbacks.training.arguments import (
 )
 from torchcallbacks.training.arrays import (
     array_loader,
+    batch_parts,
     check_batch_size,
     check_validation_split,
     class_weights_to_sample_weights,
     float_dtype_of,
     is_array_data,
     is_array_validation,
+    refuse_array_arguments,
     split_for_validation,
     uniform_weights,
 )
@@ -286,15 +288,13 @@ def fit(
         params["loss"] = _loss_name(loss)
     callback_list = make_callback_list(callbacks, model, optimizers, True, verbose != 0, params)
     loop = callback_list.loop
-    loop.initial_epoch, loop.initial_batch, loop.global_step = initial_epoch, 0, 0
-    loop.scaler = grad_scaler
+    loop.start_run(initial_epoch, scaler=grad_scaler)
     loop.track("metrics", tracker)
     loop.track("data", train_data)
     if accumulation > 1:
         loop.track("gradients", stepper.accumulator)
     if steps_per_epoch is None:
         check_same_length(x, "x")  # under torch.distributed: uneven batch counts would hang or mis-pair
-    callback_list.stop_training = False
     # The step per batch, chosen once: the default path costs what it did without accumulation.
     train_batch = stepper.train if stepper.accumulator is None else stepper.accumulate
 
@@ -350,10 +350,9 @@ def _weights_from(class_weight: Any, sample_weight: Any) -> str:
 
 
 def _check_accumulation(value: Any, train_step: Any) -> int:
+    value = check_optional_count(value, "gradient_accumulation_steps")
     if value is None:
         return 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"gradient_accumulation_steps: expected None or an integer >= 1, received {value!r}")
     if value > 1 and train_step is not None:
         raise ValueError(
             "gradient_accumulation_steps: not applied to a custom train_step, which does its own backward and "
@@ -382,7 +381,7 @@ def _training_data(
         if val_sample_weight is None and (class_weight is not None or sample_weight is not None):
             # the loss returns per-sample values (weighted training needs them): validation averages them
             val_sample_weight = uniform_weights(validation_data[1], "validation_data")
-        val_parts, val_names = _batch_parts(validation_data[0], validation_data[1], val_sample_weight, "validation_data")
+        val_parts, val_names = batch_parts(validation_data[0], validation_data[1], val_sample_weight, "validation_data")
         validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False, float_dtype=float_dtype)
     if not is_array_data(x):
         given = [
@@ -390,13 +389,8 @@ def _training_data(
                 ("y", y), ("batch_size", batch_size), ("class_weight", class_weight), ("sample_weight", sample_weight),
             ) if value is not None
         ] + (["validation_split"] if validation_split else [])
-        if given:
-            raise TypeError(
-                f"fit: {', '.join(given)} given, but x is {type(x).__name__}, an iterable of batches (e.g. a "
-                f"DataLoader) whose batches already hold the targets and the batching; {', '.join(given)} "
-                "only go with array x (tensors or numpy arrays, or tuples or dicts of them). Drop "
-                f"{'it' if len(given) == 1 else 'them'}, or put sample weights in the batches: (x, y, sample_weight)"
-            )
+        drop = "it" if len(given) == 1 else "them"
+        refuse_array_arguments(x, given, "fit", f". Drop {drop}, or put sample weights in the batches: (x, y, sample_weight)")
         return x, validation_data
     if class_weight is not None:
         if sample_weight is not None:
@@ -411,21 +405,12 @@ def _training_data(
         val_weight = held_out[2]
         if class_weight is not None:
             val_weight = uniform_weights(held_out[1], "validation_split")  # unweighted, per-sample loss
-        val_parts, val_names = _batch_parts(held_out[0], held_out[1], val_weight, "validation_split")
+        val_parts, val_names = batch_parts(held_out[0], held_out[1], val_weight, "validation_split")
         validation_data = array_loader(val_parts, val_names, validation_batch_size or batch_size, shuffle=False, float_dtype=float_dtype)
     if class_weight is not None:
         sample_weight = class_weights_to_sample_weights(y, class_weight)  # of the training samples only
-    parts, names = _batch_parts(x, y, sample_weight, "fit")
+    parts, names = batch_parts(x, y, sample_weight, "fit")
     return array_loader(parts, names, batch_size, shuffle=bool(shuffle), float_dtype=float_dtype), validation_data
-
-
-def _batch_parts(x: Any, y: Any, sample_weight: Any, where: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:
-    """The parts of a batch of arrays: `(x, y)` or `(x, y, sample_weight)`."""
-    if y is None:
-        raise TypeError(f"{where}: y (the targets) is required with array x")
-    if sample_weight is None:
-        return (x, y), ("x", "y")
-    return (x, y, sample_weight), ("x", "y", "sample_weight")
 
 
 def _train_epoch(
