@@ -102,7 +102,20 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """Flush a directory's entries to storage (after a rename or a delete in it); nothing where the
+    platform has no directory handles.
+
+    Args:
+        directory: the directory.
+
+    Example:
+
+    ```python
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    ```
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. platforms without directory handles
@@ -188,7 +201,7 @@ def atomic_write(
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
-    _fsync_dir(directory)
+    fsync_dir(directory)
     with contextlib.suppress(OSError):  # the file is in place: a failed sweep (a vanished directory) is no failed save
         _remove_stale_temp_files(directory)
 
