@@ -372,11 +372,11 @@ def test_after_fit_an_async_writer_holds_no_buffers(tmp_path: Path, callback: st
     else:
         cb = tc.BackupAndRestore(str(tmp_path / "backup"), save_freq=1, delete_checkpoint=False, async_save=True)
     seen: list[int] = []
-    probe = tc.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(len(cb._writer._buffers)))
+    probe = tc.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(len(cb._writer.files._buffers)))
     tc.fit(model, data, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=torch.nn.functional.mse_loss,
            epochs=2, verbose=0, callbacks=[cb, probe])
     assert max(seen) > 0  # the writer did keep host copies during training
-    assert cb._writer._buffers == {}
+    assert cb._writer.files._buffers == {}
 
 
 @pytest.mark.parametrize("what", ["weights", "training state"])

@@ -85,6 +85,7 @@ def test_layers_of_module_names(module: str, layer: int) -> None:
 DISTRIBUTED = {
     "torchcallbacks.distributed": {"torch.distributed", "torch.distributed.tensor"},
     "torchcallbacks.checkpoint.sharded": {"torch.distributed.checkpoint", "torch.distributed.tensor"},
+    "torchcallbacks.checkpoint.dcp_storage": {"torch.distributed.checkpoint"},
     "torchcallbacks.checkpoint.full_weights": {"torch.distributed.tensor"},
     "torchcallbacks.callbacks.loop_state": {"torch.distributed.checkpoint"},
     "torchcallbacks.callbacks.early_stopping": {"torch.distributed.tensor"},
@@ -158,3 +159,43 @@ def test_the_loop_write_check_sees_one(tmp_path: Path) -> None:
     assert loop_writes(path) == [
         "fit.py:2 sets loop.scaler", "fit.py:3 sets callbacks.loop.initial_epoch", "fit.py:4 sets callbacks.stop_training",
     ]
+
+
+# -- checkpoint/: no import cycles -------------------------------------------------------------------
+def import_cycles(package: Path = PACKAGE, under: str = "torchcallbacks.checkpoint") -> list[list[str]]:
+    """The cycles among the modules under `under` through any of their imports, function-local ones
+    included (a function-local import must not be there to hide a cycle)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        name = _module_name(path, package)
+        if name == under or not name.startswith(under + "."):
+            continue
+        graph[name] = {imported for _, imported in _imports(path) if imported.startswith(under + ".")}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_the_checkpoint_modules_import_each_other_without_cycles() -> None:
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_sees_a_cycle_hidden_in_a_function(tmp_path: Path) -> None:
+    package = tmp_path / "torchcallbacks"
+    (package / "checkpoint").mkdir(parents=True)
+    (package / "checkpoint" / "a.py").write_text("from torchcallbacks.checkpoint.b import f\n")
+    (package / "checkpoint" / "b.py").write_text("def f():\n    from torchcallbacks.checkpoint.a import g\n")
+    assert import_cycles(package) == [["torchcallbacks.checkpoint.a", "torchcallbacks.checkpoint.b", "torchcallbacks.checkpoint.a"]]

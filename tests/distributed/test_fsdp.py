@@ -304,10 +304,10 @@ def test_a_crash_between_the_two_renames_of_the_fallback_leaves_a_readable_old_d
 
 
 def test_the_fallback_publication_replaces_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchcallbacks.checkpoint import sharded
+    from torchcallbacks.checkpoint import sharded, storage
 
     _single(tmp_path / "c")
-    monkeypatch.setattr(sharded, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(storage, "exchange_directories", lambda a, b: False)
     _single(tmp_path / "c", step=8)
     assert sorted(os.listdir(tmp_path)) == ["c"]
     template = {"model": {"w": torch.zeros(2, 3)}}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import signal
 import threading
 import warnings
@@ -14,10 +13,14 @@ from typing import Any
 import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
-from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
-from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.checkpoint.state_file import TrainingState
+from torchcallbacks.checkpoint.training_state import (
+    TrainingStateWriter,
+    has_training_state,
+    read_state,
+    training_state_path,
+)
 from torchcallbacks.checks import check_local_path, check_save_freq, check_writable_dir_everywhere
 from torchcallbacks.distributed import any_process, barrier, is_distributed, main_process_only
 
@@ -74,7 +77,7 @@ class BackupAndRestore(Callback):
         async_save: write backups on a background thread (at most one in flight; errors are raised on
             the training thread at the next save or at train end). For an FSDP2 model the directory
             is published at the next backup or at train end (see
-            `checkpoint.sharded.ShardedCheckpointWriter`): until then the previous one is on disk.
+            `checkpoint.training_state.TrainingStateWriter`): until then the previous one is on disk.
         scheduler: LR scheduler(s) stepped outside callbacks whose state to back up too.
         save_on_sigterm: handle SIGTERM as described above (main thread only).
 
@@ -88,6 +91,8 @@ class BackupAndRestore(Callback):
     For a model with DTensor parameters (FSDP2's `fully_shard`) the backup is the directory
     `backup_dir/latest/` written by `checkpoint.sharded`: every process writes its own shards, nobody
     gathers the model or optimizer state, nothing is pickled, and the directory appears only complete.
+    It is replaced atomically, so `double_checkpoint` keeps no previous one for it (a warning says so at
+    the first backup).
 
     Attributes:
         restored: what the last restore phase loaded (a `TrainingState`), or None.
@@ -135,8 +140,7 @@ class BackupAndRestore(Callback):
         self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
         self.latest_sharded_path = os.path.join(self.backup_dir, self.LATEST_SHARDED)
         self.restored: TrainingState | None = None
-        self._writer = CheckpointWriter(async_save)
-        self._sharded_writer: Any = None  # a checkpoint.sharded.ShardedCheckpointWriter, for FSDP2 models
+        self._writer = TrainingStateWriter(async_save)  # a file or, for FSDP2, the directory latest/
         self._sigterm = False
         self._previous_handler: Any = None
         self._installed = False
@@ -167,48 +171,30 @@ class BackupAndRestore(Callback):
             loader.worker_init_fn = current.previous
 
     def _restore(self) -> TrainingState | None:
-        if is_sharded(self.loop.model):
-            return self._restore_sharded()
-        candidates = [self.latest_path] + ([self.previous_path] if self.double_checkpoint else [])
+        # latest.safetensors, or the directory latest/ for an FSDP2 model (never a previous one: a
+        # directory is replaced atomically, see TrainingStateWriter.save)
+        model = self.loop.model
+        candidates = [training_state_path(self.latest_path, model)]
+        if self.double_checkpoint:
+            candidates.append(training_state_path(self.previous_path, model))
         errors: list[CheckpointError] = []
         for path in candidates:
-            if not os.path.lexists(path):
+            if not has_training_state(path):
                 continue
             if errors:
                 warnings.warn(f"BackupAndRestore: {errors[-1]}; falling back to {path!r}", stacklevel=4)
-            elif path == self.previous_path:
+            elif path != candidates[0]:
                 warnings.warn(f"BackupAndRestore: {self.latest_path!r} is missing; resuming from {path!r}", stacklevel=4)
             try:
-                return self.loop.load_state_dict(read_training_state(path), path)
+                # a sharded state's template (collective) follows what was saved, after its checks
+                with self.loop.keeping_fresh_optimizers():
+                    state = read_state(path, lambda saved, path=path: self.loop.sharded_template(saved, path))
+                    return self.loop.load_state_dict(state, path)
             except CheckpointError as exc:
                 errors.append(exc)
         if errors:
             raise errors[-1]
         return None
-
-    def _restore_sharded(self) -> TrainingState | None:
-        """FSDP2: every process reads its own shards of `latest/` (collective); see checkpoint.sharded."""
-        from torchcallbacks.checkpoint.sharded import STATE_FILE, ShardedCheckpointWriter, load_sharded
-
-        if self._sharded_writer is None:
-            self._sharded_writer = ShardedCheckpointWriter(self._writer.async_save)
-        if self.double_checkpoint:
-            warnings.warn(
-                "BackupAndRestore: double_checkpoint is not applied to a sharded (FSDP2) backup: its directory is "
-                "replaced atomically, the previous one staying complete until the new one is",
-                stacklevel=4,
-            )
-
-        path = self.latest_sharded_path
-        interrupted = os.path.isdir(self.backup_dir) and any(  # see checkpoint.sharded._publish
-            n.startswith(self.LATEST_SHARDED + ".old-") for n in os.listdir(self.backup_dir)
-        )
-        if not os.path.isfile(os.path.join(path, STATE_FILE)) and not interrupted:
-            return None
-        # the templates of the callback states from what was saved, after the checks of what was saved
-        with self.loop.keeping_fresh_optimizers():
-            state, _ = load_sharded(path, lambda saved: self.loop.sharded_template(saved, path))
-            return self.loop.load_state_dict(state, path)
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
@@ -233,18 +219,8 @@ class BackupAndRestore(Callback):
 
     def _save(self) -> None:
         state = self.loop.state_dict()  # every process: its random states and loop parts are gathered
-        if is_sharded(self.loop.model):
-            self._sharded_writer.save(self.latest_sharded_path, state)  # every process its shards; atomic
-            return
-        self._write(state)
-        barrier()  # the backup is complete (or handed to the writer) before any process goes on
-
-    @main_process_only
-    def _write(self, state: dict[str, Any]) -> None:
-        write_training_state(
-            self.latest_path, state, writer=self._writer,
-            keep_previous_as=self.previous_path if self.double_checkpoint else None,
-        )
+        # the writer writes (the main process a file, every process its shards) and then waits for all
+        self._writer.save(self.latest_path, state, keep_previous_as=self.previous_path if self.double_checkpoint else None)
 
     # -- SIGTERM -------------------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -264,9 +240,7 @@ class BackupAndRestore(Callback):
 
     def _exit_on_sigterm(self) -> None:
         self._sigterm = False
-        self._writer.flush()
-        if self._sharded_writer is not None:
-            self._sharded_writer.flush()  # every process is here (the SIGTERM was agreed on)
+        self._writer.flush()  # every process is here (the SIGTERM was agreed on)
         handler = self._previous_handler
         self._uninstall_sigterm()
         if callable(handler):
@@ -277,12 +251,10 @@ class BackupAndRestore(Callback):
     # -- train end -----------------------------------------------------------------------------------
     def on_train_end(self, logs: Logs | None = None) -> None:
         try:
-            self._writer.close()
-            if self._sharded_writer is not None:
-                if self.loop.exception is None:
-                    self._sharded_writer.flush()  # collective: every process ends here
-                else:
-                    self._sharded_writer.abandon()  # another process may be elsewhere: no collective
+            if self.loop.exception is None:
+                self._writer.close()  # collective: every process ends here
+            else:
+                self._writer.abandon()  # another process may be elsewhere: no collective
         finally:
             self._uninstall_sigterm()
             if self.loop.exception is None:
@@ -292,9 +264,6 @@ class BackupAndRestore(Callback):
 
     @main_process_only
     def _delete(self) -> None:
-        for path in (self.latest_path, self.previous_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        shutil.rmtree(self.latest_sharded_path, ignore_errors=True)
+        self._writer.delete([self.latest_path, self.previous_path, self.latest_sharded_path])
         with contextlib.suppress(OSError):
             os.rmdir(self.backup_dir)

@@ -18,9 +18,9 @@ import torch
 
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.loop_state import LoopState, is_sharded
-from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.files import PathLike
-from torchcallbacks.checkpoint.state_file import TrainingState, read_training_state, write_training_state
+from torchcallbacks.checkpoint.state_file import TrainingState, write_training_state
+from torchcallbacks.checkpoint.training_state import read_state
 from torchcallbacks.checkpoint.validate import check_counter
 from torchcallbacks.checks import check_local_path
 from torchcallbacks.distributed import unwrap_model
@@ -218,16 +218,9 @@ def load_checkpoint(
     path = check_local_path(filepath, "load_checkpoint: filepath")
     loop, schedulers = _loop("load_checkpoint", model, optimizer, scaler, scheduler, callbacks)
     given = bool(loop.optimizers)
-    if os.path.isdir(path):
-        from torchcallbacks.checkpoint.sharded import load_sharded
-
-        if model is None:
-            raise CheckpointError(f"{path!r} is a sharded training state: pass the model it is read into")
-        with loop.keeping_fresh_optimizers():
-            state, _ = load_sharded(path, lambda saved: loop.sharded_template(_asked(saved, given), path), partial=True,
+    # a sharded directory (collective) is read into the template of what was saved, after its checks
+    template = None if model is None else (lambda saved: loop.sharded_template(_asked(saved, given), path))
+    with loop.keeping_fresh_optimizers():
+        state = read_state(path, template, partial=True, cast_dtypes=cast_dtypes)
+        return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
                                     cast_dtypes=cast_dtypes)
-            return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
-                                        cast_dtypes=cast_dtypes)
-    state = read_training_state(path)
-    return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
-                                cast_dtypes=cast_dtypes)

@@ -23,7 +23,7 @@ import torch
 
 from torchcallbacks.checkpoint.encoding import from_json, to_json
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.files import _check_keys
+from torchcallbacks.checkpoint.model_keys import check_keys
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.state_file import TrainingState
 from torchcallbacks.checkpoint.validate import (
@@ -379,10 +379,10 @@ class LoopState:
         tensors = dict(state.get("model") or {})
         if model is not None:
             if tensors_read:
-                _check_keys(source, model, tensors, {}, strict=True, cast_dtypes=cast_dtypes)  # DTensors: global shapes
+                check_keys(source, model, tensors, {}, strict=True, cast_dtypes=cast_dtypes)  # DTensors: global shapes
             else:  # key names only (every tensor of the right shape): the reader checks the shapes
                 expected = model.state_dict()
-                _check_keys(source, model, {k: expected.get(k, torch.empty(0)) for k in tensors}, {}, strict=True)
+                check_keys(source, model, {k: expected.get(k, torch.empty(0)) for k in tensors}, {}, strict=True)
         sharded = is_sharded(model)
         # A sharded one's tensors were checked when they were read
         saved = check_optimizer_states(self.optimizers, state, where, tensors=tensors_read and not sharded,

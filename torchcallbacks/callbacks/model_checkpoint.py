@@ -8,24 +8,17 @@ import string
 from typing import Any
 
 from torchcallbacks.callbacks.callback import Logs
-from torchcallbacks.callbacks.loop_state import is_sharded
 from torchcallbacks.callbacks.monitor import MonitorCallback
-from torchcallbacks.checkpoint.files import save_weights
 from torchcallbacks.checkpoint.full_weights import check_max_shard_size
-from torchcallbacks.checkpoint.state_file import write_training_state
-from torchcallbacks.checkpoint.writer import CheckpointWriter
+from torchcallbacks.checkpoint.sharded_files import is_sharded_state
+from torchcallbacks.checkpoint.training_state import TrainingStateWriter, training_state_path
 from torchcallbacks.checks import (
     check_local_path,
     check_save_freq,
     check_verbose,
     check_writable_dir_everywhere,
 )
-from torchcallbacks.distributed import (
-    barrier,
-    main_process_only,
-    mean_over_processes,
-    print_main,
-)
+from torchcallbacks.distributed import barrier, mean_over_processes, print_main
 from torchcallbacks.logs import to_floats
 
 
@@ -46,12 +39,6 @@ def _template_fields(filepath: str) -> list[str]:
             )
         names.append(key)
     return names
-
-
-def _is_sharded_state(path: str) -> bool:
-    from torchcallbacks.checkpoint.sharded_model import is_sharded_state  # DCP's modules: only when needed
-
-    return not os.path.islink(path) and is_sharded_state(path)
 
 
 class ModelCheckpoint(MonitorCallback):
@@ -91,7 +78,8 @@ class ModelCheckpoint(MonitorCallback):
             synchronous; `max_to_keep` deletes a save's files and index together.
 
     With an FSDP2 model (DTensor parameters) and `save_weights_only` False, each save is a sharded
-    checkpoint directory (`checkpoint.sharded.save_sharded`: every process writes its own shards, no
+    checkpoint directory (`checkpoint.training_state.TrainingStateWriter`, which chooses it from the state,
+    and `checkpoint.sharded.save_sharded`: every process writes its own shards, no
     process gathers the model; safetensors and JSON, published atomically), named by `filepath`
     without its `.safetensors` suffix: `"ckpt/state-{epoch:02d}.safetensors"` saves
     `ckpt/state-01/`, ... `best_path`, `last_path` and `max_to_keep` then name and delete such
@@ -186,9 +174,7 @@ class ModelCheckpoint(MonitorCallback):
         self.best_path: str | None = None
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
-        self._writer = CheckpointWriter(async_save)
-        self._sharded_writer: Any = None  # a checkpoint.sharded.ShardedCheckpointWriter, for FSDP2 models
-        self._unpublished_stale: list[str] = []  # to delete once the sharded save in flight is published
+        self._writer = TrainingStateWriter(async_save)  # every save: a file or, for FSDP2, a directory of shards
 
     @property
     def initial_value_threshold(self) -> float | None:
@@ -204,7 +190,6 @@ class ModelCheckpoint(MonitorCallback):
         waited for first, so that a saved state never names a file that is not on disk yet (for an
         FSDP2 model that publication is collective, as every save of a training state is)."""
         self._writer.flush()
-        self._publish_sharded()
         return {"best": self.best, "best_path": self.best_path, "last_path": self.last_path, "kept": self._kept}
 
     def _own_file(self, path: Any, field: str) -> str | None:
@@ -227,7 +212,7 @@ class ModelCheckpoint(MonitorCallback):
             )
         if file and os.path.lexists(path) and not os.path.isfile(path):
             raise ValueError(f"ModelCheckpoint state {field!r} names {path!r}, which is not a regular file")
-        if directory and os.path.lexists(path) and not _is_sharded_state(path):
+        if directory and os.path.lexists(path) and (os.path.islink(path) or not is_sharded_state(path)):
             raise ValueError(
                 f"ModelCheckpoint state {field!r} names {path!r}, which is not a sharded checkpoint directory "
                 "of ours"
@@ -296,13 +281,11 @@ class ModelCheckpoint(MonitorCallback):
             self._save(epoch, None, logs)
 
     def on_train_end(self, logs: Logs | None = None) -> None:
-        self._writer.close()
-        if self._sharded_writer is not None and self.loop.exception is not None:
-            self._sharded_writer.abandon()  # another process may be elsewhere: no collective
-        elif self._sharded_writer is not None:
-            self._publish_sharded()  # collective: every process ends here
-        if self.loop.exception is None:
-            barrier()  # the last (possibly asynchronous) file is on disk before any process reads it
+        if self.loop.exception is not None:
+            self._writer.abandon()  # another process may be elsewhere: no collective
+            return
+        self._writer.close()  # collective: every process ends here
+        barrier()  # the last (possibly asynchronous) save is on disk before any process reads it
 
     # -- saving -----------------------------------------------------------------------------------
     def _format(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
@@ -325,9 +308,8 @@ class ModelCheckpoint(MonitorCallback):
     def _save(self, epoch: int, batch: int | None, logs: Logs | None) -> None:
         values = to_floats(logs)
         filepath = self._format(epoch, batch, values)
-        sharded = not self.save_weights_only and is_sharded(self.model)
-        if sharded:
-            filepath = filepath.removesuffix(".safetensors")  # a directory of shards: see _save_sharded
+        if not self.save_weights_only:  # a directory of shards for an FSDP2 model (what the writer writes)
+            filepath = training_state_path(filepath, self.model)
         where = f"\nEpoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
         if self.save_best_only:
             current = self.get_monitor_value(values)
@@ -349,59 +331,10 @@ class ModelCheckpoint(MonitorCallback):
         stale = self._keep(filepath, current)
         if self.best_path in stale:
             self.best_path = None
-        if sharded:
-            self._save_sharded(filepath, stale)
-            return
-        # The whole training state is gathered on every process (random states of each); one writes.
-        state = None if self.save_weights_only else self.loop.state_dict()
-        if state is None and is_sharded(self.model):
-            # FSDP2: every process takes part in gathering the full tensors (one at a time); rank 0 writes
-            save_weights(self.model, filepath, writer=self._writer, delete_after=stale, max_shard_size=self.max_shard_size)
-        else:
-            self._write(filepath, state, stale)
-        barrier()  # every process reaches here (decisions are on identical values); nobody reads early
-
-    @main_process_only
-    def _write(self, filepath: str, state: dict[str, Any] | None, stale: list[str]) -> None:
-        """Write the file (the main process only: the weights are the same on every process)."""
-        if state is None:
-            save_weights(self.model, filepath, writer=self._writer, delete_after=stale, max_shard_size=self.max_shard_size)
-        else:
-            write_training_state(filepath, state, writer=self._writer, delete_after=stale)
-
-    def _save_sharded(self, directory: str, stale: list[str]) -> None:
-        """FSDP2: the training state as a sharded checkpoint directory (collective: every process writes
-        its own shards, see `checkpoint.sharded.ShardedCheckpointWriter`); the stale directories are
-        deleted by rank 0 once it is published (at once, or with `async_save` when the next save,
-        a backup or train end publishes it)."""
-        from torchcallbacks.checkpoint.sharded import ShardedCheckpointWriter
-
-        if self._sharded_writer is None:
-            self._sharded_writer = ShardedCheckpointWriter(self._writer.async_save)
-        state = self.loop.state_dict()  # publishes the save in flight first (state_dict)
-        self._sharded_writer.save(directory, state)
-        if self._sharded_writer.async_save:
-            self._unpublished_stale = stale
-        else:
-            self._remove(stale)
-        barrier()
-
-    def _publish_sharded(self) -> None:
-        """Publish the sharded save in flight, if any (collective), then delete what it made stale."""
-        if self._sharded_writer is not None:
-            self._sharded_writer.flush()
-            stale, self._unpublished_stale = self._unpublished_stale, []
-            self._remove(stale)
-
-    @main_process_only
-    def _remove(self, stale: list[str]) -> None:
-        from torchcallbacks.checkpoint.sharded import remove_sharded
-
-        for path in stale:
-            if os.path.isdir(path):
-                remove_sharded(path)  # renamed away first, then deleted: never a half-deleted checkpoint
-            elif os.path.isfile(path):
-                os.remove(path)
+        if self.save_weights_only:
+            self._writer.save_weights(self.model, filepath, delete_after=stale, max_shard_size=self.max_shard_size)
+        else:  # gathered on every process (random states of each); the writer decides who writes
+            self._writer.save(filepath, self.loop.state_dict(), delete_after=stale)
 
     def _keep(self, filepath: str, value: float | None) -> list[str]:
         """Record `filepath` and return the files to delete so that at most `max_to_keep` remain."""

@@ -34,3 +34,22 @@ class CheckpointWriteError(OSError):
         print(error.errno == errno.ENOSPC, error.filename)
     ```
     """
+
+
+def raise_process_errors(errors: list[str | None], what: str) -> None:
+    """Raise one `CheckpointError` naming every process whose entry of `errors` (one per rank, as
+    `all_gather_json` gives them: an error's text or None) is not None; nothing when none failed.
+
+    Args:
+        errors: each process's error, by rank.
+        what: what failed, for the message (e.g. `"saving 'ckpt/step-3'"`).
+
+    Example:
+
+    ```python
+    raise_process_errors(all_gather_json(repr(error) if error else None), "writing 'model.safetensors'")
+    ```
+    """
+    bad = [(rank, message) for rank, message in enumerate(errors) if message]
+    if bad:
+        raise CheckpointError(f"{what} failed: " + "; ".join(f"process {r}: {m}" for r, m in bad))

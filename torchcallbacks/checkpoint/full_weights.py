@@ -28,19 +28,31 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.files import (
+from torchcallbacks.checkpoint.errors import CheckpointError, raise_process_errors
+from torchcallbacks.checkpoint.model_keys import check_keys
+from torchcallbacks.checkpoint.reader import MAX_HEADER_BYTES, check_header_size, loads_strict
+from torchcallbacks.checkpoint.stream import StreamPlan, TensorSpec, write_stream
+from torchcallbacks.checkpoint.tensor_files import (
     ALIASES_KEY,
     PREFIX,
-    _check_keys,
-    _deduplicate,
     read_file,
     restore_aliases,
 )
-from torchcallbacks.checkpoint.stream import StreamPlan, TensorSpec, write_stream
-from torchcallbacks.checkpoint.writer import _fsync_dir, atomic_write_json
-from torchcallbacks.distributed import all_gather_json, full_tensor, get_rank, has_dtensors
+from torchcallbacks.checkpoint.tensor_files import (
+    deduplicate as deduplicate_tensors,  # the argument hides the name
+)
+from torchcallbacks.checkpoint.writer import atomic_write_json, fsync_dir
+from torchcallbacks.checks import check_local_path
+from torchcallbacks.distributed import (
+    all_gather_json,
+    barrier,
+    full_tensor,
+    get_rank,
+    has_dtensors,
+    unwrap_model,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -143,7 +155,7 @@ def remove_weight_files(filepath: str, keep: Sequence[str] = ()) -> None:
         if path not in kept:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _gathered(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> Iterator[torch.Tensor]:
@@ -204,7 +216,7 @@ def write_weights(
         collective = has_dtensors(state.values())
     aliases: dict[str, str] = {}
     if deduplicate and not has_dtensors(state.values()):
-        state, aliases = _deduplicate(state)
+        state, aliases = deduplicate_tensors(state)
     groups = _group([TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in state.items()], max_shard_size)
     paths = shard_paths(path, len(groups))
     plans = []
@@ -239,9 +251,7 @@ def write_weights(
         except OSError as exc:
             error = exc
     if collective:
-        from torchcallbacks.checkpoint.sharded import _raise_if_any
-
-        _raise_if_any(all_gather_json(repr(error) if error is not None else None), f"writing the weights {path!r}")
+        raise_process_errors(all_gather_json(repr(error) if error is not None else None), f"writing the weights {path!r}")
     elif error is not None:
         raise error
     return written
@@ -264,8 +274,6 @@ def read_index(path: str) -> dict[str, str]:
     read_index("export/model.safetensors.index.json")  # {'0.weight': 'model-00001-of-00002.safetensors', ...}
     ```
     """
-    from torchcallbacks.checkpoint.reader import MAX_HEADER_BYTES, loads_strict
-
     if os.path.getsize(path) > MAX_HEADER_BYTES:
         raise CheckpointError(f"{path!r}: an index larger than {MAX_HEADER_BYTES} bytes is refused")
     try:
@@ -399,10 +407,8 @@ def load_sharded_weights(
     load_sharded_weights(fsdp_model, "export")  # on every process
     ```
     """
-    from safetensors import safe_open
+    # DTensor's module (most of a second) only for a sharded model: `import torchcallbacks` stays light
     from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from torchcallbacks.checkpoint.reader import check_header_size
 
     sources: dict[int, tuple[str, str]] = {}  # id(meta tensor) -> (file, key)
 
@@ -428,7 +434,7 @@ def load_sharded_weights(
         return part, meta
 
     where, headers, metadata = _read_all(filepath, read_header)
-    _check_keys(where, model, headers, metadata, strict, cast_dtypes=cast_dtypes)
+    check_keys(where, model, headers, metadata, strict, cast_dtypes=cast_dtypes)
     targets = model.state_dict()
     per_file: dict[str, list[tuple[str, str]]] = {}
     for name in targets:
@@ -447,3 +453,43 @@ def load_sharded_weights(
                         value = value.to(target.device)
                     target.copy_(value)
                     del value
+
+
+# -- a Hugging Face export ---------------------------------------------------------------------------
+def export_full_weights(model: torch.nn.Module, directory: PathLike, *, max_shard_size: int = 5_000_000_000) -> list[str]:
+    """Write the model's full, unsharded weights in Hugging Face's layout: `model.safetensors`, or
+    `model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json` when they exceed
+    `max_shard_size` bytes. Keys are the plain `state_dict()` names, every one written (tied ones too).
+
+    Collective: every process calls it. The tensors are gathered one at a time
+    (`DTensor.full_tensor()`) and rank 0 streams each into the file it writes
+    (`full_weights.write_weights`), so it holds one tensor at a time, not a file's worth; each file is
+    written atomically; files of an earlier export that the new one does not have are removed.
+    `torchcallbacks.load_weights(model, directory)` and `transformers`' `from_pretrained` read it.
+
+    Args:
+        model: the model (FSDP2-sharded or not; wrappers are removed).
+        directory: where to write (created if needed).
+        max_shard_size: the most bytes of tensors in one file (a larger tensor gets a file of its own).
+
+    Returns:
+        The names of the files written, the index last when there is one.
+
+    Raises:
+        ValueError: `max_shard_size` is not a positive integer.
+        CheckpointError: the write failed (on every process).
+
+    Example:
+
+    ```python
+    export_full_weights(model, "export/")
+    safetensors.torch.load_file("export/model.safetensors")
+    ```
+    """
+    if max_shard_size is None:
+        raise ValueError("max_shard_size: expected a positive integer (bytes), received None")
+    out = check_local_path(directory, "export_full_weights: directory")
+    written = write_weights(unwrap_model(model).state_dict(), os.path.join(out, HF_WEIGHTS), {"format": "pt"},
+                            max_shard_size=max_shard_size, collective=True, deduplicate=False)
+    barrier()
+    return [os.path.basename(p) for p in written]

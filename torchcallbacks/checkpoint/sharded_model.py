@@ -3,7 +3,7 @@ backup) read as weights: `load_weights(model, "ckpt/m-02")`.
 
 Into a plain model this works in one process without a process group, as DCP's own load does: each
 tensor is put together from the chunks every saving process wrote (DCP's default load planner over
-`sharded.SafetensorsShardReader`: safetensors shards and JSON metadata, nothing unpickled). Into an
+`dcp_storage.SafetensorsShardReader`: safetensors shards and JSON metadata, nothing unpickled). Into an
 FSDP2 model every process calls it and reads the chunks its shards need. Only the model's tensors
 are read; key names are checked from the JSON before any tensor is read.
 """
@@ -16,23 +16,11 @@ from typing import Any
 import torch
 
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.files import PathLike, _check_keys
-from torchcallbacks.checkpoint.sharded import STATE_FILE, load_sharded
+from torchcallbacks.checkpoint.model_keys import check_keys
+from torchcallbacks.checkpoint.sharded import load_sharded
+from torchcallbacks.checkpoint.sharded_files import PathLike, is_sharded_state
 
-
-def is_sharded_state(path: PathLike) -> bool:
-    """Whether `path` is a sharded training-state directory (it holds `state.json`).
-
-    Args:
-        path: a file or directory.
-
-    Example:
-
-    ```python
-    is_sharded_state("ckpt/m-02")  # True for a full-state ModelCheckpoint of an FSDP2 model
-    ```
-    """
-    return os.path.isfile(os.path.join(os.fspath(path), STATE_FILE))
+__all__ = ["is_sharded_state", "load_state_weights"]  # is_sharded_state: from sharded_files, read from here too
 
 
 def load_state_weights(model: torch.nn.Module, directory: PathLike, strict: bool = True, *, cast_dtypes: bool = False) -> None:
@@ -64,10 +52,10 @@ def load_state_weights(model: torch.nn.Module, directory: PathLike, strict: bool
         if not isinstance(names, dict):
             raise CheckpointError(f"{path!r}: field 'model' must be a dict of tensors, found {names!r}")
         # key names only here (every tensor of the model's shape): the reader checks the shapes
-        _check_keys(path, model, {k: targets.get(k, torch.empty(0)) for k in names}, {}, strict)
+        check_keys(path, model, {k: targets.get(k, torch.empty(0)) for k in names}, {}, strict)
         return {"model": {k: torch.empty_like(targets[k]) for k in names if k in targets}}
 
     state, _ = load_sharded(path, template, partial=True, cast_dtypes=cast_dtypes)
     tensors = {k: v for k, v in state["model"].items() if k in targets}
-    _check_keys(path, model, tensors, {}, strict, cast_dtypes=cast_dtypes)
+    check_keys(path, model, tensors, {}, strict, cast_dtypes=cast_dtypes)
     model.load_state_dict(tensors, strict=strict)

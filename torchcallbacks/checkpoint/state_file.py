@@ -23,22 +23,20 @@ import torch
 
 from torchcallbacks.checkpoint.encoding import decode, encode
 from torchcallbacks.checkpoint.errors import CheckpointError
-from torchcallbacks.checkpoint.files import (
+from torchcallbacks.checkpoint.reader import loads_strict
+from torchcallbacks.checkpoint.tensor_files import (
     FORMAT_VERSION,
     KIND_KEY,
     PREFIX,
     STATE_KEY,
     TRAINING_STATE,
     PathLike,
-    _header,
-    _model_tensors,
-    _write,
+    header,
+    model_tensors,
     read_file,
+    write_tensors,
 )
-from torchcallbacks.checkpoint.reader import loads_strict
-from torchcallbacks.checkpoint.validate import (
-    check_counter,
-)
+from torchcallbacks.checkpoint.validate import check_counter
 from torchcallbacks.checkpoint.writer import CheckpointWriter
 from torchcallbacks.version import __version__
 
@@ -121,9 +119,9 @@ def write_training_state(
     for key, value in state.items():
         if key != "model":
             document[key] = encode(value, f"{PREFIX}{key}", tensors)
-    header = _header(TRAINING_STATE)
-    header[STATE_KEY] = json.dumps(document, allow_nan=False)
-    _write(path, tensors, header, writer, keep_previous_as=keep_previous_as, delete_after=delete_after)
+    file_header = header(TRAINING_STATE)
+    file_header[STATE_KEY] = json.dumps(document, allow_nan=False)
+    write_tensors(path, tensors, file_header, writer, keep_previous_as=keep_previous_as, delete_after=delete_after)
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -171,7 +169,7 @@ def read_training_state(path: PathLike) -> dict[str, Any]:
         state: dict[str, Any] = {k: decode(v, tensors, in_place=True) for k, v in document.items() if k not in _FILE_FIELDS}
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: the training-state metadata is damaged: {exc}") from exc
-    state["model"] = _model_tensors(tensors)
+    state["model"] = model_tensors(tensors)
     state["library_version"] = document.get("library_version", "")
     for name in ("epoch", "batch", "global_step"):
         check_counter(state.get(name), where, name)

@@ -102,7 +102,20 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """Flush a directory's entries to storage (after a rename or a delete in it); nothing where the
+    platform has no directory handles.
+
+    Args:
+        directory: the directory.
+
+    Example:
+
+    ```python
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    ```
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. platforms without directory handles
@@ -188,7 +201,7 @@ def atomic_write(
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # empty after a success
-    _fsync_dir(directory)
+    fsync_dir(directory)
     with contextlib.suppress(OSError):  # the file is in place: a failed sweep (a vanished directory) is no failed save
         _remove_stale_temp_files(directory)
 
@@ -312,6 +325,9 @@ class CheckpointWriter:
 
     Args:
         async_save: write on a background thread (after copying the tensors on the calling thread).
+        storage: where the files go: an object with `write_file(path, tensors, metadata,
+            keep_previous_as)` and `remove_file(path)` (`checkpoint.storage.LocalStorage`); None
+            (default): the local disk, through `atomic_save_file`.
 
     Example:
 
@@ -324,8 +340,9 @@ class CheckpointWriter:
     ```
     """
 
-    def __init__(self, async_save: bool = False) -> None:
+    def __init__(self, async_save: bool = False, *, storage: Any = None) -> None:
         self.async_save = bool(async_save)
+        self.storage = storage
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -359,8 +376,8 @@ class CheckpointWriter:
         """
         to_delete = [os.fspath(p) for p in delete_after if os.fspath(p) != os.fspath(path)]
         if not self.async_save:
-            atomic_save_file(tensors, path, metadata, keep_previous_as)
-            _remove_files(to_delete)
+            self._save(path, tensors, metadata, keep_previous_as)
+            self._remove(to_delete)
             return
         self.flush()
         copies, event = self._copy_off(tensors)
@@ -370,13 +387,29 @@ class CheckpointWriter:
             try:
                 if event is not None:
                     event.synchronize()
-                atomic_save_file(copies, path, meta, keep_previous_as)
-                _remove_files(to_delete)
+                self._save(path, copies, meta, keep_previous_as)
+                self._remove(to_delete)
             except BaseException as exc:
                 self._error = exc
 
         self._thread = threading.Thread(target=job, name="torchcallbacks-checkpoint-writer", daemon=False)
         self._thread.start()
+
+    def _save(
+        self, path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+        keep_previous_as: str | os.PathLike[str] | None,
+    ) -> None:
+        if self.storage is None:
+            atomic_save_file(tensors, path, metadata, keep_previous_as)
+        else:
+            self.storage.write_file(path, tensors, metadata, keep_previous_as)
+
+    def _remove(self, paths: list[str]) -> None:
+        if self.storage is None:
+            _remove_files(paths)
+        else:
+            for stale in paths:
+                self.storage.remove_file(stale)
 
     def _copy_off(self, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         """Host copies of `tensors` in reused buffers (pinned for CUDA tensors, copied without blocking
