@@ -196,6 +196,32 @@ def test_a_sharded_backup_carries_the_snapshot_and_the_average_and_resumes_exact
                                                           for (_, loss), e in zip(straight["checkpoint"].state_dict()["kept"], (2, 3), strict=True)]
 
 
+def test_double_checkpoint_of_a_sharded_backup_falls_back_to_the_previous_directory(group: None, tmp_path: Path) -> None:
+    """The directory a sharded backup replaces becomes backup/previous/; a damaged latest/ resumes
+    from it, with a warning."""
+    from torchcallbacks.checkpoint.sharded import STATE_FILE
+
+    backup = tmp_path / "backup"
+
+    class Crash(tc.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if self.loop.global_step == 13:
+                raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _fit(_shard(_plain_model()), [tc.BackupAndRestore(backup, save_freq=4, double_checkpoint=True), Crash()])
+    assert sorted(os.listdir(backup)) == ["latest", "previous"]
+    assert json.loads((backup / "previous" / STATE_FILE).read_text())["state"]["global_step"] == 8
+    document = json.loads((backup / "latest" / STATE_FILE).read_text())
+    document["state"]["epoch"] = "two"  # damaged
+    (backup / "latest" / STATE_FILE).write_text(json.dumps(document))
+    restored = tc.BackupAndRestore(backup, save_freq=4, double_checkpoint=True)
+    with pytest.warns(UserWarning, match=r"field 'epoch' must be an integer >= 0.*; falling back to .*previous'"):
+        _fit(_shard(_plain_model(seed=1)), [restored])
+    assert restored.restored is not None and restored.restored.global_step == 8
+    assert not backup.exists()  # finished: both deleted
+
+
 @pytest.mark.filterwarnings("ignore:.*saved states that no callback takes")
 def test_a_backup_without_a_snapshot_yet_resumes_into_a_stopper_that_has_one(group: None, tmp_path: Path) -> None:
     """The template follows the saved state: no snapshot in the backup, none asked for."""

@@ -119,10 +119,32 @@ def test_a_synchronous_sharded_save_deletes_what_it_made_stale_at_once(group: No
     writer.save(tmp_path / "e1.safetensors", _state(1, sharded=True))
     writer.save(tmp_path / "e2.safetensors", _state(2, sharded=True), delete_after=[tmp_path / "e1"])
     assert sorted(os.listdir(tmp_path)) == ["e2"]
-    with pytest.warns(UserWarning, match="keep_previous_as .* is not applied to a sharded"):
-        writer.save(tmp_path / "e2.safetensors", _state(3, sharded=True), keep_previous_as=tmp_path / "previous")
-    assert sorted(os.listdir(tmp_path)) == ["e2"]
     writer.close()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_sharded_state_replaced_becomes_the_previous_directory(group: None, tmp_path: Path, async_save: bool) -> None:
+    """keep_previous_as for a sharded state (BackupAndRestore's double_checkpoint): the directory
+    replaced becomes `previous/` (exchanged with the older one there), never a moment without either."""
+    writer = TrainingStateWriter(async_save=async_save)
+    template = lambda: {"model": {"w": _dtensor(torch.zeros(2, 3))}}  # noqa: E731
+    for step in (1, 2, 3):
+        writer.save(tmp_path / "latest.safetensors", _state(step, sharded=True), keep_previous_as=tmp_path / "previous")
+        writer.flush()
+    writer.close()
+    assert sorted(os.listdir(tmp_path)) == ["latest", "previous"]
+    assert read_state(tmp_path / "latest", template())["global_step"] == 3
+    assert read_state(tmp_path / "previous", template())["global_step"] == 2
+    (tmp_path / "previous" / "state.json").unlink()  # not a complete checkpoint of ours: left alone
+    (tmp_path / "previous" / "notes.txt").write_text("mine")
+    writer = TrainingStateWriter(async_save=async_save)
+    with pytest.warns(UserWarning, match="previous' exists and is not a checkpoint directory: it is left as it is"):
+        writer.save(tmp_path / "latest.safetensors", _state(4, sharded=True), keep_previous_as=tmp_path / "previous")
+        writer.flush()
+    writer.close()
+    assert (tmp_path / "previous" / "notes.txt").read_text() == "mine"
+    assert read_state(tmp_path / "latest", template())["global_step"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["latest", "previous"]
 
 
 def test_an_abandoned_sharded_save_is_not_published_and_deletes_nothing(group: None, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from torchcallbacks.checkpoint.training_state import (
     TrainingStateWriter,
     has_training_state,
     read_state,
+    sharded_path,
     training_state_path,
 )
 from torchcallbacks.checks import check_local_path, check_save_freq, check_writable_dir_everywhere
@@ -91,8 +92,8 @@ class BackupAndRestore(Callback):
     For a model with DTensor parameters (FSDP2's `fully_shard`) the backup is the directory
     `backup_dir/latest/` written by `checkpoint.sharded`: every process writes its own shards, nobody
     gathers the model or optimizer state, nothing is pickled, and the directory appears only complete.
-    It is replaced atomically, so `double_checkpoint` keeps no previous one for it (a warning says so at
-    the first backup).
+    It is replaced atomically; with `double_checkpoint` the one it replaces becomes `backup_dir/previous/`,
+    read when `latest/` cannot be.
 
     Attributes:
         restored: what the last restore phase loaded (a `TrainingState`), or None.
@@ -171,8 +172,7 @@ class BackupAndRestore(Callback):
             loader.worker_init_fn = current.previous
 
     def _restore(self) -> TrainingState | None:
-        # latest.safetensors, or the directory latest/ for an FSDP2 model (never a previous one: a
-        # directory is replaced atomically, see TrainingStateWriter.save)
+        # latest.safetensors, or the directory latest/ for an FSDP2 model; then the previous one
         model = self.loop.model
         candidates = [training_state_path(self.latest_path, model)]
         if self.double_checkpoint:
@@ -264,6 +264,7 @@ class BackupAndRestore(Callback):
 
     @main_process_only
     def _delete(self) -> None:
-        self._writer.delete([self.latest_path, self.previous_path, self.latest_sharded_path])
+        self._writer.delete([self.latest_path, self.previous_path, self.latest_sharded_path,
+                             sharded_path(self.previous_path)])
         with contextlib.suppress(OSError):
             os.rmdir(self.backup_dir)

@@ -333,7 +333,8 @@ def _tensor_names(document: Any, out: set[str]) -> set[str]:
 
 
 def save_sharded(
-    directory: PathLike, state: Mapping[str, Any], *, per_process: Any = None, storage: LocalStorage = LOCAL
+    directory: PathLike, state: Mapping[str, Any], *, per_process: Any = None, storage: LocalStorage = LOCAL,
+    keep_previous_as: PathLike | None = None,
 ) -> int:
     """Save a state tree whose tensors may be `DTensor`s as a sharded checkpoint directory, atomically.
 
@@ -350,6 +351,8 @@ def save_sharded(
         per_process: this process's own JSON-able value (tensors allowed), or None.
         storage: where the files go (`storage.LocalStorage`; the shard files themselves are written
             by DCP's storage writer, `dcp_storage.SafetensorsShardWriter`).
+        keep_previous_as: the directory the replaced checkpoint becomes (a fallback copy), instead of
+            being deleted.
 
     Returns:
         The bytes this process wrote to its shard file.
@@ -366,7 +369,7 @@ def save_sharded(
                  per_process={"rng": capture_rng_state()})
     ```
     """
-    pending = _stage(directory, state, per_process, defer=False, storage=storage)
+    pending = _stage(directory, state, per_process, defer=False, storage=storage, keep_previous_as=keep_previous_as)
     return _finish(pending, _write_rest(pending))
 
 
@@ -382,10 +385,12 @@ class _PendingSave:
     replicated: dict[str, torch.Tensor]  # rank 0's to write; empty elsewhere
     state_document: dict[str, Any] | None  # rank 0's state.json; None elsewhere
     storage: LocalStorage
+    keep_previous_as: str | None = None  # what the replaced directory becomes
 
 
 def _stage(
-    directory: PathLike, state: Mapping[str, Any], per_process: Any, *, defer: bool, storage: LocalStorage = LOCAL
+    directory: PathLike, state: Mapping[str, Any], per_process: Any, *, defer: bool, storage: LocalStorage = LOCAL,
+    keep_previous_as: PathLike | None = None,
 ) -> _PendingSave:
     """The collective first part of a save (every process): agree on the temp directory, run DCP's
     planning and write its metadata, and gather every process's `per_process` value. With `defer`, the
@@ -424,7 +429,8 @@ def _stage(
         "state": document, "processes": processes,
         "sharded": sorted(shards), "replicated": replicated_names,
     } if rank0 else None
-    return _PendingSave(target, tmp, token, writer, replicated, state_document, storage)
+    previous = os.path.abspath(os.fspath(keep_previous_as)) if keep_previous_as is not None else None
+    return _PendingSave(target, tmp, token, writer, replicated, state_document, storage, previous)
 
 
 def _write_rest(pending: _PendingSave) -> str | None:
@@ -457,7 +463,7 @@ def _finish(pending: _PendingSave, error: str | None) -> int:
     error = None
     if get_rank() == 0:
         try:
-            pending.storage.publish(pending.tmp, pending.target, pending.token)
+            pending.storage.publish(pending.tmp, pending.target, pending.token, keep_previous_as=pending.keep_previous_as)
         except OSError as exc:
             error = repr(exc)
             pending.storage.discard(pending.tmp)
@@ -497,13 +503,17 @@ class ShardedCheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: str | None = None
 
-    def save(self, directory: PathLike, state: Mapping[str, Any], *, per_process: Any = None) -> None:
+    def save(
+        self, directory: PathLike, state: Mapping[str, Any], *, per_process: Any = None,
+        keep_previous_as: PathLike | None = None,
+    ) -> None:
         """Save `state` as a sharded checkpoint at `directory` (collective; see `save_sharded`).
 
         Args:
             directory: the checkpoint directory to create or replace.
             state: the tree (see `save_sharded`).
             per_process: this process's own value (see `save_sharded`).
+            keep_previous_as: the directory the replaced checkpoint becomes (see `save_sharded`).
 
         Example:
 
@@ -513,9 +523,9 @@ class ShardedCheckpointWriter:
         """
         self.flush()  # the save in flight is published first: one at a time
         if not self.async_save:
-            save_sharded(directory, state, per_process=per_process, storage=self.storage)
+            save_sharded(directory, state, per_process=per_process, storage=self.storage, keep_previous_as=keep_previous_as)
             return
-        pending = _stage(directory, state, per_process, defer=True, storage=self.storage)
+        pending = _stage(directory, state, per_process, defer=True, storage=self.storage, keep_previous_as=keep_previous_as)
         self._pending, self._error = pending, None
 
         def job() -> None:

@@ -238,7 +238,7 @@ class LocalStorage:
         """
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, tmp: str, target: str, token: str) -> None:
+    def publish(self, tmp: str, target: str, token: str, *, keep_previous_as: str | None = None) -> None:
         """Make the complete directory `tmp` appear as `target` in one step (rank 0 only); see the
         module docstring.
 
@@ -246,6 +246,9 @@ class LocalStorage:
             tmp: the complete temp directory, `<target>.tmp-<token>`.
             target: the checkpoint directory.
             token: the save's token (names the `.old-` copy of the fallback).
+            keep_previous_as: the directory the replaced checkpoint becomes (exchanged into place,
+                the one it replaces deleted), instead of being deleted; `target` is complete at every
+                instant either way.
 
         Raises:
             FileExistsError: `target` is something other than a directory.
@@ -263,14 +266,38 @@ class LocalStorage:
             raise FileExistsError(f"{target!r} exists and is not a checkpoint directory")
         elif exchange_directories(tmp, target):
             fsync_dir(parent)
-            shutil.rmtree(tmp)  # the previous checkpoint, now under the temp name
+            self._retire(tmp, keep_previous_as)  # the previous checkpoint, now under the temp name
         else:
             old = f"{target}.old-{token}"
             os.rename(target, old)
             os.rename(tmp, target)
             fsync_dir(parent)
-            shutil.rmtree(old)
+            self._retire(old, keep_previous_as)
         fsync_dir(parent)
+
+    def _retire(self, replaced: str, keep_as: str | None) -> None:
+        """The checkpoint a publication replaced: deleted, or made `keep_as` (in one step: an exchange
+        with the older copy there, which is then deleted, or a rename). Something at `keep_as` that
+        is not a checkpoint directory of ours is left alone, with a warning (the replaced one is then
+        deleted)."""
+        if keep_as is None:
+            shutil.rmtree(replaced)
+            return
+        if not os.path.lexists(keep_as):
+            os.rename(replaced, keep_as)
+            return
+        if os.path.islink(keep_as) or not os.path.isfile(os.path.join(keep_as, STATE_FILE)):
+            shutil.rmtree(replaced)
+            warnings.warn(
+                f"{keep_as!r} exists and is not a checkpoint directory: it is left as it is, and the replaced "
+                "checkpoint is not kept there", stacklevel=2,
+            )
+            return
+        if exchange_directories(replaced, keep_as):
+            shutil.rmtree(replaced)  # the older copy, now under the replaced one's name
+        else:
+            self.remove_directory(keep_as)
+            os.rename(replaced, keep_as)
 
     def complete_directory(self, directory: str) -> str:
         """The directory to read: `directory` if complete, else (after a crash in the middle of the

@@ -21,7 +21,6 @@ remote backend will plug in.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -199,7 +198,6 @@ class TrainingStateWriter:
         self.files = CheckpointWriter(self.async_save, storage=storage)
         self._sharded: Any = None  # a sharded.ShardedCheckpointWriter, made at the first sharded save
         self._unpublished_stale: list[str] = []  # to delete once the sharded save in flight is published
-        self._warned_previous = False
 
     def save(
         self,
@@ -217,7 +215,8 @@ class TrainingStateWriter:
         Args:
             path: the file to create or replace, `X.safetensors` (or the directory `X` itself).
             state: the tree, e.g. `LoopState.state_dict()`.
-            keep_previous_as: a file state only: the file replaced becomes this one (a fallback copy).
+            keep_previous_as: the state replaced becomes this one (a fallback copy): the file, or for a
+                sharded state the directory `sharded_path(keep_previous_as)`.
                 A sharded directory is replaced atomically, the previous one complete until then, so
                 this is not applied to it (a warning says so once).
             delete_after: files or sharded directories of earlier saves to remove (the one written is
@@ -245,20 +244,14 @@ class TrainingStateWriter:
         return target
 
     def _save_sharded(self, directory: str, state: Mapping[str, Any], stale: list[str], keep_previous_as: Any) -> str:
-        if keep_previous_as is not None and not self._warned_previous:
-            self._warned_previous = True
-            warnings.warn(
-                f"keep_previous_as ({os.fspath(keep_previous_as)!r}) is not applied to a sharded (FSDP2) state: its "
-                "directory is replaced atomically, the previous one staying complete until the new one is",
-                stacklevel=3,
-            )
         self.flush()  # the save in flight is published first: one at a time
         if self._sharded is None:
             # DCP's modules (a second's import) only when a sharded state is saved: `import torchcallbacks` stays light
             from torchcallbacks.checkpoint.sharded import ShardedCheckpointWriter
 
             self._sharded = ShardedCheckpointWriter(self.async_save, storage=self.storage)
-        self._sharded.save(directory, state)  # every process its shards
+        previous = sharded_path(keep_previous_as) if keep_previous_as is not None else None
+        self._sharded.save(directory, state, keep_previous_as=previous)  # every process its shards
         stale = [p for p in stale if os.path.abspath(p) != os.path.abspath(directory)]
         if self.async_save:
             self._unpublished_stale = stale
