@@ -319,3 +319,24 @@ def test_the_pytest_fixture_passes_and_fails_with_the_report(tmp_path: Path) -> 
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert "1 failed, 1 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
     assert "callback Counter has state that its state_dict does not return (attribute `n`)" in out.stdout
+
+
+def _counted() -> dict[str, Any]:
+    return _run(callbacks=[Counter()])
+
+
+@pytest.mark.slow  # a new Python process per interruption point, killed with SIGKILL
+def test_runs_killed_with_sigkill_resume_exactly_and_a_broken_one_is_still_named() -> None:
+    """sigkill=True: each interrupted run is a process of its own killed at its point (an asynchronous
+    backup possibly cut mid-write: the rerun then resumes from the backup before it)."""
+    report = tc.verify_resume(_good, epochs=2, interrupt_at=[3, "epoch_end:1", "async:8"], sigkill=True)
+    assert report.ok, str(report)
+    assert report.runs == 7
+    broken = tc.verify_resume(_counted, epochs=2, interrupt_at=[3], sigkill=True)
+    assert not broken.ok
+    assert "callback Counter has state that its state_dict does not return (attribute `n`)" in str(broken)
+
+
+def test_sigkill_needs_a_make_run_a_new_process_can_import() -> None:
+    with pytest.raises(ValueError, match="sigkill=True runs make_run in a new process, so it must be a module-level"):
+        tc.verify_resume(lambda: _good(), epochs=2, sigkill=True)

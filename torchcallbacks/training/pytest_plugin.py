@@ -35,9 +35,10 @@ def verify_resume() -> Callable[..., ResumeReport]:
     """
 
     def check(
-        make_run: Callable[[], Mapping[str, Any]], *, epochs: int, interrupt_at: Sequence[int | str] | None = None
+        make_run: Callable[[], Mapping[str, Any]], *, epochs: int, interrupt_at: Sequence[int | str] | None = None,
+        sigkill: bool = False,
     ) -> ResumeReport:
-        report = _verify_resume(make_run, epochs=epochs, interrupt_at=interrupt_at)
+        report = _verify_resume(make_run, epochs=epochs, interrupt_at=interrupt_at, sigkill=sigkill)
         if not report.ok:
             pytest.fail(str(report), pytrace=False)
         return report

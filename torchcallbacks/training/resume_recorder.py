@@ -10,9 +10,12 @@ through them, so that the first step at which they part is known, and what parte
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import signal
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -118,9 +121,10 @@ class StepRecorder(Callback):
     dispatch_order = 10  # after every callback of ours (BackupAndRestore's save included)
     stops_in_sync = True  # it never stops training
 
-    def __init__(self, watched: list[Callback]) -> None:
+    def __init__(self, watched: list[Callback], stream: str | None = None) -> None:
         super().__init__()
         self.watched = list(watched)
+        self.stream = stream  # a file each record is appended to as a JSON line, flushed: read by a parent process
         self.steps: dict[int, Step] = {}  # by global step
         self.epoch_ends: dict[int, Step] = {}  # after each epoch's end (and its backup), by epoch
         self.restored: Step | None = None  # right after a resume's restore phase
@@ -137,6 +141,26 @@ class StepRecorder(Callback):
         if self.loop.resumed:  # after the restore phase and every other callback's on_train_begin
             self.restored = self._snapshot(self.loop.epoch, -1)
         self.saved_keys = {_name(i, c): _state_keys(c) for i, c in enumerate(self.watched)}
+        self._emit("saved_keys", 0, {k: sorted(v) for k, v in self.saved_keys.items()})
+
+    @classmethod
+    def read_stream(cls, path: str) -> StepRecorder:
+        """The records a `StepRecorder(stream=path)` of another process wrote (up to a kill)."""
+        recorder = cls([])
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                if not line.endswith("\n"):
+                    break  # the line a kill cut short
+                kind, key, value = json.loads(line)
+                if kind == "step":
+                    recorder.steps[key] = Step(**value)
+                elif kind == "epoch_end":
+                    recorder.epoch_ends[key] = Step(**value)
+                elif kind == "logs":
+                    recorder.epoch_logs[key] = value
+                else:
+                    recorder.saved_keys = {k: set(v) for k, v in value.items()}
+        return recorder
 
     def _record_inputs(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         if module.training:
@@ -147,6 +171,13 @@ class StepRecorder(Callback):
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         self.steps[self.loop.global_step] = self._snapshot(self.loop.epoch, batch, self._inputs)
+        self._emit("step", self.loop.global_step, self.steps[self.loop.global_step])
+
+    def _emit(self, kind: str, key: int, value: Any) -> None:
+        if self.stream is not None:
+            with open(self.stream, "a", encoding="utf-8") as file:
+                file.write(json.dumps([kind, key, asdict(value) if isinstance(value, Step) else value]) + "\n")
+                file.flush()
 
     def _snapshot(self, epoch: int, batch: int, inputs: list[str] | None = None) -> Step:
         model = unwrap_model(self.model) if self.model is not None else None
@@ -163,6 +194,8 @@ class StepRecorder(Callback):
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         self.epoch_logs[epoch] = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         self.epoch_ends[epoch] = self._snapshot(epoch, -1)
+        self._emit("logs", epoch, self.epoch_logs[epoch])
+        self._emit("epoch_end", epoch, self.epoch_ends[epoch])
 
     def on_train_end(self, logs: Logs | None = None) -> None:
         if self._hook is not None:
@@ -208,14 +241,24 @@ class Interrupt(Callback):
         super().__init__()
         self.kind, self.at = kind, at
 
+    def _stop(self, message: str) -> None:
+        raise Interrupted(message)
+
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.kind == "step" and self.loop.global_step == self.at:
-            raise Interrupted(f"interrupted after step {self.at}")
+            self._stop(f"interrupted after step {self.at}")
 
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None:
         if self.kind == "epoch_end" and epoch == self.at:
-            raise Interrupted(f"interrupted at the end of epoch {epoch + 1}")
+            self._stop(f"interrupted at the end of epoch {epoch + 1}")
 
     def on_test_batch_end(self, batch: int, logs: Logs | None = None) -> None:
         if self.kind == "validation" and self.loop.epoch == self.at:
-            raise Interrupted(f"interrupted inside the validation of epoch {self.at + 1}")
+            self._stop(f"interrupted inside the validation of epoch {self.at + 1}")
+
+
+class Kill(Interrupt):
+    """`Interrupt`'s points, where the process is killed with SIGKILL instead (no hook runs after)."""
+
+    def _stop(self, message: str) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)

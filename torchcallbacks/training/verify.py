@@ -10,7 +10,13 @@ every run; the resumed one must match the uninterrupted one at every step.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +24,12 @@ from typing import Any
 
 from torchcallbacks.callbacks.backup_and_restore import BackupAndRestore
 from torchcallbacks.callbacks.callback import Callback
+from torchcallbacks.checkpoint.encoding import from_json, to_json
+from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checks import check_count
-from torchcallbacks.distributed import all_gather_json, barrier, is_main_process
+from torchcallbacks.distributed import all_gather_json, barrier, is_distributed, is_main_process
 from torchcallbacks.training.fit import fit
-from torchcallbacks.training.resume_recorder import Interrupt, Interrupted, Step, StepRecorder
+from torchcallbacks.training.resume_recorder import Interrupt, Interrupted, Kill, Step, StepRecorder
 
 #: What every comparison covers, as the report says it.
 COMPARED = (
@@ -124,8 +132,9 @@ class _Runner:
     def __init__(self, make_run: Callable[[], Mapping[str, Any]], epochs: int) -> None:
         self.make_run, self.epochs, self.runs = make_run, epochs, 0
 
-    def __call__(self, extra: Sequence[Callback], interrupted: bool = False) -> StepRecorder:
-        """One run with the `extra` callbacks; with `interrupted`, one that must end in `Interrupted`."""
+    def __call__(self, extra: Sequence[Callback], interrupted: bool = False, stream: str | None = None) -> StepRecorder:
+        """One run with the `extra` callbacks; with `interrupted`, one that must end in `Interrupted`;
+        with `stream`, its records also go to that file as they are made (see `StepRecorder`)."""
         run = self.make_run()
         if not isinstance(run, Mapping):
             raise TypeError(f"make_run: expected it to return a dict of fit's arguments, received {type(run).__name__}")
@@ -135,7 +144,7 @@ class _Runner:
         callbacks = list(run.pop("callbacks", None) or [])
         if any(isinstance(c, BackupAndRestore) for c in callbacks):
             raise ValueError("make_run: leave BackupAndRestore out of the callbacks; verify_resume adds its own")
-        recorder = StepRecorder(callbacks)
+        recorder = StepRecorder(callbacks, stream=stream)
         run.setdefault("verbose", 0)
         self.runs += 1
         try:
@@ -154,6 +163,7 @@ def verify_resume(
     *,
     epochs: int,
     interrupt_at: Sequence[int | str] | None = None,
+    sigkill: bool = False,
 ) -> ResumeReport:
     """Check that a pipeline resumes exactly: an uninterrupted run against runs interrupted at each
     point of `interrupt_at` and resumed through `BackupAndRestore`, compared at every step.
@@ -179,6 +189,10 @@ def verify_resume(
             its backup, 1-based), "validation:e" (inside epoch e's validation). None: mid-epoch 1,
             at the end of epoch 1, inside the validation of epoch 2 (when there is validation
             data) and mid-epoch 2 with an asynchronous backup.
+        sigkill: run each interrupted run in a new Python process and kill it with SIGKILL at its point
+            (no hook runs after; an asynchronous backup may be cut mid-write, and the rerun then
+            resumes from the backup before it), instead of raising an exception in this process.
+            `make_run` must then be a module-level function the new process can import.
 
     Returns:
         A `ResumeReport`: `report.ok`, and `str(report)` says what was compared and found.
@@ -197,6 +211,7 @@ def verify_resume(
     ```
     """
     epochs = check_count(epochs, "epochs", minimum=1)
+    target = _importable(make_run) if sigkill else None
     runner = _Runner(make_run, epochs)
     reference = runner([])
     total = max(reference.steps, default=0)
@@ -211,8 +226,12 @@ def verify_resume(
         interruption = Interruption(_describe(kind, at, steps_per_epoch))
         with _shared_directory() as directory:
             save_freq: str | int = "epoch" if kind == "epoch_end" else 1
-            first = _interrupted(runner, directory, save_freq, kind, at)
-            second = runner([BackupAndRestore(directory, save_freq=save_freq)])
+            backups = os.path.join(directory, "backup")
+            if target is not None:
+                first = _killed(runner, target, directory, save_freq, kind, at)
+            else:
+                first = _interrupted(runner, backups, save_freq, kind, at)
+            second = runner([BackupAndRestore(backups, save_freq=save_freq)])
         interruption.difference = _compare(reference, first, second, kind, at)
         report.interruptions.append(interruption)
     report.runs = runner.runs
@@ -236,6 +255,50 @@ def _shared_directory() -> Iterator[str]:
 def _interrupted(runner: _Runner, directory: str, save_freq: str | int, kind: str, at: int) -> StepRecorder:
     backup = BackupAndRestore(directory, save_freq=save_freq, async_save=kind == "async")
     return runner([backup, Interrupt("step" if kind == "async" else kind, at)], interrupted=True)
+
+
+def _importable(make_run: Any) -> tuple[str, str]:
+    """(module, qualified name) a new process imports `make_run` by."""
+    module, name = getattr(make_run, "__module__", None), getattr(make_run, "__qualname__", "")
+    if is_distributed():
+        raise ValueError("verify_resume: sigkill=True is for a single process (under torchrun, interrupt with exceptions)")
+    if not isinstance(module, str) or module == "__main__" or not name or "<" in name:
+        raise ValueError(
+            f"verify_resume: sigkill=True runs make_run in a new process, so it must be a module-level function "
+            f"importable there; received {make_run!r} (module {module!r})"
+        )
+    return module, name
+
+
+def _killed(runner: _Runner, target: tuple[str, str], directory: str, save_freq: str | int, kind: str, at: int) -> StepRecorder:
+    """The interrupted run in a new process (`python -m torchcallbacks.training.verify`), killed with
+    SIGKILL at its point; its records, streamed to a file as they were made."""
+    stream = os.path.join(directory, "steps.jsonl")
+    spec = {"module": target[0], "name": target[1], "epochs": runner.epochs, "directory": os.path.join(directory, "backup"),
+            "save_freq": save_freq, "kind": kind, "at": at, "stream": stream,
+            "rng": to_json(capture_rng_state())}  # it starts from this process's random states, as a run here would
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    runner.runs += 1
+    done = subprocess.run([sys.executable, "-m", "torchcallbacks.training.verify", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != -signal.SIGKILL:
+        raise RuntimeError(
+            f"verify_resume: the run in a new process was to be killed {_describe(kind, at, 1)} but ended with status "
+            f"{done.returncode}: {done.stderr[-2000:]}"
+        )
+    return StepRecorder.read_stream(stream)
+
+
+def _child(spec: Mapping[str, Any]) -> None:
+    """The killed process's part: the interrupted run, streaming its records, killed at its point."""
+    restore_rng_state(from_json(spec["rng"]))
+    make_run: Any = importlib.import_module(spec["module"])
+    for part in spec["name"].split("."):
+        make_run = getattr(make_run, part)
+    runner = _Runner(make_run, spec["epochs"])
+    kind, at = spec["kind"], spec["at"]
+    backup = BackupAndRestore(spec["directory"], save_freq=spec["save_freq"], async_save=kind == "async")
+    runner([backup, Kill("step" if kind == "async" else kind, at)], stream=spec["stream"])
 
 
 # -- comparing -----------------------------------------------------------------------------------------
@@ -330,3 +393,7 @@ def _compare(reference: StepRecorder, first: StepRecorder, second: StepRecorder,
     if key is not None:
         return f"the final `{key}` state differs"
     return None
+
+
+if __name__ == "__main__":  # the process `verify_resume(sigkill=True)` starts and kills
+    _child(json.loads(sys.argv[1]))
