@@ -424,7 +424,7 @@ def test_dataloader_workers_end_with_a_fit_that_raised(tmp_path: Path) -> None:
     dataset = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
     model = make_model()
     with pytest.raises(RuntimeError) as raised:
-        tc.fit(model, torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2),
+        tc.fit(model, torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, multiprocessing_context="forkserver"),
                optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss=torch.nn.functional.mse_loss, epochs=2,
                verbose=0, steps_per_epoch=5, callbacks=[tc.BackupAndRestore(tmp_path, save_freq=2), Crash(3)])
     assert raised.value.__traceback__ is not None  # still held, as by a caller that reports it

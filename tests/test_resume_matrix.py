@@ -76,7 +76,9 @@ class NoisyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def _train_loader(kind: str) -> DataLoader[Any]:
     if kind == "workers":
-        return DataLoader(NoisyDataset(), batch_size=BATCH_SIZE, shuffle=True, num_workers=2)
+        # from a forkserver: a worker forked from a process with other threads may crash
+        return DataLoader(NoisyDataset(), batch_size=BATCH_SIZE, shuffle=True, num_workers=2,
+                          multiprocessing_context="forkserver")
     if kind == "generator":
         # The loader's own generator draws the shuffle order: the global RNG does not.
         return DataLoader(TensorDataset(X, Y), batch_size=BATCH_SIZE, shuffle=True,

@@ -220,7 +220,10 @@ def test_iterable_dataset() -> None:
 
 def test_worker_processes_take_the_slow_path_and_stay_exact() -> None:
     # Workers draw the augmentation on their side, seeded from the loader's base seed: identical batches.
-    make = lambda: DataLoader(AugmentedDataset(), batch_size=4, shuffle=True, num_workers=2, timeout=60)  # noqa: E731
+    # Workers start from a forkserver: a worker forked from a test process that holds other threads
+    # (pytest-xdist's, an earlier test's writer) crashed now and then with a segmentation fault.
+    make = lambda: DataLoader(AugmentedDataset(), batch_size=4, shuffle=True, num_workers=2, timeout=60,  # noqa: E731
+                              multiprocessing_context="forkserver")
     check_resume(make, skip=4)
 
 
