@@ -1,5 +1,7 @@
-"""Paths that are URLs: `file://` is a local path, any other scheme is refused naming the argument,
-before anything is written (instead of a local folder named `s3:`)."""
+"""Paths that are URLs: `file://` is a local path; a URL of another scheme goes to fsspec for single
+files (tests/test_remote_storage.py) and is refused, naming the argument, for what only the local
+protocol writes (sharded states, split weights, `export_full_weights`), before anything is written
+(instead of a local folder named `s3:`)."""
 
 from __future__ import annotations
 
@@ -12,35 +14,37 @@ from conftest import make_model, make_regression
 from safetensors.torch import load_file
 
 import torchcallbacks as tc
-from torchcallbacks.checks import check_local_path
+from torchcallbacks.checks import check_local_path, check_path
 
 URLS = ["s3://bucket/run/m.safetensors", "gs://bucket/m.safetensors", "memory://m.safetensors",
         "az://container/m.safetensors"]
 
 
-def _calls(url: str):
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return {
-        "ModelCheckpoint: filepath": lambda: tc.ModelCheckpoint(url),
-        "BackupAndRestore: backup_dir": lambda: tc.BackupAndRestore(url),
-        "save_weights: filepath": lambda: tc.save_weights(model, url),
-        "load_weights: filepath": lambda: tc.load_weights(model, url),
-        "save_checkpoint: filepath": lambda: tc.save_checkpoint(model, url, optimizer),
-        "load_checkpoint: filepath": lambda: tc.load_checkpoint(model, url, optimizer),
-        "export_full_weights: directory": lambda: tc.export_full_weights(model, url),
-    }
-
-
 @pytest.mark.parametrize("url", URLS)
-def test_a_url_with_a_scheme_is_refused_naming_the_argument_and_nothing_is_written(
+def test_sharded_and_split_saves_to_a_url_are_refused_naming_the_argument_and_nothing_is_written(
         url: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     scheme = url.split(":", 1)[0]
-    for name, call in _calls(url).items():
-        with pytest.raises(ValueError, match=rf"^{name}: '{url}' is a '{scheme}' URL; .*local paths only"):
-            call()
+    model = make_model()
+    with pytest.raises(ValueError, match=rf"^export_full_weights: directory: '{url}' is a '{scheme}' URL; sharded remote "
+                                         "states are not supported yet"):
+        tc.export_full_weights(model, url)
+    with pytest.raises(ValueError, match=r"^check: .*sharded remote states are not supported yet"):
+        check_local_path(url, "check")
     assert os.listdir(tmp_path) == []  # no folder named "s3:" (or any other)
+
+
+def test_split_weights_to_a_url_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"^save_weights: filepath 'memory://w.safetensors' is a URL; split"):
+        tc.save_weights(make_model(), "memory://w.safetensors", max_shard_size=64)
+    with pytest.raises(ValueError, match=r"^ModelCheckpoint: filepath 'memory://c/w.safetensors' is a URL; split"):
+        tc.ModelCheckpoint("memory://c/w.safetensors", save_weights_only=True, max_shard_size=64)
+
+
+def test_check_path_keeps_urls_for_fsspec() -> None:
+    for url in URLS:
+        assert check_path(url, "x") == url
+    assert check_path("file:///tmp/a", "x") == "/tmp/a"
 
 
 def test_a_file_url_is_its_local_path(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

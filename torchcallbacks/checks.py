@@ -159,35 +159,59 @@ def check_save_freq(save_freq: object, owner: str) -> str | int | bool:
     raise ValueError(f"Unrecognized save_freq: {save_freq!r}. {owner} expects {expected}.")
 
 
-def check_local_path(path: str | os.PathLike[str], name: str) -> str:
-    """`path` as a local filesystem path; a `file://` URL becomes its path.
-
-    A path with another scheme (`s3://bucket/run`, `gs://...`, `memory://...`) is refused with a
-    ValueError naming the argument: today every checkpoint is written with the local protocol (temp
-    file, fsync, rename), and without this check `s3://bucket/m.safetensors` would silently become a
-    local folder named `s3:`. Remote storage is not supported yet (see docs/checkpoint-format.md).
+def check_path(path: str | os.PathLike[str], name: str) -> str:
+    """`path` as a string: a local path, a `file://` URL as its path, or a URL of another scheme
+    (`s3://bucket/run/m.safetensors`, `memory://...`) as it is, for fsspec
+    (`checkpoint.fsspec_storage`).
 
     Args:
         path: the path or URL given.
         name: the argument it came from, for the message (e.g. `"ModelCheckpoint: filepath"`).
 
+    Raises:
+        TypeError: `path` is not a str or path.
+
     Example:
 
     ```python
-    check_local_path("file:///tmp/ckpt/m.safetensors", "save_weights: filepath")  # "/tmp/ckpt/m.safetensors"
+    check_path("file:///tmp/ckpt/m.safetensors", "save_weights: filepath")  # "/tmp/ckpt/m.safetensors"
+    check_path("s3://bucket/m.safetensors", "save_weights: filepath")       # as it is
     ```
     """
     text = os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a str or path, received {type(path).__name__}")
     match = _URL.match(text)
+    if match is not None and match.group(1).lower() == "file":
+        return text[len(match.group(0)):] or "."
+    return text
+
+
+def check_local_path(path: str | os.PathLike[str], name: str) -> str:
+    """`path` as a local filesystem path; a `file://` URL becomes its path.
+
+    For what only the local protocol writes (sharded FSDP2 directories, `export_full_weights`): a
+    path with another scheme (`s3://bucket/run`, `memory://...`) is refused with a ValueError naming
+    the argument, instead of silently becoming a local folder named `s3:`. Single files go to URLs
+    through `check_path` and `checkpoint.fsspec_storage`.
+
+    Args:
+        path: the path or URL given.
+        name: the argument it came from, for the message (e.g. `"export_full_weights: directory"`).
+
+    Example:
+
+    ```python
+    check_local_path("file:///tmp/ckpt", "export_full_weights: directory")  # "/tmp/ckpt"
+    ```
+    """
+    text = check_path(path, name)
+    match = _URL.match(text)
     if match is None:
         return text
-    if match.group(1).lower() == "file":
-        return text[len(match.group(0)):] or "."
     raise ValueError(
-        f"{name}: {text!r} is a {match.group(1)!r} URL; checkpoints are written to local paths only "
-        "(remote storage is not supported yet): give a local path, or a file:// URL"
+        f"{name}: {text!r} is a {match.group(1)!r} URL; sharded remote states are not supported yet "
+        "(sharded checkpoints and split weights are written to local paths only): give a local path, or a file:// URL"
     )
 
 

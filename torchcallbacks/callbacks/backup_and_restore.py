@@ -14,6 +14,7 @@ import torch
 
 from torchcallbacks.callbacks.callback import Callback, Logs
 from torchcallbacks.checkpoint.errors import CheckpointError
+from torchcallbacks.checkpoint.fsspec_storage import storage_for
 from torchcallbacks.checkpoint.state_file import TrainingState
 from torchcallbacks.checkpoint.training_state import (
     TrainingStateWriter,
@@ -22,7 +23,7 @@ from torchcallbacks.checkpoint.training_state import (
     sharded_path,
     training_state_path,
 )
-from torchcallbacks.checks import check_local_path, check_save_freq, check_writable_dir_everywhere
+from torchcallbacks.checks import check_save_freq
 from torchcallbacks.distributed import any_process, barrier, is_distributed, main_process_only
 
 
@@ -81,6 +82,11 @@ class BackupAndRestore(Callback):
             `checkpoint.training_state.TrainingStateWriter`): until then the previous one is on disk.
         scheduler: LR scheduler(s) stepped outside callbacks whose state to back up too.
         save_on_sigterm: handle SIGTERM as described above (main thread only).
+        storage_options: for a URL `backup_dir` (`s3://bucket/run/backup`), fsspec's options (see
+            `torchcallbacks.save_weights`). There each backup is uploaded and committed by its manifest,
+            `latest.safetensors.manifest.json` written last (a compare-and-swap on S3); with
+            `double_checkpoint` the previous backup is copied and committed first, so one stays
+            committed at every instant. Backups of FSDP2 models (directories) are local only for now.
 
     Under `torch.distributed` the main process writes one file holding every process's random states
     and loop position (gathered, under "ranks"); on restart each process loads the model and optimizer
@@ -125,13 +131,14 @@ class BackupAndRestore(Callback):
         async_save: bool = False,
         scheduler: Any = None,
         save_on_sigterm: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not backup_dir:
             raise ValueError(f"Empty `backup_dir` argument passed: BackupAndRestore needs a directory, received {backup_dir!r}")
         if not isinstance(backup_dir, (str, os.PathLike)):
             raise TypeError(f"BackupAndRestore: backup_dir must be a path, received {backup_dir!r}")
-        self.backup_dir = check_local_path(backup_dir, "BackupAndRestore: backup_dir")
+        self.backup_dir, self._storage = storage_for(backup_dir, storage_options, "BackupAndRestore: backup_dir")
         self.save_freq = check_save_freq(save_freq, "BackupAndRestore")
         self.double_checkpoint = bool(double_checkpoint)
         self.delete_checkpoint = bool(delete_checkpoint)
@@ -141,7 +148,8 @@ class BackupAndRestore(Callback):
         self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
         self.latest_sharded_path = os.path.join(self.backup_dir, self.LATEST_SHARDED)
         self.restored: TrainingState | None = None
-        self._writer = TrainingStateWriter(async_save)  # a file or, for FSDP2, the directory latest/
+        # a file or, for FSDP2, the directory latest/ (local only)
+        self._writer = TrainingStateWriter(async_save, storage=self._storage)
         self._sigterm = False
         self._previous_handler: Any = None
         self._installed = False
@@ -152,9 +160,14 @@ class BackupAndRestore(Callback):
     # -- the restore phase ---------------------------------------------------------------------------
     def restore(self) -> None:
         self._sigterm = False
-        check_writable_dir_everywhere(self.backup_dir, "BackupAndRestore: backup_dir")  # now, not at the first backup
+        if self._storage.remote and training_state_path(self.latest_path, self.loop.model) != self.latest_path:
+            raise ValueError(
+                f"BackupAndRestore: backup_dir {self.backup_dir!r} is a URL and the model is FSDP2-sharded: its backup "
+                "is a directory of shards, and sharded remote states are not supported yet; give a local backup_dir"
+            )
+        self._storage.check_writable(self.backup_dir, "BackupAndRestore: backup_dir")  # now, not at the first backup
         for path in (self.latest_path, self.previous_path):
-            if os.path.isdir(path):  # no backup could be written there: say so before training
+            if not self._storage.remote and os.path.isdir(path):  # no backup could be written there: say so before training
                 raise IsADirectoryError(errno.EISDIR, "BackupAndRestore: a directory is where its backup file goes", path)
         for i, scheduler in enumerate(self.schedulers):
             self.loop.track(f"scheduler/{i}", scheduler)
@@ -179,7 +192,7 @@ class BackupAndRestore(Callback):
             candidates.append(training_state_path(self.previous_path, model))
         errors: list[CheckpointError] = []
         for path in candidates:
-            if not has_training_state(path):
+            if not has_training_state(path, self._storage):
                 continue
             if errors:
                 warnings.warn(f"BackupAndRestore: {errors[-1]}; falling back to {path!r}", stacklevel=4)
@@ -188,7 +201,8 @@ class BackupAndRestore(Callback):
             try:
                 # a sharded state's template (collective) follows what was saved, after its checks
                 with self.loop.keeping_fresh_optimizers():
-                    state = read_state(path, lambda saved, path=path: self.loop.sharded_template(saved, path))
+                    state = read_state(path, lambda saved, path=path: self.loop.sharded_template(saved, path),
+                                       storage=self._storage)
                     return self.loop.load_state_dict(state, path)
             except CheckpointError as exc:
                 errors.append(exc)
@@ -266,5 +280,6 @@ class BackupAndRestore(Callback):
     def _delete(self) -> None:
         self._writer.delete([self.latest_path, self.previous_path, self.latest_sharded_path,
                              sharded_path(self.previous_path)])
-        with contextlib.suppress(OSError):
-            os.rmdir(self.backup_dir)
+        if not self._storage.remote:  # an object store has no directories to remove
+            with contextlib.suppress(OSError):
+                os.rmdir(self.backup_dir)

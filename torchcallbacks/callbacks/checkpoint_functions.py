@@ -19,10 +19,11 @@ import torch
 from torchcallbacks.callbacks.callback_list import CallbackList
 from torchcallbacks.callbacks.loop_state import LoopState, is_sharded
 from torchcallbacks.checkpoint.files import PathLike
+from torchcallbacks.checkpoint.fsspec_storage import storage_for
 from torchcallbacks.checkpoint.state_file import TrainingState, write_training_state
 from torchcallbacks.checkpoint.training_state import read_state
 from torchcallbacks.checkpoint.validate import check_counter
-from torchcallbacks.checks import check_local_path
+from torchcallbacks.checkpoint.writer import CheckpointWriter
 from torchcallbacks.distributed import unwrap_model
 
 
@@ -92,6 +93,7 @@ def save_checkpoint(
     global_step: int = 0,
     rng: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Save the whole training state to one safetensors file, atomically.
 
@@ -115,8 +117,11 @@ def save_checkpoint(
         global_step: training batches completed in total.
         rng: named random states (from `capture_rng_state()`); default: `{"current": <now>}`.
         extra: more JSON-able (or tensor) data to keep.
+        storage_options: for a URL `filepath` (`s3://...`, `memory://...`), fsspec's options (see
+            `save_weights`); the file is uploaded and committed by its manifest.
 
     Raises:
+        ImportError: the URL's fsspec backend is not installed (the message names the extra).
         TypeError: an argument of the wrong type (the model after the path, an optimizer that is not
             one).
         ValueError: an FSDP2-sharded model (its training state is a directory of shards, written by
@@ -132,7 +137,7 @@ def save_checkpoint(
     ```
     """
     _check_model_first(model, filepath, "save_checkpoint")
-    filepath = check_local_path(filepath, "save_checkpoint: filepath")
+    filepath, storage = storage_for(filepath, storage_options, "save_checkpoint: filepath")
     if is_sharded(model):
         raise ValueError(
             "save_checkpoint: model is FSDP2-sharded (DTensor parameters): its training state is a directory of "
@@ -146,7 +151,7 @@ def save_checkpoint(
     state = loop.state_dict(gather=False)
     if rng is not None:
         state["rng"] = dict(rng)
-    write_training_state(filepath, state)
+    write_training_state(filepath, state, writer=CheckpointWriter(storage=storage) if storage.remote else None)
 
 
 def _asked(state: Mapping[str, Any], optimizers: bool) -> dict[str, Any]:
@@ -167,6 +172,7 @@ def load_checkpoint(
     callbacks: Any = None,
     restore_rng: bool = True,
     cast_dtypes: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> TrainingState:
     """Load a training state into the given objects (those given as None are left alone) and return
     the rest (epoch, counters, random states).
@@ -197,11 +203,14 @@ def load_checkpoint(
         cast_dtypes: cast model tensors (and optimizer state tensors) stored in another dtype than the
             model's, as torch's `load_state_dict` does; by default they are refused, naming the key
             and both dtypes (a dtype that changed in a file is a sign of damage).
+        storage_options: for a URL `filepath`, fsspec's options (see `save_weights`); the file must
+            be committed (have its manifest), and is checked against it before it is loaded.
 
     Returns:
         A `TrainingState` with epoch, batch, global_step, the random states and the callback states.
 
     Raises:
+        ImportError: the URL's fsspec backend is not installed (the message names the extra).
         FileNotFoundError: no such file.
         CheckpointError: the file is unreadable or does not fit (the message names file and field).
 
@@ -215,12 +224,12 @@ def load_checkpoint(
     ```
     """
     _check_model_first(model, filepath, "load_checkpoint")
-    path = check_local_path(filepath, "load_checkpoint: filepath")
+    path, storage = storage_for(filepath, storage_options, "load_checkpoint: filepath")
     loop, schedulers = _loop("load_checkpoint", model, optimizer, scaler, scheduler, callbacks)
     given = bool(loop.optimizers)
     # a sharded directory (collective) is read into the template of what was saved, after its checks
     template = None if model is None else (lambda saved: loop.sharded_template(_asked(saved, given), path))
     with loop.keeping_fresh_optimizers():
-        state = read_state(path, template, partial=True, cast_dtypes=cast_dtypes)
+        state = read_state(path, template, partial=True, cast_dtypes=cast_dtypes, storage=storage)
         return loop.load_state_dict(_asked(state, given), path, restore_rng=restore_rng, required=schedulers,
                                     cast_dtypes=cast_dtypes)

@@ -9,15 +9,11 @@ from typing import Any
 
 from torchcallbacks.callbacks.callback import Logs
 from torchcallbacks.callbacks.monitor import MonitorCallback
+from torchcallbacks.checkpoint.fsspec_storage import storage_for
 from torchcallbacks.checkpoint.full_weights import check_max_shard_size
 from torchcallbacks.checkpoint.sharded_files import is_sharded_state
 from torchcallbacks.checkpoint.training_state import TrainingStateWriter, training_state_path
-from torchcallbacks.checks import (
-    check_local_path,
-    check_save_freq,
-    check_verbose,
-    check_writable_dir_everywhere,
-)
+from torchcallbacks.checks import check_save_freq, check_verbose
 from torchcallbacks.distributed import barrier, mean_over_processes, print_main
 from torchcallbacks.logs import to_floats
 
@@ -76,6 +72,13 @@ class ModelCheckpoint(MonitorCallback):
             `X.safetensors.index.json` for a filepath `X.safetensors` (Hugging Face's layout for
             `model.safetensors`; see `save_weights`). None (default): one file. Such saves are
             synchronous; `max_to_keep` deletes a save's files and index together.
+        storage_options: for a URL `filepath` (`s3://bucket/run/m-{epoch:02d}.safetensors`, `memory://...`),
+            fsspec's options (see `torchcallbacks.save_weights`). There each file is uploaded and then
+            committed by its manifest `X.safetensors.manifest.json` (`checkpoint.fsspec_storage`);
+            `max_to_keep` deletes a file (manifest first) only after the newer one is committed, and
+            only names `filepath` gives; leftovers of interrupted uploads are removed at the next save
+            in their directory. Split weights (`max_shard_size`) and FSDP2 training states are local
+            only for now.
 
     With an FSDP2 model (DTensor parameters) and `save_weights_only` False, each save is a sharded
     checkpoint directory (`checkpoint.training_state.TrainingStateWriter`, which chooses it from the state,
@@ -140,11 +143,12 @@ class ModelCheckpoint(MonitorCallback):
         max_to_keep: int | None = None,
         async_save: bool = False,
         max_shard_size: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(monitor=monitor, mode=mode, baseline=initial_value_threshold)
         if not isinstance(filepath, (str, os.PathLike)):
             raise TypeError(f"ModelCheckpoint: filepath must be a str or path, received {type(filepath).__name__}")
-        filepath = check_local_path(filepath, "ModelCheckpoint: filepath")
+        filepath, self._storage = storage_for(filepath, storage_options, "ModelCheckpoint: filepath")
         if not filepath.endswith(".safetensors"):
             raise ValueError(f"ModelCheckpoint: filepath must end with '.safetensors', received {filepath!r}")
         self.save_freq = check_save_freq(save_freq, "ModelCheckpoint")
@@ -171,10 +175,18 @@ class ModelCheckpoint(MonitorCallback):
                 "ModelCheckpoint: max_shard_size applies to weights files (save_weights_only=True); a training "
                 "state is one file (or, for an FSDP2 model, a directory of shards)"
             )
+        if self._storage.remote and self.max_shard_size is not None:
+            raise ValueError(
+                f"ModelCheckpoint: filepath {filepath!r} is a URL; split weights (max_shard_size) are written to local "
+                "paths only (sharded remote states are not supported yet)"
+            )
+        if self._storage.remote:  # leftovers without a manifest are removed only if filepath names them
+            self._storage.owns = lambda url: self._produces(url, ".safetensors")
         self.best_path: str | None = None
         self.last_path: str | None = None
         self._kept: list[list[Any]] = []  # [path, monitored value or None], oldest first
-        self._writer = TrainingStateWriter(async_save)  # every save: a file or, for FSDP2, a directory of shards
+        # every save: a file or, for FSDP2, a directory of shards (local only)
+        self._writer = TrainingStateWriter(async_save, storage=self._storage)
 
     @property
     def initial_value_threshold(self) -> float | None:
@@ -202,6 +214,13 @@ class ModelCheckpoint(MonitorCallback):
             return None
         if not isinstance(path, str):
             raise TypeError(f"ModelCheckpoint state {field!r}: expected a path string or None, received {path!r}")
+        if self._storage.remote:  # a URL: a name filepath gives (no links or directories to resolve there)
+            if not self._produces(path, ".safetensors"):
+                raise ValueError(
+                    f"ModelCheckpoint state {field!r} names {path!r}, which is not a checkpoint file that filepath "
+                    f"{self.filepath!r} names; refusing a state that points elsewhere"
+                )
+            return path
         root = os.path.realpath(self._fixed_dir())
         file = self._produces(path, ".safetensors")
         directory = not file and self._produces(path, "")
@@ -242,7 +261,12 @@ class ModelCheckpoint(MonitorCallback):
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, logs: Logs | None = None) -> None:
         super().on_train_begin(logs)
-        check_writable_dir_everywhere(self._fixed_dir(), "ModelCheckpoint: filepath")  # now, not after an epoch
+        if self._storage.remote and training_state_path(self.filepath, self.model) != self.filepath:
+            raise ValueError(
+                f"ModelCheckpoint: filepath {self.filepath!r} is a URL and the model is FSDP2-sharded: its saves "
+                "are gathered or sharded (a directory of shards), and sharded remote states are not supported yet; give a local path"
+            )
+        self._storage.check_writable(self._fixed_dir(), "ModelCheckpoint: filepath")  # now, not after an epoch
 
     def _fixed_dir(self) -> str:
         """The directory part of `filepath` above its first template field ("." when there is none)."""
@@ -268,6 +292,8 @@ class ModelCheckpoint(MonitorCallback):
             print(path)
         ```
         """
+        if self._storage.remote:
+            return [path for path, _ in self._kept if self._storage.has_file(path)]
         return [path for path, _ in self._kept if os.path.exists(path)]
 
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:

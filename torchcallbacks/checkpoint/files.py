@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from torchcallbacks.checkpoint.fsspec_storage import storage_for
 from torchcallbacks.checkpoint.full_weights import load_sharded_weights, read_weights, write_weights
 from torchcallbacks.checkpoint.model_keys import load_model_tensors
 from torchcallbacks.checkpoint.sharded_files import is_sharded_state
@@ -34,7 +36,6 @@ from torchcallbacks.checkpoint.tensor_files import (  # the format's names, also
     write_tensors,
 )
 from torchcallbacks.checkpoint.writer import CheckpointWriter
-from torchcallbacks.checks import check_local_path
 from torchcallbacks.distributed import has_dtensors, unwrap_model
 
 __all__ = [
@@ -63,6 +64,7 @@ def save_weights(
     writer: CheckpointWriter | None = None,
     delete_after: Sequence[str] = (),
     max_shard_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Save a model's weights (its `state_dict()`) as a plain safetensors file, atomically.
 
@@ -83,6 +85,11 @@ def save_weights(
     are written synchronously too. Without `max_shard_size` a model that is not sharded is written as
     before: one file, through `writer`.
 
+    `filepath` may be a URL (`s3://bucket/run/model.safetensors`, `memory://...`): the file is then
+    uploaded through fsspec and committed by its manifest `X.safetensors.manifest.json`
+    (`checkpoint.fsspec_storage`; `pip install torchcallbacks[s3]` for S3). Split (`max_shard_size`)
+    and FSDP2-sharded weights are local only for now (a ValueError for a URL).
+
     Args:
         model: a `torch.nn.Module` (DDP-wrapped or FSDP2-sharded is fine) or a state dict.
         filepath: where to write; the directory is created if needed.
@@ -91,9 +98,12 @@ def save_weights(
         delete_after: files to delete once the new file is written (with their split files and index).
         max_shard_size: the most bytes of tensors in one file (a larger tensor gets a file of its own),
             or None (default) for one file.
+        storage_options: for a URL, fsspec's options (`{"client_kwargs": {"endpoint_url": ...},
+            "key": ..., "secret": ...}` for s3fs); fsspec's own configuration applies too.
 
     Raises:
-        ValueError: `max_shard_size` is not None or a positive integer.
+        ValueError: `max_shard_size` is not None or a positive integer; split or sharded weights to a URL.
+        ImportError: the URL's fsspec backend is not installed (the message names the extra).
 
     Example:
 
@@ -103,9 +113,21 @@ def save_weights(
     torchcallbacks.save_weights(fsdp_model, "big.safetensors", max_shard_size=2**30)  # on every process
     ```
     """
-    filepath = check_local_path(filepath, "save_weights: filepath")
+    filepath, storage = storage_for(filepath, storage_options, "save_weights: filepath")
     state = unwrap_model(model).state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     file_header = {**{str(k): str(v) for k, v in (metadata or {}).items()}, **header(WEIGHTS)}
+    if storage.remote:
+        if max_shard_size is not None or has_dtensors(state.values()):
+            raise ValueError(
+                f"save_weights: filepath {filepath!r} is a URL; split (max_shard_size) and FSDP2-sharded weights "
+                "are written to local paths only (sharded remote states are not supported yet)"
+            )
+        if writer is None:
+            writer = CheckpointWriter(storage=storage)
+        elif not getattr(writer.storage, "remote", False):
+            raise ValueError(f"save_weights: filepath {filepath!r} is a URL, but writer writes to the local disk")
+        write_tensors(filepath, state, file_header, writer, delete_after=delete_after)
+        return
     if max_shard_size is not None or has_dtensors(state.values()):
         if writer is not None:
             writer.flush()
@@ -114,7 +136,10 @@ def save_weights(
     write_tensors(filepath, state, file_header, writer, delete_after=delete_after)
 
 
-def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True, *, cast_dtypes: bool = False) -> None:
+def load_weights(
+    model: torch.nn.Module, filepath: PathLike, strict: bool = True, *, cast_dtypes: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Load weights into `model` from a weights file or from the model part of a training-state file
     (any safetensors file whose tensor names are the model's `state_dict()` keys works).
 
@@ -129,6 +154,12 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
     itself, one at a time, and keeps its own shard (no communication; memory: about the largest
     tensor).
 
+    `filepath` may be a URL (`s3://...`, `memory://...`) of a file committed by its manifest
+    (`save_weights` to a URL, a `ModelCheckpoint` there): its bytes are downloaded (the header length
+    field first, by a ranged read), checked against the manifest (size, sha256) and loaded from
+    memory; a file without a manifest (an upload never committed) is a FileNotFoundError. Into a
+    plain (not FSDP2-sharded) model only, for now.
+
     Args:
         model: the module to load into (DDP-wrapped or FSDP2-sharded is fine).
         filepath: the file, index or directory.
@@ -137,8 +168,10 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
             `load_state_dict` does silently). By default such a tensor is refused, naming the key and
             both dtypes: a dtype that changed in a file (a float32 weight whose header says int32) is
             a sign of damage. Pass True to load, e.g., a float16 file into a float32 model.
+        storage_options: for a URL, fsspec's options (see `save_weights`).
 
     Raises:
+        ImportError: the URL's fsspec backend is not installed (the message names the extra).
         FileNotFoundError: no such file.
         CheckpointError: the file is not a complete safetensors file, or its keys, shapes or dtypes
             differ from the model's (the message names them).
@@ -153,8 +186,15 @@ def load_weights(model: torch.nn.Module, filepath: PathLike, strict: bool = True
     torchcallbacks.load_weights(model.float(), "half.safetensors", cast_dtypes=True)  # a float16 file
     ```
     """
-    path = check_local_path(filepath, "load_weights: filepath")
+    path, storage = storage_for(filepath, storage_options, "load_weights: filepath")
     module = unwrap_model(model)
+    if storage.remote:
+        if has_dtensors(module.parameters()):
+            raise ValueError(f"load_weights: filepath {path!r} is a URL; loading into an FSDP2-sharded model "
+                             "is supported from local paths only (sharded remote states are not supported yet)")
+        tensors, metadata = storage.read_file(path)
+        load_model_tensors(path, module, model_tensors(tensors), metadata, strict, cast_dtypes)
+        return
     if os.path.isdir(path) and is_sharded_state(path):  # a sharded training state: its model part
         # DCP's modules (a second's import) only when one is read: `import torchcallbacks` stays light
         from torchcallbacks.checkpoint.sharded_model import load_state_weights

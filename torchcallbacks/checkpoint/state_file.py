@@ -125,7 +125,7 @@ def write_training_state(
 
 
 # -- reading -----------------------------------------------------------------------------------------
-def read_training_state(path: PathLike) -> dict[str, Any]:
+def read_training_state(path: PathLike, *, storage: Any = None) -> dict[str, Any]:
     """The state tree of a training-state file, in the one layout of `LoopState.state_dict()`: files
     of format 1, and files with a top-level `schedulers` list (`save_checkpoint` before it was built on
     `LoopState`), are upgraded to it.
@@ -135,6 +135,7 @@ def read_training_state(path: PathLike) -> dict[str, Any]:
 
     Args:
         path: the file.
+        storage: where it is (`storage.LocalStorage`, `fsspec_storage.FsspecStorage`); None: a local path.
 
     Raises:
         FileNotFoundError: no such file.
@@ -149,7 +150,7 @@ def read_training_state(path: PathLike) -> dict[str, Any]:
     ```
     """
     where = repr(os.fspath(path))
-    tensors, metadata = read_file(path)
+    tensors, metadata = read_file(path) if storage is None else storage.read_file(path)
     if metadata.get(KIND_KEY) != TRAINING_STATE or STATE_KEY not in metadata:
         kind = metadata.get(KIND_KEY)
         raise CheckpointError(

@@ -85,6 +85,9 @@ class LocalStorage:
     ```
     """
 
+    #: Whether this storage is remote (`fsspec_storage.FsspecStorage`); callers branch on nothing else.
+    remote = False
+
     # -- files -------------------------------------------------------------------------------------
     def write_file(
         self,
@@ -108,6 +111,53 @@ class LocalStorage:
         ```
         """
         atomic_save_file(tensors, path, metadata, keep_previous_as)
+
+    def read_file(self, path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """All tensors and the header metadata of the file `path` (`tensor_files.read_file`).
+
+        Args:
+            path: the file.
+
+        Example:
+
+        ```python
+        tensors, metadata = LocalStorage().read_file("w.safetensors")
+        ```
+        """
+        from torchcallbacks.checkpoint.tensor_files import read_file
+
+        return read_file(path)
+
+    def has_file(self, path: PathLike) -> bool:
+        """Whether `path` is a file.
+
+        Args:
+            path: the file.
+
+        Example:
+
+        ```python
+        LocalStorage().has_file("ckpt/m-01.safetensors")
+        ```
+        """
+        return os.path.isfile(path)
+
+    def check_writable(self, directory: str, name: str) -> None:
+        """`checks.check_writable_dir_everywhere`: the directory is created and probed (collective).
+
+        Args:
+            directory: the directory.
+            name: the argument it came from, for the message.
+
+        Example:
+
+        ```python
+        LocalStorage().check_writable("ckpt", "ModelCheckpoint: filepath")
+        ```
+        """
+        from torchcallbacks.checks import check_writable_dir_everywhere
+
+        check_writable_dir_everywhere(directory, name)
 
     def remove_file(self, path: PathLike) -> None:
         """Remove the file `path`; nothing if there is none.

@@ -14,8 +14,9 @@ into `template`. `training_state_path(path, model)` is where a training state of
 `path` is (the directory `X` for `X.safetensors` when the model has DTensor parameters), for callers
 that need the name before the state is gathered (a `ModelCheckpoint` records it in its own state).
 
-Every disk operation goes through the writer's `storage` (`storage.LocalStorage`): that is where a
-remote backend will plug in.
+Every disk operation goes through the writer's `storage`: `storage.LocalStorage` for a path,
+`fsspec_storage.FsspecStorage` for a URL (files committed by manifests; sharded states are refused
+there).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.files import save_weights
+from torchcallbacks.checkpoint.fsspec_storage import FsspecStorage
 from torchcallbacks.checkpoint.sharded_files import is_sharded_state
 from torchcallbacks.checkpoint.state_file import read_training_state, write_training_state
 from torchcallbacks.checkpoint.storage import LOCAL, LocalStorage
@@ -35,6 +37,9 @@ from torchcallbacks.checkpoint.writer import CheckpointWriter
 from torchcallbacks.distributed import barrier, has_dtensors, is_main_process, unwrap_model
 
 PathLike = str | os.PathLike[str]
+
+#: Where the bytes go: the local disk, or fsspec for a URL.
+Storage = LocalStorage | FsspecStorage
 
 #: What a sharded state's template is: a tree, or a function of the saved tree (see `load_sharded`).
 Template = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]]
@@ -101,7 +106,7 @@ def training_state_path(path: PathLike, model: torch.nn.Module | None) -> str:
     return os.fspath(path)
 
 
-def has_training_state(path: PathLike, storage: LocalStorage = LOCAL) -> bool:
+def has_training_state(path: PathLike, storage: Storage = LOCAL) -> bool:
     """Whether there is a training state to read at `path`: anything under that name but a directory
     that is not a complete sharded checkpoint, or the `.old-` copy an interrupted publication of a
     sharded directory left there.
@@ -118,6 +123,8 @@ def has_training_state(path: PathLike, storage: LocalStorage = LOCAL) -> bool:
     ```
     """
     path = os.fspath(path)
+    if storage.remote:  # a file committed by its manifest (no sharded directories there)
+        return storage.has_file(path)
     if os.path.isdir(path) and not os.path.islink(path):
         return is_sharded_state(path)
     return os.path.lexists(path) or storage.has_directory(path)
@@ -125,7 +132,7 @@ def has_training_state(path: PathLike, storage: LocalStorage = LOCAL) -> bool:
 
 def read_state(
     path: PathLike, template: Template | None = None, *, partial: bool = False, cast_dtypes: bool = False,
-    storage: LocalStorage = LOCAL,
+    storage: Storage = LOCAL,
 ) -> dict[str, Any]:
     """The state tree of a training state: a file (`read_training_state`), or a sharded directory (also
     the `.old-` copy an interrupted publication left) read into `template` (`sharded.load_sharded`,
@@ -153,6 +160,8 @@ def read_state(
     ```
     """
     path = os.fspath(path)
+    if storage.remote:
+        return read_training_state(path, storage=storage)
     if os.path.isdir(path) or (not os.path.lexists(path) and storage.has_directory(path)):
         if template is None:
             raise CheckpointError(f"{path!r} is a sharded training state: pass the model it is read into")
@@ -177,7 +186,7 @@ class TrainingStateWriter:
             directory: after a host copy of this process's shards, published at the next save or
             `flush()`). At most one save is in flight; its error is raised at the next save, at
             `flush()` or at `close()`.
-        storage: where the bytes go (`storage.LocalStorage`, the default).
+        storage: where the bytes go (`storage.LocalStorage`, the default, or an `FsspecStorage`).
 
     Attributes:
         files: the `CheckpointWriter` of the files (also what `save_weights` writes through).
@@ -192,7 +201,7 @@ class TrainingStateWriter:
     ```
     """
 
-    def __init__(self, async_save: bool = False, *, storage: LocalStorage = LOCAL) -> None:
+    def __init__(self, async_save: bool = False, *, storage: Storage = LOCAL) -> None:
         self.async_save = bool(async_save)
         self.storage = storage
         self.files = CheckpointWriter(self.async_save, storage=storage)
@@ -244,12 +253,17 @@ class TrainingStateWriter:
         return target
 
     def _save_sharded(self, directory: str, state: Mapping[str, Any], stale: list[str], keep_previous_as: Any) -> str:
+        if self.storage.remote:
+            raise ValueError(
+                f"{directory!r}: a sharded (FSDP2) training state is a directory of shards; sharded remote states "
+                "are not supported yet: give a local path"
+            )
         self.flush()  # the save in flight is published first: one at a time
         if self._sharded is None:
             # DCP's modules (a second's import) only when a sharded state is saved: `import torchcallbacks` stays light
             from torchcallbacks.checkpoint.sharded import ShardedCheckpointWriter
 
-            self._sharded = ShardedCheckpointWriter(self.async_save, storage=self.storage)
+            self._sharded = ShardedCheckpointWriter(self.async_save, storage=self.storage)  # type: ignore[arg-type]  # local (remote refused above)
         previous = sharded_path(keep_previous_as) if keep_previous_as is not None else None
         self._sharded.save(directory, state, keep_previous_as=previous)  # every process its shards
         stale = [p for p in stale if os.path.abspath(p) != os.path.abspath(directory)]
