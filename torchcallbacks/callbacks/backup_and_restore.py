@@ -77,6 +77,8 @@ class BackupAndRestore(Callback):
             `checkpoint.sharded.ShardedCheckpointWriter`): until then the previous one is on disk.
         scheduler: LR scheduler(s) stepped outside callbacks whose state to back up too.
         save_on_sigterm: handle SIGTERM as described above (main thread only).
+        strict_data: refuse a backup whose data order differs from this run's data (a
+            `CheckpointError` naming the file) instead of a `DataOrderWarning` (see `EpochIterator`).
 
     Under `torch.distributed` the main process writes one file holding every process's random states
     and loop position (gathered, under "ranks"); on restart each process loads the model and optimizer
@@ -119,6 +121,7 @@ class BackupAndRestore(Callback):
         async_save: bool = False,
         scheduler: Any = None,
         save_on_sigterm: bool = True,
+        strict_data: bool = False,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -131,6 +134,7 @@ class BackupAndRestore(Callback):
         self.delete_checkpoint = bool(delete_checkpoint)
         self.schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else ([] if scheduler is None else [scheduler])
         self.save_on_sigterm = bool(save_on_sigterm)
+        self.strict_data = bool(strict_data)
         self.latest_path = os.path.join(self.backup_dir, self.LATEST)
         self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
         self.latest_sharded_path = os.path.join(self.backup_dir, self.LATEST_SHARDED)
@@ -179,7 +183,7 @@ class BackupAndRestore(Callback):
             elif path == self.previous_path:
                 warnings.warn(f"BackupAndRestore: {self.latest_path!r} is missing; resuming from {path!r}", stacklevel=4)
             try:
-                return self.loop.load_state_dict(read_training_state(path), path)
+                return self.loop.load_state_dict(read_training_state(path), path, strict_data=self.strict_data)
             except CheckpointError as exc:
                 errors.append(exc)
         if errors:
@@ -208,7 +212,7 @@ class BackupAndRestore(Callback):
         # the templates of the callback states from what was saved, after the checks of what was saved
         with self.loop.keeping_fresh_optimizers():
             state, _ = load_sharded(path, lambda saved: self.loop.sharded_template(saved, path))
-            return self.loop.load_state_dict(state, path)
+            return self.loop.load_state_dict(state, path, strict_data=self.strict_data)
 
     # -- saving ------------------------------------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None:
