@@ -323,3 +323,30 @@ def test_a_sampler_that_cannot_be_copied_is_compared_by_length_only() -> None:
     next(iter(iterator.epoch()))
     held = iterator.state_dict()["fingerprint"]
     assert held == {"samples": 40, "batches": 5, "indices": None, "sampler_epoch": None, "first_batch": None}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DataLoader(TensorDataset(torch.arange(40)), batch_size=8, shuffle=True),
+    lambda: DataLoader(TensorDataset(torch.arange(40)), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(2)),
+    lambda: DataLoader(TensorDataset(torch.arange(40)), batch_size=None, shuffle=True),
+    lambda: DataLoader(TensorDataset(torch.arange(40)), batch_size=8, shuffle=True, num_workers=1),
+], ids=["global generator", "loader generator", "batch_size=None", "a worker"])
+def test_the_digest_is_of_the_indices_the_loader_draws(make: Callable[[], DataLoader]) -> None:
+    """Drawn as iter(loader) draws them (its base seed first, from the same generator as the shuffle):
+    the digest of the order the pass yields, from the same random state."""
+    import hashlib
+
+    loader = make()
+    torch.manual_seed(11)
+    taken = fingerprint.snapshot(loader)
+    assert taken is not None
+    digest, _ = taken.indices()
+    torch.manual_seed(11)
+    if loader.generator is not None:
+        loader.generator.manual_seed(2)
+    order = [int(i) for (batch,) in loader for i in batch.reshape(-1)]
+    hasher = hashlib.blake2b(digest_size=16)
+    if loader.batch_size is not None:
+        hasher.update(f"batches of {loader.batch_size}, drop_last=False:".encode())
+    fingerprint._feed_stream(hasher, iter(order))
+    assert digest == hasher.hexdigest()
