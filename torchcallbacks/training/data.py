@@ -304,10 +304,15 @@ class EpochIterator:
             drawn, _ = taken.indices(saved.get("sampler_epoch"))
         if drawn == saved["indices"]:
             return None
-        return ("the sampler drew other indices from the same random state: is it seeded from the loader's generator "
-                "or the global one? (A sampler shuffling with a random.Random or a torch.Generator of its own that the "
-                "backup does not hold draws another order on resume; so do another sampler, shuffle setting or world "
-                "size.)")
+        message = ("the sampler drew other indices from the same random state: is it seeded from the loader's generator "
+                   "or the global one? (A sampler shuffling with a random.Random or a torch.Generator of its own that the "
+                   "backup does not hold draws another order on resume; so do another sampler, shuffle setting or world "
+                   "size.)")
+        if getattr(self.data, "persistent_workers", False) and getattr(self.data, "num_workers", 0) > 0:
+            message += (" With persistent_workers=True the loader draws a base seed at its first pass only, and a resumed "
+                        "loader's first pass is a later epoch's: its order differs unless the sampler has a generator of "
+                        "its own (RandomSampler(generator=...)).")
+        return message
 
     def _report(self, difference: str) -> None:
         """A `DataOrderWarning` (a `CheckpointError` when strict) naming the file, the epoch and what differs."""
@@ -401,7 +406,8 @@ class EpochIterator:
             batches.close()
         ```
         """
-        iterator, self._iterator = self._loader_iterator or self._iterator, None
+        iterator = self._loader_iterator if self._loader_iterator is not None else self._iterator
+        self._iterator = None
         self._loader_iterator = None
         shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
         if callable(shutdown):
