@@ -280,3 +280,16 @@ def test_the_pytest_fixture_passes_and_fails_with_the_report(tmp_path: Path) -> 
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert "1 failed, 1 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
     assert "callback Counter has state that its state_dict does not return (attribute `n`)" in out.stdout
+
+
+def test_the_report_adds_what_the_resume_said_of_the_data_order() -> None:
+    """The backup's data-order fingerprint saw the sampler draw another order: the report says so."""
+    report = tc.verify_resume(lambda: _run(DataLoader(TensorDataset(X, Y), batch_size=8, sampler=OwnOrder())), epochs=2,
+                              interrupt_at=["epoch_end:1"])
+    (interruption,) = report.interruptions
+    assert interruption.difference is not None
+    assert interruption.difference.endswith(
+        "; the resume warned (DataOrderWarning): the data order of epoch 2 differs: the sampler drew other indices from "
+        "the same random state: is it seeded from the loader's generator or the global one? (A sampler shuffling with a "
+        "random.Random or a torch.Generator of its own that the backup does not hold draws another order on resume; so "
+        "do another sampler, shuffle setting or world size.)"), interruption.difference

@@ -9,7 +9,9 @@ every run; the resumed one must match the uninterrupted one at every step.
 
 from __future__ import annotations
 
+import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from torchcallbacks.callbacks.backup_and_restore import BackupAndRestore
 from torchcallbacks.callbacks.callback import Callback
 from torchcallbacks.checks import check_count
+from torchcallbacks.training.fingerprint import DataOrderWarning
 from torchcallbacks.training.fit import fit
 from torchcallbacks.training.resume_recorder import Interrupt, Interrupted, Step, StepRecorder
 
@@ -120,6 +123,7 @@ class _Runner:
 
     def __init__(self, make_run: Callable[[], Mapping[str, Any]], epochs: int) -> None:
         self.make_run, self.epochs, self.runs = make_run, epochs, 0
+        self.data_warnings: list[str] = []  # the DataOrderWarnings of the last run (its resume's)
 
     def __call__(self, extra: Sequence[Callback], interrupted: bool = False) -> StepRecorder:
         """One run with the `extra` callbacks; with `interrupted`, one that must end in `Interrupted`."""
@@ -136,7 +140,15 @@ class _Runner:
         run.setdefault("verbose", 0)
         self.runs += 1
         try:
-            fit(**run, epochs=self.epochs, callbacks=[*callbacks, *extra, recorder])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DataOrderWarning)
+                try:
+                    fit(**run, epochs=self.epochs, callbacks=[*callbacks, *extra, recorder])
+                finally:
+                    self.data_warnings = [str(w.message) for w in caught if issubclass(w.category, DataOrderWarning)]
+            for w in caught:  # the others, as they would have been shown (ours go into the report)
+                if not issubclass(w.category, DataOrderWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         except Interrupted:
             if interrupted:
                 return recorder
@@ -162,7 +174,9 @@ def verify_resume(
     into a temp directory, is stopped by an exception at its point, and a fresh `make_run()` resumes
     from the backup. The first difference found is named with its step and what differed (the
     inputs, an optimizer state entry, a model tensor, a random state, a callback attribute that its
-    `state_dict` does not return, the logs), which points at what is not saved or not seeded.
+    `state_dict` does not return, the logs), which points at what is not saved or not seeded. When
+    the resume itself warned that the data order differs (`DataOrderWarning`: the backup's
+    fingerprint of the data), what it said is added.
 
     It makes 1 + 2 x len(interrupt_at) runs of `fit` (9 with the default points) and digests every
     tensor of the model and optimizers after every step: give it a small configuration (a few
@@ -211,6 +225,9 @@ def verify_resume(
             first = _interrupted(runner, directory, save_freq, kind, at)
             second = runner([BackupAndRestore(directory, save_freq=save_freq)])
         interruption.difference = _compare(reference, first, second, kind, at)
+        if interruption.difference is not None and runner.data_warnings:  # what the resume itself saw
+            said = re.sub(r" from the one saved in (['\"]).*?\1", "", runner.data_warnings[0], count=1)
+            interruption.difference += f"; the resume warned (DataOrderWarning): {said}"
         report.interruptions.append(interruption)
     report.runs = runner.runs
     return report
