@@ -340,3 +340,16 @@ def test_runs_killed_with_sigkill_resume_exactly_and_a_broken_one_is_still_named
 def test_sigkill_needs_a_make_run_a_new_process_can_import() -> None:
     with pytest.raises(ValueError, match="sigkill=True runs make_run in a new process, so it must be a module-level"):
         tc.verify_resume(lambda: _good(), epochs=2, sigkill=True)
+
+
+def test_the_report_adds_what_the_resume_said_of_the_data_order() -> None:
+    """The backup's data-order fingerprint saw the sampler draw another order: the report says so."""
+    report = tc.verify_resume(lambda: _run(DataLoader(TensorDataset(X, Y), batch_size=8, sampler=OwnOrder())), epochs=2,
+                              interrupt_at=["epoch_end:1"])
+    (interruption,) = report.interruptions
+    assert interruption.difference is not None
+    assert interruption.difference.endswith(
+        "; the resume warned (DataOrderWarning): the data order of epoch 2 differs: the sampler drew other indices from "
+        "the same random state: is it seeded from the loader's generator or the global one? (A sampler shuffling with a "
+        "random.Random or a torch.Generator of its own that the backup does not hold draws another order on resume; so "
+        "do another sampler, shuffle setting or world size.)"), interruption.difference

@@ -32,7 +32,15 @@ from torchcallbacks.callbacks import (
     save_checkpoint,
 )
 from torchcallbacks.checkpoint import CheckpointError, CheckpointWriteError, load_weights, save_weights
-from torchcallbacks.training import EpochIterator, ResumeReport, evaluate, fit, predict, verify_resume
+from torchcallbacks.training import (
+    DataOrderWarning,
+    EpochIterator,
+    ResumeReport,
+    evaluate,
+    fit,
+    predict,
+    verify_resume,
+)
 from torchcallbacks.version import __version__
 
 if TYPE_CHECKING:
@@ -55,6 +63,7 @@ __all__ = [
     "CallbackList",
     "CheckpointError",
     "CheckpointWriteError",
+    "DataOrderWarning",
     "EarlyStopping",
     "EpochIterator",
     "History",

@@ -87,6 +87,8 @@ class BackupAndRestore(Callback):
             `latest.safetensors.manifest.json` written last (a compare-and-swap on S3); with
             `double_checkpoint` the previous backup is copied and committed first, so one stays
             committed at every instant. Backups of FSDP2 models (directories) are local only for now.
+        strict_data: refuse a backup whose data order differs from this run's data (a
+            `CheckpointError` naming the file) instead of a `DataOrderWarning` (see `EpochIterator`).
 
     Under `torch.distributed` the main process writes one file holding every process's random states
     and loop position (gathered, under "ranks"); on restart each process loads the model and optimizer
@@ -132,6 +134,7 @@ class BackupAndRestore(Callback):
         scheduler: Any = None,
         save_on_sigterm: bool = True,
         storage_options: dict[str, Any] | None = None,
+        strict_data: bool = False,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -144,6 +147,7 @@ class BackupAndRestore(Callback):
         self.delete_checkpoint = bool(delete_checkpoint)
         self.schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else ([] if scheduler is None else [scheduler])
         self.save_on_sigterm = bool(save_on_sigterm)
+        self.strict_data = bool(strict_data)
         self.latest_path = os.path.join(self.backup_dir, self.LATEST)
         self.previous_path = os.path.join(self.backup_dir, self.PREVIOUS)
         self.latest_sharded_path = os.path.join(self.backup_dir, self.LATEST_SHARDED)
@@ -203,7 +207,7 @@ class BackupAndRestore(Callback):
                 with self.loop.keeping_fresh_optimizers():
                     state = read_state(path, lambda saved, path=path: self.loop.sharded_template(saved, path),
                                        storage=self._storage)
-                    return self.loop.load_state_dict(state, path)
+                    return self.loop.load_state_dict(state, path, strict_data=self.strict_data)
             except CheckpointError as exc:
                 errors.append(exc)
         if errors:

@@ -14,6 +14,7 @@ the functional `save_checkpoint` / `load_checkpoint` (checkpoint_functions.py), 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,28 @@ def _snapshot(value: Any) -> Any:
     return value
 
 
+class _Resuming:
+    """A loop part whose `load_state_dict` takes `source`, `epoch` and `strict` (EpochIterator: its
+    data-order check names the file and the epoch), as `apply_states` sees it: loaded with them."""
+
+    def __init__(self, part: Any, source: str, epoch: int, strict: bool) -> None:
+        self.part, self.source, self.epoch, self.strict = part, source, epoch, strict
+
+    def state_dict(self) -> Any:
+        return self.part.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.part.load_state_dict(state, source=self.source, epoch=self.epoch, strict=self.strict)
+
+
+def _takes_source(part: Any) -> bool:
+    try:
+        parameters = inspect.signature(part.load_state_dict).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return all(name in parameters for name in ("source", "epoch", "strict"))
+
+
 def is_sharded(model: torch.nn.Module | None) -> bool:
     """True when the model has DTensor parameters (FSDP2's `fully_shard`): its state is then saved and
     loaded through `torch.distributed.checkpoint` (`checkpoint.sharded`), each process its own shards."""
@@ -92,6 +115,8 @@ def apply_states(where: str, items: list[tuple[str, Any, Any]]) -> None:
                     previous.load_state_dict(old)
                 except _FIT_ERRORS as undo_error:  # pragma: no cover - a callback that cannot take its own state
                     warnings.warn(f"could not put back the state of {name}: {undo_error!r}", stacklevel=3)
+            if isinstance(exc, CheckpointError) and where in str(exc):  # it names the file itself (strict_data)
+                raise
             raise CheckpointError(f"{where}: field {name!r} does not fit: {exc!r}") from exc
         done.append((obj, before))
 
@@ -410,7 +435,7 @@ class LoopState:
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "the state", *, restore_rng: bool = True,
-        required: Sequence[str] = (), cast_dtypes: bool = False,
+        required: Sequence[str] = (), cast_dtypes: bool = False, strict_data: bool = False,
     ) -> TrainingState:
         """Check every part of `state`, then apply all of them: callbacks, the loop's parts, model,
         optimizers, scaler, counters and random states.
@@ -431,6 +456,10 @@ class LoopState:
             required: names of loop parts (see `track`) that must be in `state` (e.g. `"scheduler/0"`).
             cast_dtypes: accept model and optimizer tensors of another dtype than the model's (cast as
                 they are loaded); refused by default, naming the key and both dtypes.
+            strict_data: a loop part that compares the saved data order with its data (the
+                `EpochIterator`'s fingerprint: a `DataOrderWarning` by default) refuses a difference
+                instead, with a `CheckpointError` naming `source`. A loop part whose `load_state_dict`
+                takes the keyword arguments `source`, `epoch` and `strict` is given them.
 
         Returns:
             What was read besides what was applied in place: a `TrainingState` (counters, random and
@@ -449,7 +478,12 @@ class LoopState:
         if self.callbacks is not None:
             items += self.callbacks.match_states(state.get("callbacks") or {}, bool(state.get("callbacks_by_position")), source)
         parts = checked["parts"]
-        items += [(f"loop/{name}", self.parts[name], parts[name]) for name in parts if name in self.parts]
+        epoch = checked["counters"][0]
+        items += [
+            (f"loop/{name}", _Resuming(self.parts[name], source, epoch, strict_data) if _takes_source(self.parts[name])
+             else self.parts[name], parts[name])
+            for name in parts if name in self.parts
+        ]
         apply_states(where, items)  # all or nothing; the model and optimizers are untouched if it raises
 
         if model is not None:

@@ -4,8 +4,9 @@ that a pipeline resumes exactly)."""
 
 from torchcallbacks.training.data import EpochIterator
 from torchcallbacks.training.evaluate import evaluate
+from torchcallbacks.training.fingerprint import DataOrderWarning
 from torchcallbacks.training.fit import fit
 from torchcallbacks.training.predict import predict
 from torchcallbacks.training.verify import ResumeReport, verify_resume
 
-__all__ = ["EpochIterator", "ResumeReport", "evaluate", "fit", "predict", "verify_resume"]
+__all__ = ["DataOrderWarning", "EpochIterator", "ResumeReport", "evaluate", "fit", "predict", "verify_resume"]

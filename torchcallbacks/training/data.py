@@ -3,15 +3,19 @@ position in the data as part of the training state (exact resume)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from torchcallbacks.checkpoint.errors import CheckpointError
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checkpoint.validate import check_counter, check_generator_state, check_rng_state
 from torchcallbacks.distributed import all_gather_json, any_process, is_distributed
+from torchcallbacks.training import fingerprint
+from torchcallbacks.training.fingerprint import DataOrderWarning
 from torchcallbacks.training.skipping import iterate_from
 
 
@@ -121,6 +125,14 @@ class EpochIterator:
     yields the rest of the interrupted epoch. A loader with its own `state_dict()` /
     `load_state_dict()` (torchdata's `StatefulDataLoader`) is positioned through them instead.
 
+    The state also holds a `fingerprint` of the data (`training.fingerprint`): the dataset's and the
+    loader's lengths, and a digest of the pass's indices (a DataLoader over a map-style dataset), or
+    of its first batch (data without indices). `load_state_dict` recomputes it from the restored
+    state and compares: a difference (the dataset changed length or content, the sampler drew other
+    indices from the same random state: not seeded from the loader's generator or the global one,
+    or holding a state of its own the backup does not hold) is a `DataOrderWarning` naming what
+    changed, or a `CheckpointError` with `strict`. Nothing of it is computed per batch.
+
     Under torch.distributed, for data without a length, the processes agree before each batch (one
     all-reduce) that every one of them has one, so all of them end the epoch at the same batch: the
     shortest process's count, with a warning naming the processes that had more (`even_end`).
@@ -160,6 +172,14 @@ class EpochIterator:
         self._epoch_batch = 0  # batches yielded in the current epoch
         self._pass_rng: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None
+        self._loader_iterator: Iterator[Any] | None = None  # iter(data) itself, for close()
+        # The fingerprint of the current pass: a copy of the index sampler taken before iter(data),
+        # its indices' digest (drawn from it when a state is first saved in the pass) and the digest
+        # of the first batch (data without indices).
+        self._pass_sampler: fingerprint.SamplerSnapshot | None = None
+        self._pass_indices: tuple[str, int | None] | None = None
+        self._first_batch: str | None = None
+        self._report_to: tuple[str | None, int | None, bool] = (None, None, False)  # source, epoch, strict
 
     # -- the position as state ----------------------------------------------------------------
     def _rng(self) -> dict[str, Any]:
@@ -169,6 +189,41 @@ class EpochIterator:
         restore_rng_state(state["global"])
         for generator, saved in zip(_generators(self.data), state["generators"], strict=True):
             generator.set_state(saved)
+
+    @contextlib.contextmanager
+    def _random_state(self, state: Mapping[str, Any]) -> Iterator[None]:
+        """Inside: the random generators at `state`; afterwards exactly as they were before."""
+        before = self._rng()
+        self._restore_rng(state)
+        try:
+            yield
+        finally:
+            self._restore_rng(before)
+
+    def _fingerprint(self, in_pass: bool, rng: Mapping[str, Any]) -> dict[str, Any]:
+        """The fingerprint of the pass under way (`in_pass`), else of the pass the next `epoch()`
+        starts from the random state `rng` (the one saved with it)."""
+        found: dict[str, Any] = {
+            "samples": fingerprint.dataset_length(self.data), "batches": known_length(self.data),
+            "indices": None, "sampler_epoch": None, "first_batch": None,
+        }
+        if _uses_own_state(self.data):
+            return found
+        if in_pass:
+            if self._pass_indices is None and self._pass_sampler is not None and self._pass_rng is not None:
+                with self._random_state(self._pass_rng):
+                    self._pass_indices = self._pass_sampler.indices()
+            found["first_batch"] = self._first_batch
+            drawn = self._pass_indices
+        else:
+            taken = fingerprint.snapshot(self.data)
+            drawn = None
+            if taken is not None:
+                with self._random_state(rng):
+                    drawn = taken.indices()
+        if drawn is not None:
+            found["indices"], found["sampler_epoch"] = drawn
+        return found
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the data (see the class docstring); tensors are random states.
@@ -180,13 +235,15 @@ class EpochIterator:
         state["epoch_batch"]  # batches of the current epoch taken so far
         ```
         """
-        state: dict[str, Any] = {"epoch_batch": self._epoch_batch, "rng": self._rng()}
+        rng = self._rng()
+        state: dict[str, Any] = {"epoch_batch": self._epoch_batch, "rng": rng}
+        in_pass = self._iterator is not None
         if _uses_own_state(self.data):
             state["loader"] = self.data.state_dict()  # type: ignore[attr-defined]
-            return state
-        in_pass = self._iterator is not None
-        state["consumed"] = self._consumed if in_pass else 0
-        state["pass_rng"] = self._pass_rng if in_pass else None
+        else:
+            state["consumed"] = self._consumed if in_pass else 0
+            state["pass_rng"] = self._pass_rng if in_pass else None
+        state["fingerprint"] = self._fingerprint(in_pass, rng)
         return state
 
     def _check(self, state: Mapping[str, Any]) -> None:
@@ -209,9 +266,85 @@ class EpochIterator:
             check_counter(state.get("consumed"), where, "consumed")
         elif not _uses_own_state(self.data):
             raise ValueError(f"{where}: the state was saved by a loader with its own state_dict; {self.name} has none")
+        saved = state.get("fingerprint")
+        if saved is None:  # a state saved before fingerprints: nothing to compare
+            return
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where}: field 'fingerprint' must be a dict, found {saved!r}")
+        for name in ("samples", "batches"):
+            if saved.get(name) is not None:
+                check_counter(saved[name], where, f"fingerprint/{name}")
+        epoch = saved.get("sampler_epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise ValueError(f"{where}: field 'fingerprint/sampler_epoch' must be an integer or null, found {epoch!r}")
+        for name in ("indices", "first_batch"):
+            if saved.get(name) is not None and not isinstance(saved[name], str):
+                raise ValueError(f"{where}: field 'fingerprint/{name}' must be a digest (a string) or null, found {saved[name]!r}")
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def _difference(self, state: Mapping[str, Any]) -> str | None:
+        """What differs between the data the checked `state` was saved on and this data, in words
+        (lengths, then the indices drawn from the saved random state); None if nothing does or the
+        state has no fingerprint."""
+        saved = state.get("fingerprint")
+        if not saved:
+            return None
+        samples = fingerprint.dataset_length(self.data)
+        if saved.get("samples") is not None and samples is not None and samples != saved["samples"]:
+            return f"the dataset had {saved['samples']} samples and has {samples} now"
+        batches = known_length(self.data)
+        if saved.get("batches") is not None and batches is not None and batches != saved["batches"]:
+            return (f"{self.name} had {saved['batches']} batches per pass and has {batches} now (another batch_size, "
+                    "drop_last or sampler?)")
+        if saved.get("indices") is None or "loader" in state:
+            return None
+        taken = fingerprint.snapshot(self.data)
+        if taken is None:
+            return None
+        with self._random_state(state["pass_rng"] if state.get("pass_rng") is not None else state["rng"]):
+            drawn, _ = taken.indices(saved.get("sampler_epoch"))
+        if drawn == saved["indices"]:
+            return None
+        message = ("the sampler drew other indices from the same random state: is it seeded from the loader's generator "
+                   "or the global one? (A sampler shuffling with a random.Random or a torch.Generator of its own that the "
+                   "backup does not hold draws another order on resume; so do another sampler, shuffle setting or world "
+                   "size.)")
+        if getattr(self.data, "persistent_workers", False) and getattr(self.data, "num_workers", 0) > 0:
+            message += (" With persistent_workers=True the loader draws a base seed at its first pass only, and a resumed "
+                        "loader's first pass is a later epoch's: its order differs unless the sampler has a generator of "
+                        "its own (RandomSampler(generator=...)).")
+        return message
+
+    def _report(self, difference: str) -> None:
+        """A `DataOrderWarning` (a `CheckpointError` when strict) naming the file, the epoch and what differs."""
+        source, epoch, strict = self._report_to
+        where = repr(source) if source is not None else "the state it was loaded from"
+        which = f"epoch {epoch + 1}" if epoch is not None else "the resumed epoch"
+        message = f"the data order of {which} differs from the one saved in {where}: {difference}"
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(message, DataOrderWarning, stacklevel=2)
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], source: str | None = None, epoch: int | None = None, strict: bool = False,
+    ) -> None:
         """Check a position from `state_dict()` and resume from it at the next `epoch()`.
+
+        Its fingerprint is compared with this data's (see the class docstring): the lengths and the
+        indices drawn from the saved random state now, the first batch (data without indices) when
+        the resumed pass fetches it again. A state without a fingerprint (saved by an older
+        version) is taken as it is. `LoopState.load_state_dict` passes `source`, `epoch` and
+        `strict` (`BackupAndRestore(strict_data=...)`).
+
+        Args:
+            state: a position from `state_dict()`.
+            source: where it was read from (a file), for the message.
+            epoch: the epoch (0-based) the resumed run continues at, for the message.
+            strict: a difference of the fingerprint is a `CheckpointError` instead of a `DataOrderWarning`.
+
+        Raises:
+            CheckpointError: with `strict`, when the data differs (before anything is changed, except
+                for a first batch, compared when the resumed epoch starts).
+            ValueError: the state is not a position (a field of the wrong kind, named).
 
         Example:
 
@@ -222,22 +355,43 @@ class EpochIterator:
         ```
         """
         self._check(state)
+        self._report_to = (source, epoch, bool(strict))
+        difference = self._difference(state)
+        if difference is not None:
+            self._report(difference)
         self._resume = dict(state)
 
     def _apply_resume(self) -> None:
         state, self._resume = self._resume, None
         assert state is not None
         self._epoch_batch = state["epoch_batch"]
+        self._loader_iterator = None
         if "loader" in state:
             self.data.load_state_dict(state["loader"])  # type: ignore[attr-defined]
             self._iterator, self._consumed, self._pass_rng = iter(self.data), 0, None
         elif state["pass_rng"] is not None:
             self._restore_rng(state["pass_rng"])
             self._pass_rng = state["pass_rng"]
-            self._iterator, self._consumed = iterate_from(self.data, state["consumed"]), state["consumed"]
+            self._iterator, self._consumed = self._resumed_pass(state), state["consumed"]
         else:
             self._iterator, self._consumed, self._pass_rng = None, 0, None
         self._restore_rng(state["rng"])
+
+    def _resumed_pass(self, state: Mapping[str, Any]) -> Iterator[Any]:
+        """`iter(data)` positioned after the pass's `consumed` batches, under the pass's random state;
+        for data without indices its first batch is digested on the way and compared with the saved one."""
+        self._pass_indices, self._first_batch = None, None
+        self._pass_sampler = fingerprint.snapshot(self.data)
+        if self._pass_sampler is not None or fingerprint.index_sampler(self.data) is not None:
+            return iterate_from(self.data, state["consumed"])
+        self._loader_iterator = iterator = iter(self.data)
+        head, self._first_batch = fingerprint.first_batch(self.data, iterator)
+        saved = (state.get("fingerprint") or {}).get("first_batch")
+        if saved is not None and self._first_batch is not None and saved != self._first_batch:
+            self._report("the first batch of the pass differs: the data changed, or it draws random numbers from "
+                         "something the backup does not hold (a generator of its own, an IterableDataset without a "
+                         "state_dict)")
+        return iterate_from(head, state["consumed"])
 
     def close(self) -> None:
         """Let go of the data iterator now: a DataLoader's worker processes are shut down, also when
@@ -252,16 +406,25 @@ class EpochIterator:
             batches.close()
         ```
         """
-        iterator, self._iterator = self._iterator, None
+        iterator = self._loader_iterator if self._loader_iterator is not None else self._iterator
+        self._iterator = None
+        self._loader_iterator = None
         shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
         if callable(shutdown):
             shutdown()
 
     # -- iteration ------------------------------------------------------------------------------
     def _new_pass(self) -> Iterator[Any]:
-        self._pass_rng = self._rng() if not _uses_own_state(self.data) else None
+        own = _uses_own_state(self.data)
+        self._pass_rng = self._rng() if not own else None
+        # The fingerprint: the index sampler as this pass starts (its digest is drawn from this copy
+        # when a state is saved), or, for data without indices, the first batch's digest.
+        self._pass_sampler = fingerprint.snapshot(self.data) if not own else None
+        self._pass_indices, self._first_batch = None, None
         self._consumed = 0
-        self._iterator = iter(self.data)
+        self._iterator = self._loader_iterator = iter(self.data)
+        if not own and self._pass_sampler is None and fingerprint.index_sampler(self.data) is None:
+            self._iterator, self._first_batch = fingerprint.first_batch(self.data, self._iterator)
         return self._iterator
 
     def epoch(self) -> Generator[tuple[int, Any], None, None]:
@@ -308,7 +471,7 @@ class EpochIterator:
             # batch, and without steps with a new pass.
             self._epoch_batch = 0
             if self.steps is None:
-                self._iterator = None
+                self._iterator = self._loader_iterator = None
 
     def _agreed_epoch(self, start: int) -> Generator[tuple[int, Any], None, None]:
         """`epoch()` for data without a length under torch.distributed: before each batch the processes

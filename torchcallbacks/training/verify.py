@@ -13,11 +13,13 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from torchcallbacks.checkpoint.encoding import from_json, to_json
 from torchcallbacks.checkpoint.rng import capture_rng_state, restore_rng_state
 from torchcallbacks.checks import check_count
 from torchcallbacks.distributed import all_gather_json, barrier, is_distributed, is_main_process
+from torchcallbacks.training.fingerprint import DataOrderWarning
 from torchcallbacks.training.fit import fit
 from torchcallbacks.training.resume_recorder import Interrupt, Interrupted, Kill, Step, StepRecorder
 
@@ -131,6 +134,7 @@ class _Runner:
 
     def __init__(self, make_run: Callable[[], Mapping[str, Any]], epochs: int) -> None:
         self.make_run, self.epochs, self.runs = make_run, epochs, 0
+        self.data_warnings: list[str] = []  # the DataOrderWarnings of the last run (its resume's)
 
     def __call__(self, extra: Sequence[Callback], interrupted: bool = False, stream: str | None = None) -> StepRecorder:
         """One run with the `extra` callbacks; with `interrupted`, one that must end in `Interrupted`;
@@ -148,7 +152,15 @@ class _Runner:
         run.setdefault("verbose", 0)
         self.runs += 1
         try:
-            fit(**run, epochs=self.epochs, callbacks=[*callbacks, *extra, recorder])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DataOrderWarning)
+                try:
+                    fit(**run, epochs=self.epochs, callbacks=[*callbacks, *extra, recorder])
+                finally:
+                    self.data_warnings = [str(w.message) for w in caught if issubclass(w.category, DataOrderWarning)]
+            for w in caught:  # the others, as they would have been shown (ours go into the report)
+                if not issubclass(w.category, DataOrderWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         except Interrupted:
             if interrupted:
                 return recorder
@@ -175,7 +187,9 @@ def verify_resume(
     into a temp directory, is stopped by an exception at its point, and a fresh `make_run()` resumes
     from the backup. The first difference found is named with its step and what differed (the
     inputs, an optimizer state entry, a model tensor, a random state, a callback attribute that its
-    `state_dict` does not return, the logs), which points at what is not saved or not seeded.
+    `state_dict` does not return, the logs), which points at what is not saved or not seeded. When
+    the resume itself warned that the data order differs (`DataOrderWarning`: the backup's
+    fingerprint of the data), what it said is added.
 
     It makes 1 + 2 x len(interrupt_at) runs of `fit` (9 with the default points) and digests every
     tensor of the model and optimizers after every step: give it a small configuration (a few
@@ -233,6 +247,9 @@ def verify_resume(
                 first = _interrupted(runner, backups, save_freq, kind, at)
             second = runner([BackupAndRestore(backups, save_freq=save_freq)])
         interruption.difference = _compare(reference, first, second, kind, at)
+        if interruption.difference is not None and runner.data_warnings:  # what the resume itself saw
+            said = re.sub(r" from the one saved in (['\"]).*?\1", "", runner.data_warnings[0], count=1)
+            interruption.difference += f"; the resume warned (DataOrderWarning): {said}"
         report.interruptions.append(interruption)
     report.runs = runner.runs
     return report
