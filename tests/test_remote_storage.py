@@ -349,3 +349,90 @@ def test_a_missing_backend_names_the_extra_when_the_object_is_built(monkeypatch:
 def test_storage_options_with_a_local_path_are_refused(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="storage_options apply to URLs"):
         tc.save_weights(make_model(), tmp_path / "w.safetensors", storage_options={"anon": True})
+
+
+class FaultyFS:
+    """An fsspec file system that fails its `fail_at`-th call (of those that touch the store) with an
+    OSError, as a dropped connection would; every other call goes to the real one."""
+
+    CALLS = frozenset({"pipe_file", "cat_file", "size", "info", "copy", "rm_file", "ls", "exists", "open"})
+
+    def __init__(self, real: Any, fail_at: int) -> None:
+        self._real, self._fail_at, self.calls = real, fail_at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name not in self.CALLS:
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == self._fail_at:
+                raise OSError(f"injected failure of call {self.calls} ({name})")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def _values(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for t in model.state_dict().values()]
+
+
+@pytest.mark.parametrize("what", ["weights", "checkpoint"])
+def test_each_call_of_a_save_failing_in_turn_leaves_the_previous_checkpoint_loadable(
+    store: Store, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """Fail the 1st, 2nd, ... call a save makes to the store, one save each, until a save makes no
+    failing call: after each failure the file read back is the previous checkpoint, whole; after the
+    save that went through, the new one."""
+    url, old, new = store.url(f"{what}.safetensors"), make_model(), make_model()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+
+    def save(model: torch.nn.Module) -> None:
+        if what == "weights":
+            tc.save_weights(model, url, storage_options=store.options)
+        else:
+            tc.save_checkpoint(model, url, torch.optim.SGD(model.parameters(), lr=0.1), storage_options=store.options)
+
+    def load() -> list[torch.Tensor]:
+        target = make_model()
+        if what == "weights":
+            tc.load_weights(target, url, storage_options=store.options)
+        else:
+            tc.load_checkpoint(target, url, storage_options=store.options)
+        return _values(target)
+
+    save(old)
+    from fsspec.core import url_to_fs
+
+    failed = 0
+    for fail_at in range(1, 60):
+        faulty: list[FaultyFS] = []
+
+        def injected(u: str, faulty: list[FaultyFS] = faulty, fail_at: int = fail_at, **options: Any) -> Any:
+            fs, path = url_to_fs(u, **options)
+            faulty.append(FaultyFS(fs, fail_at))
+            return faulty[-1], path
+
+        monkeypatch.setattr("fsspec.core.url_to_fs", injected)  # FsspecStorage imports it when built
+        try:
+            save(new)
+        except (OSError, CheckpointError) as exc:
+            assert "injected failure" in str(exc) or isinstance(exc.__cause__, OSError), exc
+            failed += 1
+            monkeypatch.undo()
+            got = load()
+            assert all(torch.equal(a, b) for a, b in zip(got, _values(old), strict=True)) or all(
+                torch.equal(a, b) for a, b in zip(got, _values(new), strict=True)), f"torn after failing call {fail_at}"
+            save(old)  # back to the old one for the next round
+            continue
+        monkeypatch.undo()
+        if all(f.calls < fail_at for f in faulty):  # no call failed: the save went through whole
+            break
+        save(old)  # the failing call was one the save does not need to succeed (a cleanup): go on
+    else:
+        pytest.fail("every save kept failing")
+    assert failed >= 3, failed  # the upload, the manifest and the checks around them each failed once
+    assert all(torch.equal(a, b) for a, b in zip(load(), _values(new), strict=True))
