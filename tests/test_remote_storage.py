@@ -436,3 +436,57 @@ def test_each_call_of_a_save_failing_in_turn_leaves_the_previous_checkpoint_load
         pytest.fail("every save kept failing")
     assert failed >= 3, failed  # the upload, the manifest and the checks around them each failed once
     assert all(torch.equal(a, b) for a, b in zip(load(), _values(new), strict=True))
+
+
+@pytest.mark.slow  # 20 and more training processes, each killed during its uploads
+def test_sigkilled_during_uploads_to_s3_resumes_exactly_and_never_reads_a_torn_backup(
+    s3_endpoint: str, tmp_path: Any, random_seed: int
+) -> None:
+    """A real process backing up to the S3 server is killed with SIGKILL at random moments of its
+    uploads (a backup every 2 steps, 0-30 ms after the step that starts one), 20 times; each rerun
+    resumes from what was committed, and the run ends with the weights of one never killed."""
+    import random
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(random_seed)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here.parent), "OMP_NUM_THREADS": "1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    script = [sys.executable, str(here / "remote_kill_script.py")]
+
+    def run(workdir: Path, url: str, kill_after: int | None = None) -> int:
+        workdir.mkdir(exist_ok=True)
+        process = subprocess.Popen([*script, str(workdir), s3_endpoint, url], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if kill_after is not None and line.startswith("step ") and int(line.split()[1]) >= kill_after:
+                    time.sleep(rng.uniform(0.0, 0.03))  # somewhere in the backup's upload, or after it
+                    process.send_signal(signal.SIGKILL)
+                    break
+            _, err = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        if process.returncode not in (0, -signal.SIGKILL):
+            pytest.fail(f"seed {random_seed}: exit status {process.returncode}: {err[-3000:]}")
+        return process.returncode
+
+    prefix = f"s3://ckpt-bucket/kill-{uuid.uuid4().hex[:8]}"
+    assert run(tmp_path / "reference", f"{prefix}/reference") == 0
+    reference = load_file(tmp_path / "reference" / "final.safetensors")
+    kills = 0
+    while kills < 20:  # 96 steps: a kill lands at a step >= its target, and a rerun gets 2 steps further at most
+        if run(tmp_path / "killed", f"{prefix}/killed", kill_after=rng.randint(1, 40)) == 0:
+            break  # it ended before the kill landed
+        kills += 1
+    assert kills == 20, f"seed {random_seed}: only {kills} kills landed"
+    assert run(tmp_path / "killed", f"{prefix}/killed") == 0
+    resumed = load_file(tmp_path / "killed" / "final.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"seed {random_seed}"
