@@ -490,3 +490,33 @@ def test_sigkilled_during_uploads_to_s3_resumes_exactly_and_never_reads_a_torn_b
     resumed = load_file(tmp_path / "killed" / "final.safetensors")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"seed {random_seed}"
+
+
+@pytest.mark.slow  # torchrun: two processes
+def test_a_ddp_run_backs_up_to_s3_and_resumes_exactly(s3_endpoint: str, tmp_path: Any) -> None:
+    """Two processes (gloo): process 0 uploads the backups, both read the committed one at the resume;
+    the resumed run ends with the weights of the uninterrupted one on both processes."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent / "distributed"
+    env = {**os.environ, "PYTHONPATH": str(here.parent.parent), "OMP_NUM_THREADS": "1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    prefix = f"s3://ckpt-bucket/ddp-{uuid.uuid4().hex[:8]}"
+
+    def torchrun(name: str, crash: int) -> list[dict[str, Any]]:
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(here / "s3_worker.py"), str(workdir), s3_endpoint, f"{prefix}/{name}", str(crash)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=workdir)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        return [json.loads((workdir / f"rank_{r}.json").read_text()) for r in range(2)]
+
+    reference = torchrun("reference", 0)
+    crashed = torchrun("run", 10)
+    assert [r["outcome"] for r in crashed] == ["crashed: crash"] * 2
+    resumed = torchrun("run", 0)
+    assert [(r["outcome"], r["resumed_at"]) for r in resumed] == [("finished", 8)] * 2
+    for ours, theirs in zip(resumed, reference, strict=True):
+        assert ours["weights"] == theirs["weights"]
