@@ -76,20 +76,19 @@ def test_a_foreign_file_announcing_a_huge_header_is_refused(tmp_path: Path) -> N
         read_file(path)
 
 
-def test_refusing_a_huge_header_costs_no_memory(huge: tuple[Path, int]) -> None:
-    """tracemalloc does not see safetensors' (Rust) allocations, so this measures the process's peak
-    resident memory around read_file in a fresh interpreter: parsing this header would cost far more
-    than the header's own size; refusing it must cost next to nothing."""
-    path, size = huge
+def _refused_and_grown(reader_name: str, path: Path, message: str) -> tuple[bool, int]:
+    """In a fresh interpreter, `torchcallbacks.checkpoint.<reader_name>(path)`: whether it was refused
+    with a CheckpointError saying `message`, and how many bytes its peak resident memory grew by
+    (tracemalloc does not see safetensors' Rust allocations)."""
     code = (
         "import resource, sys\n"
         "import torchcallbacks as tc\n"
-        "from torchcallbacks.checkpoint import read_file\n"
+        f"from torchcallbacks.checkpoint import {reader_name} as read\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
-        "    read_file(sys.argv[1])\n"
+        "    read(sys.argv[1])\n"
         "except tc.CheckpointError as exc:\n"
-        "    refused = 'limit of' in str(exc)\n"
+        f"    refused = {message!r} in str(exc)\n"
         "else:\n"
         "    refused = False\n"
         "print(refused, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
@@ -98,8 +97,17 @@ def test_refusing_a_huge_header_costs_no_memory(huge: tuple[Path, int]) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     refused, grown_kib = out.stdout.split()
-    assert refused == "True"
-    assert int(grown_kib) * 1024 < size / 4, (grown_kib, size)  # ru_maxrss is in KiB on Linux
+    return refused == "True", int(grown_kib) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def test_refusing_a_huge_header_costs_no_memory(huge: tuple[Path, int]) -> None:
+    """tracemalloc does not see safetensors' (Rust) allocations, so this measures the process's peak
+    resident memory around read_file in a fresh interpreter: parsing this header would cost far more
+    than the header's own size; refusing it must cost next to nothing."""
+    path, size = huge
+    refused, grown = _refused_and_grown("read_file", path, "limit of")
+    assert refused
+    assert grown < size / 4, (grown, size)
 
 
 def test_a_header_at_the_limit_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,25 +212,9 @@ def test_a_training_state_of_millions_of_empty_containers_costs_no_memory(tmp_pa
     path = tmp_path / "many.safetensors"
     text = json.dumps({"format_version": 3, "epoch": 0, "batch": 0, "global_step": 0, "extra": [{}] * 3_500_000})
     save_file({"model/w": torch.zeros(1)}, str(path), metadata={STATE_KEY: text, KIND_KEY: TRAINING_STATE})
-    code = (
-        "import resource, sys\n"
-        "import torchcallbacks as tc\n"
-        "from torchcallbacks.checkpoint import read_training_state\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "try:\n"
-        "    read_training_state(sys.argv[1])\n"
-        "except tc.CheckpointError as exc:\n"
-        "    refused = 'objects and arrays, more than' in str(exc)\n"
-        "else:\n"
-        "    refused = False\n"
-        "print(refused, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    refused, grown_kib = out.stdout.split()
-    assert refused == "True"
-    assert int(grown_kib) * 1024 < 6 * len(text), (grown_kib, len(text))  # the text and safetensors' copies of it
+    refused, grown = _refused_and_grown("read_training_state", path, "objects and arrays, more than")
+    assert refused
+    assert grown < 6 * len(text), (grown, len(text))  # the text and safetensors' copies of it
 
 
 def test_decode_in_place_gives_what_a_copy_gives_and_reuses_the_containers() -> None:

@@ -153,6 +153,20 @@ def fit_and_report(model: torch.nn.Module, train: DataLoader, val: DataLoader, w
     }
 
 
+class CrashAt(tc.Callback):
+    """Raises RuntimeError("crash") after global step `step`, on every process at the same step."""
+
+    stops_in_sync = True
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.loop.global_step == self.step:
+            raise RuntimeError("crash")
+
+
 def write_json(path: str, value: Any) -> None:
     with open(path, "w") as file:
         json.dump(value, file)

@@ -17,18 +17,6 @@ from torch.nn.parallel import DistributedDataParallel
 import torchcallbacks as tc
 
 
-class CrashAt(tc.Callback):
-    stops_in_sync = True
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.loop.global_step == self.step:
-            raise RuntimeError("crash")
-
-
 def main(workdir: str, endpoint: str, url: str, crash: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -38,7 +26,7 @@ def main(workdir: str, endpoint: str, url: str, crash: int) -> None:
     report: dict[str, Any] = {}
     try:
         tc.fit(model, common.ddp_loader(common.train_set(), shuffle=True), optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-               loss=torch.nn.functional.mse_loss, epochs=3, verbose=0, callbacks=[backup, *([CrashAt(crash)] if crash else [])])
+               loss=torch.nn.functional.mse_loss, epochs=3, verbose=0, callbacks=[backup, *([common.CrashAt(crash)] if crash else [])])
         report["outcome"] = "finished"
     except RuntimeError as error:
         report["outcome"] = f"crashed: {error}"

@@ -18,18 +18,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 import torchcallbacks as tc
 
 
-class CrashAt(tc.Callback):
-    stops_in_sync = True
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.loop.global_step == self.step:
-            raise RuntimeError("crash")
-
-
 def main(workdir: str, uri: str, crash: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -42,7 +30,7 @@ def main(workdir: str, uri: str, crash: int) -> None:
     try:
         tc.fit(model, loader, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
                loss=torch.nn.functional.mse_loss, epochs=3, verbose=0,
-               callbacks=[logger, backup, *([CrashAt(crash)] if crash else [])])
+               callbacks=[logger, backup, *([common.CrashAt(crash)] if crash else [])])
         report["outcome"] = "finished"
     except RuntimeError as error:
         report["outcome"] = f"crashed: {error}"

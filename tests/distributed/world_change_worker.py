@@ -20,18 +20,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 import torchcallbacks as tc
 
 
-class CrashAt(tc.Callback):
-    stops_in_sync = True
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.loop.global_step == self.step:
-            raise RuntimeError("crash")
-
-
 def main(workdir: str, save_freq: str, crash: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -46,7 +34,7 @@ def main(workdir: str, save_freq: str, crash: int) -> None:
         warnings.simplefilter("always")
         try:
             tc.fit(model, loader, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), loss=torch.nn.functional.mse_loss,
-                   epochs=3, verbose=0, callbacks=[backup, *([CrashAt(crash)] if crash else [])])
+                   epochs=3, verbose=0, callbacks=[backup, *([common.CrashAt(crash)] if crash else [])])
             report["outcome"] = "finished"
             report["resumed_at"] = [backup.restored.epoch, backup.restored.batch] if backup.restored else None
         except tc.CheckpointError as error:
