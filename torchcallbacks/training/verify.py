@@ -88,7 +88,7 @@ class ResumeReport:
         return "\n".join(lines)
 
 
-def _point(value: Any, steps_per_epoch: int, total: int, epochs: int) -> tuple[str, int]:
+def _point(value: Any, total: int, epochs: int) -> tuple[str, int]:
     """`interrupt_at`'s item as (kind, at): an int n or "step:n" (after global step n), "async:n"
     (the same with an asynchronous backup in flight), "epoch_end:e" or "validation:e" (1-based e)."""
     kind, at = ("step", value) if isinstance(value, int) and not isinstance(value, bool) else (None, None)
@@ -234,7 +234,7 @@ def verify_resume(
     steps_per_epoch = sum(1 for step in reference.steps.values() if step.epoch == 0)
     validates = any(k.startswith("val_") for logs in reference.epoch_logs.values() for k in logs)
     given = _defaults(steps_per_epoch, epochs, validates) if interrupt_at is None else list(interrupt_at)
-    points = [_point(p, steps_per_epoch, total, epochs) for p in given]
+    points = [_point(p, total, epochs) for p in given]
     report = ResumeReport(epochs=epochs, steps=total, runs=0)
     for kind, at in points:
         interruption = Interruption(_describe(kind, at, steps_per_epoch))
@@ -242,7 +242,7 @@ def verify_resume(
             save_freq: str | int = "epoch" if kind == "epoch_end" else 1
             backups = os.path.join(directory, "backup")
             if target is not None:
-                first = _killed(runner, target, directory, save_freq, kind, at)
+                first = _killed(runner, target, directory, save_freq, kind, at, interruption.point)
             else:
                 first = _interrupted(runner, backups, save_freq, kind, at)
             second = runner([BackupAndRestore(backups, save_freq=save_freq)])
@@ -287,7 +287,9 @@ def _importable(make_run: Any) -> tuple[str, str]:
     return module, name
 
 
-def _killed(runner: _Runner, target: tuple[str, str], directory: str, save_freq: str | int, kind: str, at: int) -> StepRecorder:
+def _killed(
+    runner: _Runner, target: tuple[str, str], directory: str, save_freq: str | int, kind: str, at: int, point: str
+) -> StepRecorder:
     """The interrupted run in a new process (`python -m torchcallbacks.training.verify`), killed with
     SIGKILL at its point; its records, streamed to a file as they were made."""
     stream = os.path.join(directory, "steps.jsonl")
@@ -300,7 +302,7 @@ def _killed(runner: _Runner, target: tuple[str, str], directory: str, save_freq:
                           capture_output=True, text=True, env=env)
     if done.returncode != -signal.SIGKILL:
         raise RuntimeError(
-            f"verify_resume: the run in a new process was to be killed {_describe(kind, at, 1)} but ended with status "
+            f"verify_resume: the run in a new process was to be killed {point} but ended with status "
             f"{done.returncode}: {done.stderr[-2000:]}"
         )
     return StepRecorder.read_stream(stream)
